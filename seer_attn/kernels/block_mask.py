@@ -1,0 +1,230 @@
+"""Block-sparsity selection and block-mask formats.
+
+A *block mask* is a bool tensor ``[B, H, nb_q, nb_k]``: entry ``[b, h, i, j]`` is True when query
+block ``i`` of head ``h`` attends to key block ``j``. Causal masks live in the lower triangle
+(``j <= i``); helpers here always clear the upper triangle.
+
+Formats and converters:
+
+- block mask (bool) <-> block indices ``[B, H, nb, K]`` int32/int64, ``-1`` padded (the TopK kernel's
+  input; ``torch.topk`` indices are accepted as they are: negative or above-diagonal entries are
+  ignored);
+- block mask -> CSR ``(crow [B, H, nb + 1] int32, col [B, H, max_nnz] int32, -1 padded)``; the CSC
+  form used by backward kernels is the CSR of the transposed mask.
+
+Selection rules:
+
+- :func:`nz_ratio_to_k`: upstream's per-row budget ``k = floor((1 - sqrt(1 - nz_ratio)) * nb)``,
+  which makes the density over the causal triangle about ``nz_ratio`` (method-spec §3.1).
+- :func:`select_blocks`: top-k or threshold on gate scores, plus the always-keep rules.
+- :func:`block_density`: the *realised* density over the causal block triangle. Reports quote it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+__all__ = [
+    "nz_ratio_to_k",
+    "causal_block_mask",
+    "topk_block_mask",
+    "threshold_block_mask",
+    "apply_keep_rules",
+    "select_blocks",
+    "indices_to_mask",
+    "mask_to_indices",
+    "mask_to_csr",
+    "block_density",
+    "expand_block_mask",
+]
+
+
+def nz_ratio_to_k(nz_ratio: float, nb: int) -> int:
+    """Per-row block budget for a target causal density (upstream rule, clamped to at least 1).
+
+    `k = int((1 - sqrt(1 - nz_ratio)) * nb)`; keeping `min(i + 1, k)` blocks in row `i` gives a
+    density of about `2r - r^2` with `r = k / nb`, i.e. about `nz_ratio`.
+    """
+    if not (0.0 < nz_ratio <= 1.0):
+        raise ValueError(f"nz_ratio must be in (0, 1], got {nz_ratio}")
+    if nz_ratio == 1.0:
+        return nb
+    k = int((1.0 - math.sqrt(1.0 - nz_ratio)) * nb)
+    return max(1, min(nb, k))
+
+
+def causal_block_mask(nb_q: int, nb_k: int | None = None, device=None) -> torch.Tensor:
+    """Bool `[nb_q, nb_k]`, True on and below the diagonal (query block i sees key blocks 0..i)."""
+    nb_k = nb_q if nb_k is None else nb_k
+    return torch.ones(nb_q, nb_k, dtype=torch.bool, device=device).tril()
+
+
+def topk_block_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the `k` highest-scoring causal key blocks of every query-block row.
+
+    Args:
+        scores (torch.Tensor): `[B, H, nb, nb]` gate scores (logits or probabilities); entries above
+            the diagonal are ignored whatever their value.
+        k (int): blocks per row; rows with fewer than `k` causal blocks keep all of them.
+
+    Returns:
+        bool `[B, H, nb, nb]`, lower-triangular.
+    """
+    nb = scores.shape[-1]
+    causal = causal_block_mask(scores.shape[-2], nb, scores.device)
+    k = max(1, min(int(k), nb))
+    # fp32 so that bf16 ties do not make the selection depend on the implementation
+    s = scores.float().masked_fill(~causal, float("-inf"))
+    idx = s.topk(k, dim=-1).indices
+    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, idx, True)
+    return mask & causal
+
+
+def threshold_block_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep causal blocks whose gate probability is strictly greater than `threshold`.
+
+    Args:
+        probs (torch.Tensor): `[B, H, nb, nb]` row-softmaxed gate output.
+    """
+    causal = causal_block_mask(probs.shape[-2], probs.shape[-1], probs.device)
+    return (probs > threshold) & causal
+
+
+def apply_keep_rules(
+    mask: torch.Tensor, keep_sink: bool = False, keep_diagonal: bool = True, dense_last_rows: int = 0
+) -> torch.Tensor:
+    """Force blocks that sparse attention should never drop.
+
+    Args:
+        mask (torch.Tensor): bool `[B, H, nb, nb]`.
+        keep_sink (bool): keep key block 0 (the attention sink) in every row. Default: `False`.
+        keep_diagonal (bool): keep each row's diagonal block, so every query sees its own recent
+            tokens and no row is ever empty. Default: `True`.
+        dense_last_rows (int): make the last `n` query-block rows dense. Default: `0`.
+    """
+    mask = mask.clone()
+    nb_q, nb_k = mask.shape[-2:]
+    if keep_sink:
+        mask[..., 0] = True
+    if keep_diagonal:
+        mask |= torch.eye(nb_q, nb_k, dtype=torch.bool, device=mask.device)
+    if dense_last_rows > 0:
+        mask[..., max(0, nb_q - dense_last_rows) :, :] = True
+    return mask & causal_block_mask(nb_q, nb_k, mask.device)
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    method: str = "nz_ratio",
+    nz_ratio: float = 1.0,
+    threshold: float = 0.0,
+    keep_sink: bool = False,
+    keep_diagonal: bool = True,
+    dense_last_rows: int = 0,
+) -> torch.Tensor:
+    """Gate scores -> block mask.
+
+    Args:
+        scores (torch.Tensor): `[B, H, nb, nb]`. For `"nz_ratio"` any monotone score (logits); for
+            `"threshold"` row-softmaxed probabilities.
+        method (str): `"nz_ratio"` (per-row top-k, :func:`nz_ratio_to_k`) or `"threshold"`.
+
+    Returns:
+        bool `[B, H, nb, nb]`.
+    """
+    nb = scores.shape[-1]
+    if method == "nz_ratio":
+        if nz_ratio >= 1.0:
+            mask = causal_block_mask(scores.shape[-2], nb, scores.device).expand(scores.shape).clone()
+        else:
+            mask = topk_block_mask(scores, nz_ratio_to_k(nz_ratio, nb))
+    elif method == "threshold":
+        mask = threshold_block_mask(scores, threshold)
+    else:
+        raise ValueError(f"sparsity method must be 'nz_ratio' or 'threshold', got {method!r}")
+    return apply_keep_rules(mask, keep_sink, keep_diagonal, dense_last_rows)
+
+
+def indices_to_mask(block_index: torch.Tensor, nb_k: int) -> torch.Tensor:
+    """Block indices `[B, H, nb_q, K]` -> bool mask `[B, H, nb_q, nb_k]`.
+
+    Negative entries and entries above the diagonal (index > query-block row) are dropped.
+    """
+    if block_index.dtype.is_floating_point or block_index.dtype == torch.bool:
+        raise TypeError(f"block_index must be an integer tensor, got {block_index.dtype}")
+    nb_q = block_index.shape[-2]
+    idx = block_index.long()
+    rows = torch.arange(nb_q, device=idx.device)[:, None]
+    valid = (idx >= 0) & (idx <= rows) & (idx < nb_k)
+    # send invalid entries to an extra column that is cut off afterwards
+    idx = torch.where(valid, idx, torch.full_like(idx, nb_k))
+    mask = torch.zeros(*idx.shape[:-1], nb_k + 1, dtype=torch.bool, device=idx.device)
+    mask.scatter_(-1, idx, True)
+    return mask[..., :nb_k]
+
+
+def mask_to_indices(mask: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Bool mask `[B, H, nb_q, nb_k]` -> ascending kept block indices `[B, H, nb_q, K]`, `-1` padded.
+
+    `K` is the largest number of kept blocks in any row (at least 1).
+    """
+    nb_k = mask.shape[-1]
+    counts = mask.sum(-1)
+    K = max(1, int(counts.max().item())) if mask.numel() else 1
+    cols = torch.arange(nb_k, device=mask.device).expand(mask.shape)
+    # kept columns first, in ascending order: sort on (not kept, column)
+    key = torch.where(mask, cols, cols + nb_k)
+    order = key.sort(dim=-1).values[..., :K]
+    return torch.where(order < nb_k, order, torch.full_like(order, -1)).to(dtype)
+
+
+def mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool mask `[B, H, nb_q, nb_k]` -> per-(batch, head) CSR.
+
+    Returns:
+        crow (torch.Tensor): int32 `[B, H, nb_q + 1]`, row `i`'s columns are `col[..., crow[i]:crow[i+1]]`.
+        col (torch.Tensor): int32 `[B, H, max_nnz]` ascending within a row, `-1` padded.
+
+    For the CSC form (key block -> query blocks) call it on `mask.transpose(-1, -2)`.
+    """
+    B, H, nb_q, nb_k = mask.shape
+    counts = mask.sum(-1, dtype=torch.int32)
+    crow = torch.zeros(B, H, nb_q + 1, dtype=torch.int32, device=mask.device)
+    crow[..., 1:] = counts.cumsum(-1)
+    nnz = crow[..., -1]
+    max_nnz = max(1, int(nnz.max().item())) if mask.numel() else 1
+    flat = mask.reshape(B * H, nb_q * nb_k)
+    cols = torch.arange(nb_q * nb_k, device=mask.device).expand_as(flat)
+    key = torch.where(flat, cols, cols + nb_q * nb_k)
+    order = key.sort(dim=-1).values[:, :max_nnz]
+    col = torch.where(order < nb_q * nb_k, order % nb_k, torch.full_like(order, -1)).to(torch.int32)
+    return crow, col.view(B, H, max_nnz)
+
+
+def block_density(mask: torch.Tensor, causal: bool = True) -> float:
+    """Realised density: kept blocks / available blocks, averaged over everything in `mask`.
+
+    With `causal`, available blocks are the `nb_q * (nb_q + 1) / 2` of the lower triangle and kept
+    blocks above the diagonal are not counted.
+    """
+    nb_q, nb_k = mask.shape[-2:]
+    if causal:
+        tri = causal_block_mask(nb_q, nb_k, mask.device)
+        kept = (mask & tri).sum().item()
+        avail = tri.sum().item() * (mask.numel() // (nb_q * nb_k))
+    else:
+        kept, avail = mask.sum().item(), mask.numel()
+    return kept / max(1, avail)
+
+
+def expand_block_mask(mask: torch.Tensor, S_q: int, S_k: int | None = None, block_size: int = 64) -> torch.Tensor:
+    """Block mask `[..., nb_q, nb_k]` -> token mask `[..., S_q, S_k]` (memory `S_q x S_k`: tests only)."""
+    S_k = S_q if S_k is None else S_k
+    if S_q * S_k > 2**28:
+        warnings.warn(f"expand_block_mask materialises a {S_q}x{S_k} mask per head", stacklevel=2)
+    rows = torch.arange(S_q, device=mask.device) // block_size
+    cols = torch.arange(S_k, device=mask.device) // block_size
+    return mask[..., rows, :][..., cols]

@@ -1,0 +1,236 @@
+"""Plain PyTorch twins of every attention op in :mod:`seer_attn.kernels`.
+
+These functions *define* what the Triton kernels compute. They are written for clarity, not
+speed, but they never materialise ``S x S`` for all heads at once: the query axis is processed
+in chunks so that S = 8192 with 9 heads fits comfortably on a 24 GB CPU machine.
+
+Layout everywhere: ``q`` is ``[B, Hq, S, D]``, ``k`` and ``v`` are ``[B, Hkv, S_k, D]`` with
+``Hkv`` dividing ``Hq`` (query head ``h`` reads KV head ``h // (Hq // Hkv)``). Block maps are
+``[B, Hq, nb_q, nb_k]`` with ``nb = ceil(S / block_size)``; a partial last block covers only the
+tokens it really has.
+
+``upcast=True`` (the default) computes in fp32 (fp64 stays fp64); ``upcast=False`` computes in
+the input dtype, which is what tests use to measure "the error PyTorch itself makes in this dtype".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "attn_with_pooling_naive",
+    "block_sparse_attn_naive",
+    "block_sparse_attn_topk_naive",
+]
+
+# query rows processed at once; a multiple of every supported block size
+_CHUNK_ROWS = 1024
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D [B, H, S, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    if not upcast or x.dtype == torch.float64:
+        return x.dtype
+    return torch.float32
+
+
+def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # [B, Hkv, S, D] -> [B, Hkv * n_rep, S, D]; head h of the result is KV head h // n_rep
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _token_mask(rows: torch.Tensor, cols: torch.Tensor, is_causal: bool) -> torch.Tensor | None:
+    # [C, S] bool, True = may attend
+    if not is_causal:
+        return None
+    return cols[None, :] <= rows[:, None]
+
+
+def attn_with_pooling_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool = True,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    pooling: str = "max",
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention plus the block-pooled attention-probability map (the gates' target).
+
+    Args:
+        q (torch.Tensor): `[B, Hq, S, D]`.
+        k, v (torch.Tensor): `[B, Hkv, S, D]`; `Hkv` divides `Hq`.
+        is_causal (bool): causal masking. Default: `True`.
+        sm_scale (float, Optional): logit scale. Default: `1 / sqrt(D)`.
+        block_size (int): pooling tile edge. Default: `64`.
+        pooling (str): `"max"`: maximum probability inside each `block_size x block_size` tile
+            (upstream SeerAttention's target). `"mass"`: probability summed over the tile's key
+            columns, averaged over its query rows. Default: `"max"`.
+        upcast (bool): compute in fp32 instead of the input dtype. Default: `True`.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, S, D]` in `q.dtype`, the exact softmax attention output.
+        pooled (torch.Tensor): `[B, Hq, nb, nb]` fp32 (fp64 for fp64 input), `nb = ceil(S / block_size)`.
+            Each block-row sums to 1; with `is_causal` blocks above the diagonal are exactly 0 and,
+            inside diagonal tiles, masked (future) entries are excluded. A partial last block is
+            pooled over the tokens it really contains.
+    """
+    _check_qkv(q, k, v)
+    if pooling not in ("max", "mass"):
+        raise ValueError(f"pooling must be 'max' or 'mass', got {pooling!r}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"attn_with_pooling needs as many keys as queries; got S_q={q.shape[2]}, S_k={k.shape[2]}")
+    B, Hq, S, D = q.shape
+    n_rep = Hq // k.shape[1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    dt = _compute_dtype(q, upcast)
+    nb = math.ceil(S / block_size)
+    pad = nb * block_size - S
+
+    kf = _expand_kv(k, n_rep).to(dt)
+    vf = _expand_kv(v, n_rep).to(dt)
+    o = torch.empty_like(q)
+    pooled = torch.zeros(B, Hq, nb, nb, dtype=torch.float64 if dt == torch.float64 else torch.float32, device=q.device)
+    cols = torch.arange(S, device=q.device)
+    chunk = max(block_size, (_CHUNK_ROWS // block_size) * block_size)
+    for r0 in range(0, S, chunk):
+        r1 = min(S, r0 + chunk)
+        rows = torch.arange(r0, r1, device=q.device)
+        logits = torch.matmul(q[:, :, r0:r1].to(dt), kf.transpose(-1, -2)) * scale  # [B, H, C, S]
+        allowed = _token_mask(rows, cols, is_causal)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        o[:, :, r0:r1] = torch.matmul(p, vf).to(q.dtype)
+
+        # pool the probabilities: pad keys to whole blocks with zeros (probabilities are >= 0,
+        # and a padded key has probability 0, so neither max nor sum changes)
+        pf = torch.nn.functional.pad(p.to(pooled.dtype), (0, pad))
+        C = r1 - r0
+        pf = pf.view(B, Hq, C, nb, block_size)
+        per_row = pf.amax(-1) if pooling == "max" else pf.sum(-1)  # [B, H, C, nb]
+        b0 = r0 // block_size
+        nrows = math.ceil(C / block_size)
+        row_pad = nrows * block_size - C
+        if pooling == "max":
+            per_row = torch.nn.functional.pad(per_row, (0, 0, 0, row_pad))  # zero rows do not change a max
+            tile = per_row.view(B, Hq, nrows, block_size, nb).amax(3)
+        else:
+            per_row = torch.nn.functional.pad(per_row, (0, 0, 0, row_pad))
+            counts = torch.full((nrows,), block_size, dtype=per_row.dtype, device=q.device)
+            counts[-1] = block_size - row_pad  # a partial last query block averages over its real rows
+            tile = per_row.view(B, Hq, nrows, block_size, nb).sum(3) / counts[:, None]
+        pooled[:, :, b0 : b0 + nrows] = tile
+    pooled = pooled / pooled.sum(-1, keepdim=True)
+    return o, pooled
+
+
+def block_sparse_attn_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    is_causal: bool = True,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Attention restricted to the kept `(query block, key block)` pairs.
+
+    Equal to dense attention in which every token pair whose blocks are not kept is masked out;
+    with `is_causal` the usual causal mask applies as well (it only bites inside diagonal blocks).
+    A query row with no kept key gets output 0 (never NaN).
+
+    Args:
+        q (torch.Tensor): `[B, Hq, S_q, D]`.
+        k, v (torch.Tensor): `[B, Hkv, S_k, D]`.
+        block_mask (torch.Tensor): bool `[B, Hq, nb_q, nb_k]` (broadcastable over B and H),
+            True = keep. `nb = ceil(S / block_size)`.
+        sm_scale (float, Optional): Default: `1 / sqrt(D)`.
+        block_size (int): Default: `64`.
+        is_causal (bool): Default: `True`.
+        upcast (bool): compute in fp32. Default: `True`.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, S_q, D]` in `q.dtype`.
+    """
+    _check_qkv(q, k, v)
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must be torch.bool, got {block_mask.dtype}")
+    nbq, nbk = math.ceil(Sq / block_size), math.ceil(Sk / block_size)
+    if block_mask.dim() != 4 or block_mask.shape[-2:] != (nbq, nbk):
+        raise ValueError(
+            f"block_mask must be [B, Hq, {nbq}, {nbk}] for S_q={Sq}, S_k={Sk}, block_size={block_size}; "
+            f"got {tuple(block_mask.shape)}"
+        )
+    if Sq != Sk:
+        raise NotImplementedError("block_sparse_attn_naive supports S_q == S_k only (prefill)")
+    n_rep = Hq // k.shape[1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    dt = _compute_dtype(q, upcast)
+    block_mask = block_mask.expand(B, Hq, nbq, nbk)
+    kf = _expand_kv(k, n_rep).to(dt)
+    vf = _expand_kv(v, n_rep).to(dt)
+    o = torch.empty_like(q)
+    cols = torch.arange(Sk, device=q.device)
+    chunk = max(block_size, (_CHUNK_ROWS // block_size) * block_size)
+    for r0 in range(0, Sq, chunk):
+        r1 = min(Sq, r0 + chunk)
+        rows = torch.arange(r0, r1, device=q.device)
+        logits = torch.matmul(q[:, :, r0:r1].to(dt), kf.transpose(-1, -2)) * scale
+        # token-level mask from the block mask: [B, H, C, S_k]
+        keep = block_mask[:, :, rows // block_size][..., cols // block_size]
+        causal = _token_mask(rows, cols, is_causal)
+        if causal is not None:
+            keep = keep & causal
+        logits = logits.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        p = torch.nan_to_num(p, nan=0.0)  # all-masked rows -> 0
+        o[:, :, r0:r1] = torch.matmul(p, vf).to(q.dtype)
+    return o
+
+
+def block_sparse_attn_topk_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Causal block-sparse attention from per-row lists of kept key blocks.
+
+    Args:
+        q, k, v: as in :func:`block_sparse_attn_naive`.
+        block_index (torch.Tensor): int `[B, Hq, nb, K]`, e.g. the indices from `torch.topk`.
+            Order and duplicates do not matter; negative entries and entries above the diagonal
+            (index > row) are ignored.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, S, D]`.
+    """
+    from seer_attn.kernels.block_mask import indices_to_mask
+
+    nb = math.ceil(k.shape[2] / block_size)
+    return block_sparse_attn_naive(
+        q, k, v, indices_to_mask(block_index, nb), sm_scale=sm_scale, block_size=block_size, upcast=upcast
+    )
