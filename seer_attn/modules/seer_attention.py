@@ -1,0 +1,228 @@
+"""One layer's SeerAttention on unpadded tensors: dense, distill or sparse.
+
+This is the model-independent core. The HF integration (`seer_attn.models`) handles projections,
+RoPE, the KV cache and padding (it calls this once per unpadded sequence) and hands over:
+
+- `q` `[B, Hq, S, D]`, `k`, `v` `[B, Hkv, S, D]`: post-RoPE, what attention really uses;
+- `q_pre`, `k_pre`: the same before RoPE, what the gate sees (detached here);
+- `cos`, `sin` `[B, nb, Dg]`: RoPE tables at each block's first-token position, for the gate.
+
+Kernels: `"naive"` are the PyTorch twins (any device, autograd through PyTorch); `"TopK"` and
+`"CSR"` are the Triton kernels (CUDA, or CPU under `TRITON_INTERPRET=1`). `"auto"` picks TopK for
+inference and CSR when gradients must flow on CUDA, and the twins on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from seer_attn.kernels.block_mask import causal_block_mask, mask_to_indices, select_blocks
+from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
+
+__all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
+
+
+@dataclass
+class SeerAttentionSettings:
+    """The `seerattn_*` knobs one layer needs (built from a config by the integration layer)."""
+
+    mode: str = "sparse"
+    block_size: int = 64
+    sparsity_method: str = "nz_ratio"
+    nz_ratio: float = 0.5
+    threshold: float = 5e-3
+    keep_sink: bool = False
+    keep_diagonal: bool = True
+    dense_last_rows: int = 0
+    min_sparse_length: int = 0
+    kernel: str = "auto"
+    loss: str = "kl"
+    distill_target: str = "max"
+
+    @classmethod
+    def from_config(cls, config) -> "SeerAttentionSettings":
+        return cls(
+            mode=config.seerattn_mode,
+            block_size=config.seerattn_gate_block_size,
+            sparsity_method=config.seerattn_sparsity_method,
+            nz_ratio=float(config.seerattn_nz_ratio),
+            threshold=float(config.seerattn_threshold),
+            keep_sink=config.seerattn_keep_sink,
+            keep_diagonal=config.seerattn_keep_diagonal,
+            dense_last_rows=config.seerattn_dense_last_rows,
+            min_sparse_length=config.seerattn_min_sparse_length,
+            kernel=config.seerattn_kernel_implementation,
+            loss=config.seerattn_loss,
+            distill_target=config.seerattn_distill_target,
+        )
+
+
+@dataclass
+class SeerAttentionStats:
+    """What one layer reports about its last forward."""
+
+    gate_loss: torch.Tensor | None = None  # scalar, unscaled, for this layer
+    kept_blocks: int = 0  # kept causal blocks, summed over batch and heads
+    causal_blocks: int = 0  # available causal blocks, same sum
+    sparse: bool = False  # whether the block-sparse path ran
+
+    @property
+    def density(self) -> float:
+        return self.kept_blocks / self.causal_blocks if self.causal_blocks else 1.0
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_kernel(kernel: str, device: torch.device, needs_grad: bool) -> str:
+    """Map `seerattn_kernel_implementation` to the kernel that will run; never silently swap."""
+    if kernel == "auto":
+        if device.type != "cuda":
+            return "naive"
+        return "CSR" if needs_grad else "TopK"
+    if kernel in ("TopK", "CSR") and not _triton_usable(device):
+        raise RuntimeError(
+            f"seerattn_kernel_implementation={kernel!r} needs a CUDA device (or TRITON_INTERPRET=1); "
+            f"tensors are on {device}. Use 'naive' or 'auto' on CPU."
+        )
+    if kernel == "TopK" and needs_grad:
+        raise RuntimeError("the TopK kernel is forward-only; use 'CSR' (or 'auto') when training through sparse attention")
+    return kernel
+
+
+def _pooling_attention(q, k, v, sm_scale, block_size, target, kernel):
+    if kernel == "naive":
+        return attn_with_pooling_naive(q, k, v, True, sm_scale, block_size, pooling=target)
+    from seer_attn.kernels.attn_pooling_kernel import attn_with_pooling
+
+    return attn_with_pooling(q, k, v, True, sm_scale, block_size, pooling=target)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Causal SDPA with GQA, `[B, Hq, S, D]` (the same call transformers' `sdpa` path makes)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=sm_scale)
+
+
+def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Distance between the gate and the pooled ground truth, averaged over batch, heads and rows.
+
+    Args:
+        logits (torch.Tensor): gate logits `[B, H, nb, nb]` (anything above the diagonal is ignored).
+        target (torch.Tensor): pooled map `[B, H, nb, nb]`, rows summing to 1, zero above the diagonal.
+        kind (str): `"kl"`: KL(target || softmax(logits)) per row; `"mse"`: mean squared error of the
+            probabilities over the whole `nb x nb` map (upstream 2024).
+    """
+    nb = logits.shape[-1]
+    causal = causal_block_mask(logits.shape[-2], nb, logits.device)
+    # a large finite fill keeps 0 * log(0) terms and their gradients finite
+    logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
+    t = target.float()
+    if kind == "kl":
+        kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t))
+        return kl.sum(-1).mean()
+    if kind == "mse":
+        return F.mse_loss(logp.exp(), t)
+    raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
+
+
+def seer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    gate,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    sm_scale: float,
+    settings: SeerAttentionSettings,
+    train_gate: bool = False,
+) -> tuple[torch.Tensor, SeerAttentionStats]:
+    """SeerAttention for one layer on unpadded, cache-free (prefill) inputs.
+
+    Args:
+        q, k, v: post-RoPE `[B, Hq, S, D]`, `[B, Hkv, S, D]`, `[B, Hkv, S, D]`.
+        q_pre, k_pre: pre-RoPE queries and keys, same shapes as `q` and `k`.
+        gate: an `AttnGate` (called, never type-checked, so wrappers such as PEFT's work).
+        cos, sin: gate RoPE tables `[B, nb, Dg]`.
+        sm_scale (float): attention logit scale.
+        settings (SeerAttentionSettings): mode, sparsity and kernel choices.
+        train_gate (bool): in `sparse` mode, also compute the ground truth (no grad) and the gate
+            loss, as fine-tuning does.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, S, D]`.
+        stats (SeerAttentionStats): gate loss (distill / train_gate), kept and available blocks.
+    """
+    S = q.shape[2]
+    nb = math.ceil(S / settings.block_size)
+    n_causal = q.shape[0] * q.shape[1] * nb * (nb + 1) // 2
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    stats = SeerAttentionStats(kept_blocks=n_causal, causal_blocks=n_causal)
+
+    if settings.mode == "dense":
+        return dense_attention(q, k, v, sm_scale), stats
+
+    if settings.mode == "distill":
+        kernel = resolve_kernel(settings.kernel, q.device, needs_grad=False)
+        kernel = "naive" if kernel == "naive" else "triton"
+        with torch.no_grad():
+            o, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
+        logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
+        stats.gate_loss = gate_loss(logits, target, settings.loss)
+        return o, stats
+
+    if settings.mode != "sparse":
+        raise ValueError(f"unknown seerattn_mode {settings.mode!r}")
+
+    dense_by_rule = (settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0) or S < settings.min_sparse_length
+    if dense_by_rule and not train_gate:
+        return dense_attention(q, k, v, sm_scale), stats
+
+    kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
+    output = "probs" if settings.sparsity_method == "threshold" else "logits"
+    if train_gate:
+        with torch.no_grad():
+            _, target = _pooling_attention(
+                q, k, v, sm_scale, settings.block_size, settings.distill_target, "naive" if kernel == "naive" else "triton"
+            )
+        logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
+        stats.gate_loss = gate_loss(logits, target, settings.loss)
+        scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
+    else:
+        with torch.no_grad():
+            scores = gate(q_pre, k_pre, cos, sin, output=output)
+    if dense_by_rule:
+        return dense_attention(q, k, v, sm_scale), stats
+
+    mask = select_blocks(
+        scores,
+        method=settings.sparsity_method,
+        nz_ratio=settings.nz_ratio,
+        threshold=settings.threshold,
+        keep_sink=settings.keep_sink,
+        keep_diagonal=settings.keep_diagonal,
+        dense_last_rows=settings.dense_last_rows,
+    )
+    stats.kept_blocks = int(mask.sum().item())
+    stats.sparse = True
+    if kernel == "naive":
+        o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
+    elif kernel == "TopK":
+        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
+
+        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask), sm_scale, settings.block_size)
+    else:
+        from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
+
+        o = block_sparse_attn_csr(q, k, v, mask, sm_scale, settings.block_size)
+    return o, stats
