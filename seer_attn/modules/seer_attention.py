@@ -43,6 +43,7 @@ class SeerAttentionSettings:
     kernel: str = "auto"
     loss: str = "kl"
     distill_target: str = "max"
+    selector: str = "gate"
 
     @classmethod
     def from_config(cls, config) -> "SeerAttentionSettings":
@@ -59,6 +60,7 @@ class SeerAttentionSettings:
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
+            selector=config.seerattn_selector,
         )
 
 
@@ -134,6 +136,30 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> t
     raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
 
 
+def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
+    """Block scores `[B, Hq, nb, nb]` of the reference selectors (higher = keep first).
+
+    - `oracle`: the model's true 2D max-pooled attention map (a strong selector, not a bound);
+    - `oracle_mass`: the block attention mass map;
+    - `static`: the attention-sink block, then the most recent blocks (a sliding window);
+    - `random`: uniform random scores.
+    Rows are probabilities for the oracles, so a threshold also applies to them.
+    """
+    B, Hq, S, _ = q.shape
+    nb = math.ceil(S / block_size)
+    if selector in ("oracle", "oracle_mass"):
+        target = "max" if selector == "oracle" else "mass"
+        return _pooling_attention(q, k, v, sm_scale, block_size, target, "naive" if kernel == "naive" else "triton")[1]
+    if selector == "static":
+        i = torch.arange(nb, device=q.device)
+        recency = -(i[:, None] - i[None, :]).float()  # 0 on the diagonal, more negative further back
+        recency[:, 0] = 1.0  # the sink outranks everything
+        return recency.expand(B, Hq, nb, nb)
+    if selector == "random":
+        return torch.rand(B, Hq, nb, nb, device=q.device)
+    raise ValueError(f"unknown selector {selector!r}")
+
+
 def seer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,7 +216,10 @@ def seer_attention(
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
     output = "probs" if settings.sparsity_method == "threshold" else "logits"
-    if train_gate:
+    if settings.selector != "gate":
+        with torch.no_grad():
+            scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel)
+    elif train_gate:
         with torch.no_grad():
             _, target = _pooling_attention(
                 q, k, v, sm_scale, settings.block_size, settings.distill_target, "naive" if kernel == "naive" else "triton"
