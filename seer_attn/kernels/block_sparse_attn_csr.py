@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seer_attn.kernels.block_mask import causal_block_mask, mask_to_csr
+from seer_attn.kernels.block_mask import causal_block_mask
 
 __all__ = ["block_sparse_attn_csr", "block_sparse_csr_lists"]
 
@@ -37,9 +37,9 @@ _LOG2E = 1.4426950408889634
 # launch parameters per kernel and head_dim; {BLOCK_M, BLOCK_N} are sub-tiles of the gate block,
 # chosen on an H100 with benchmarks/bench_csr.py
 _CONFIGS = {
-    "fwd": {64: dict(BLOCK_N=64, num_warps=4, num_stages=3), 128: dict(BLOCK_N=64, num_warps=4, num_stages=3)},
-    "dq": {64: dict(BLOCK_N=64, num_warps=4, num_stages=3), 128: dict(BLOCK_N=64, num_warps=4, num_stages=3)},
-    "dkdv": {64: dict(BLOCK_M=64, num_warps=4, num_stages=3), 128: dict(BLOCK_M=64, num_warps=4, num_stages=3)},
+    "fwd": {64: dict(BLOCK_N=64, num_warps=4, num_stages=4), 128: dict(BLOCK_N=64, num_warps=4, num_stages=2)},
+    "dq": {64: dict(BLOCK_N=64, num_warps=4, num_stages=3), 128: dict(BLOCK_N=64, num_warps=4, num_stages=2)},
+    "dkdv": {64: dict(BLOCK_M=64, num_warps=4, num_stages=2), 128: dict(BLOCK_M=64, num_warps=4, num_stages=3)},
 }
 
 
@@ -435,8 +435,26 @@ class BlockSparseAttnCSRFunction(torch.autograd.Function):
 
 
 def _lists_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    crow, col = mask_to_csr(mask)
-    return crow.contiguous(), col.contiguous()
+    """Bool `[B, H, R, C]` triangular mask -> `(ptr [B, H, R + 1] int32, idx [B, H, W] int16/int32)`.
+
+    The same lists as :func:`seer_attn.kernels.block_mask.mask_to_csr` (ascending, `-1` padded), built
+    with a cumsum and a scatter instead of a sort, and sized `W = nb (nb + 1) / 2 + 1` (the most a
+    triangle can keep) so that no device-to-host sync is needed: the whole call stays asynchronous.
+    """
+    B, H, R, C = mask.shape
+    nb = max(R, C)
+    width = nb * (nb + 1) // 2
+    idx_dtype = torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32
+    flat = mask.reshape(B * H, R * C)
+    ptr = torch.zeros(B, H, R + 1, dtype=torch.int32, device=mask.device)
+    ptr[..., 1:] = mask.sum(-1, dtype=torch.int32).cumsum(-1, dtype=torch.int32)
+    # row-major rank of each kept entry within its head is its slot; dropped entries go to slot `width`
+    slot = torch.where(flat, flat.cumsum(-1, dtype=torch.int32) - 1, width).long()
+    idx = torch.full((B * H, width + 1), -1, dtype=idx_dtype, device=mask.device)
+    cols = torch.arange(R * C, device=mask.device) % C
+    idx.scatter_(1, slot, cols.to(idx_dtype).expand(B * H, -1))
+    idx[:, width] = -1
+    return ptr, idx.view(B, H, width + 1)
 
 
 def _causal_mask(block_mask: torch.Tensor, B: int, HQ: int, nb: int) -> torch.Tensor:
@@ -456,7 +474,9 @@ def block_sparse_csr_lists(
         B (int), HQ (int): batch size and query heads to expand to.
 
     Returns:
-        csr: `(crow [B, Hq, nb + 1] int32, col [B, Hq, max_nnz] int32)`.
+        csr: `(crow [B, Hq, nb + 1] int32, col [B, Hq, W])`, `col` int16 (int32 when nb > 32767),
+            ascending within a row, `-1` padded, `W = nb (nb + 1) / 2 + 1`. The int32 lists of
+            :func:`seer_attn.kernels.block_mask.mask_to_csr` are accepted as well.
         csc: the same for the transposed mask.
     """
     nb = block_mask.shape[-1]
@@ -511,8 +531,8 @@ def _check_lists(name: str, lists, B: int, HQ: int, nb: int) -> None:
     if not (isinstance(lists, (tuple, list)) and len(lists) == 2):
         raise TypeError(f"{name} must be a (pointers, indices) pair")
     ptr, idx = lists
-    if ptr.dtype != torch.int32 or idx.dtype != torch.int32:
-        raise TypeError(f"{name} tensors must be int32; got {ptr.dtype}, {idx.dtype}")
+    if ptr.dtype != torch.int32 or idx.dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"{name} must be (int32, int16 or int32) tensors; got {ptr.dtype}, {idx.dtype}")
     if tuple(ptr.shape) != (B, HQ, nb + 1) or idx.dim() != 3 or tuple(idx.shape[:2]) != (B, HQ):
         raise ValueError(
             f"{name} must be ([{B}, {HQ}, {nb + 1}], [{B}, {HQ}, max_nnz]); got {tuple(ptr.shape)}, {tuple(idx.shape)}"

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from seer_attn.kernels.block_mask import (
+    apply_keep_rules,
+    block_density,
+    indices_to_mask,
+    mask_to_csr,
+    mask_to_indices,
+    nz_ratio_to_k,
+    select_blocks,
+    threshold_block_mask,
+    topk_block_mask,
+)
+
+
+@pytest.mark.parametrize("nb,nz,k", [(128, 0.5, 37), (128, 0.1, 6), (512, 0.5, 149), (512, 0.1, 26), (2048, 0.3, 334)])
+def test_nz_ratio_to_k_matches_upstream_table(nb, nz, k):
+    assert nz_ratio_to_k(nz, nb) == k
+
+
+def test_nz_ratio_to_k_clamps_and_validates():
+    assert nz_ratio_to_k(0.001, 4) == 1
+    assert nz_ratio_to_k(1.0, 7) == 7
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="nz_ratio"):
+            nz_ratio_to_k(bad, 8)
+
+
+@pytest.mark.parametrize("nz", [0.1, 0.3, 0.5])
+def test_realised_density_near_target(nz):
+    torch.manual_seed(0)
+    scores = torch.randn(1, 4, 128, 128)
+    mask = select_blocks(scores, nz_ratio=nz, keep_diagonal=False)
+    assert abs(block_density(mask) - nz) < 0.02
+    assert (mask.sum(-1) <= nz_ratio_to_k(nz, 128)).all()
+
+
+def test_topk_is_causal_and_keep_rules():
+    scores = torch.randn(2, 3, 10, 10)
+    mask = topk_block_mask(scores, 3)
+    assert not mask.triu(1).any()
+    assert (mask.sum(-1) == torch.clamp(torch.arange(10) + 1, max=3)).all()
+    kept = apply_keep_rules(torch.zeros(1, 1, 5, 5, dtype=torch.bool), keep_sink=True, keep_diagonal=True, dense_last_rows=1)
+    assert kept[0, 0, :, 0].all() and kept[0, 0].diagonal().all() and kept[0, 0, 4].all()
+    assert not kept.triu(1).any()
+
+
+def test_threshold():
+    probs = torch.softmax(torch.randn(1, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf), -1)
+    mask = threshold_block_mask(probs, 0.2)
+    assert torch.equal(mask, (probs > 0.2))
+    assert select_blocks(probs, method="threshold", threshold=1.0, keep_diagonal=True).sum() == 6
+
+
+def test_conversions_round_trip():
+    torch.manual_seed(0)
+    mask = apply_keep_rules(torch.rand(2, 3, 9, 9) < 0.4)
+    idx = mask_to_indices(mask)
+    assert torch.equal(indices_to_mask(idx, 9), mask)
+    crow, col = mask_to_csr(mask)
+    assert crow.shape == (2, 3, 10) and crow.dtype == torch.int32
+    for b in range(2):
+        for h in range(3):
+            for i in range(9):
+                cols = col[b, h, crow[b, h, i] : crow[b, h, i + 1]]
+                assert torch.equal(cols.long(), mask[b, h, i].nonzero().squeeze(-1))
+    # CSC is the CSR of the transposed mask
+    ccol, rrow = mask_to_csr(mask.transpose(-1, -2))
+    assert ccol[..., -1].sum() == mask.sum()
+
+
+def test_block_density_counts_causal_triangle_only():
+    full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    assert block_density(full) == 1.0
+    diag = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
+    assert block_density(diag) == pytest.approx(4 / 10)

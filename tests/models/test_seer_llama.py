@@ -1,0 +1,220 @@
+"""Model invariants on a tiny random Llama: dense == HF Llama, density 1.0 == dense, all blocks
+kept == dense, padded == unpadded, save -> load gives identical logits, bad input -> clear errors."""
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+from seer_attn.kernels.naive import block_sparse_attn_naive
+import seer_attn.modules.seer_attention as seer_attention_module
+
+
+def tiny_llama_config(**kw):
+    base = dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=128, vocab_size=128, max_position_embeddings=2048,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(42)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture()
+def base(tiny_dir):
+    return LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def load(tiny_dir, **kw):
+    return SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, **kw).eval()
+
+
+def ids(B=2, S=300, seed=0):
+    return torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def test_dense_equals_llama(tiny_dir, base):
+    model = load(tiny_dir, seerattn_mode="dense")
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, base(x).logits, atol=1e-5, rtol=0)
+
+
+def test_nz_ratio_one_equals_dense(tiny_dir, base):
+    model = load(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=1.0)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, base(x).logits, atol=1e-5, rtol=0)
+
+
+def test_all_blocks_selected_equals_dense(tiny_dir, base):
+    # threshold 0 keeps every causal block: the block-sparse path itself must reproduce dense
+    model = load(tiny_dir, seerattn_mode="sparse", seerattn_sparsity_method="threshold", seerattn_threshold=0.0)
+    x = ids()
+    with torch.no_grad():
+        out = model(x)
+    assert out.density == 1.0
+    torch.testing.assert_close(out.logits, base(x).logits, atol=1e-5, rtol=0)
+
+
+def test_sparse_really_sparse(tiny_dir):
+    model = load(tiny_dir, seerattn_nz_ratio=0.3)
+    with torch.no_grad():
+        out = model(ids(S=1000), labels=ids(S=1000))
+    assert 0.2 < out.density < 0.45 and torch.isfinite(out.loss)
+
+
+def test_distill_loss_and_grads_only_reach_gates(tiny_dir):
+    model = load(tiny_dir, seerattn_mode="distill")
+    model.freeze_base()
+    out = model(ids(S=200))
+    assert out.gate_losses.shape == (2,) and torch.isfinite(out.gate_losses).all()
+    torch.testing.assert_close(out.loss, model.config.seerattn_gate_loss_scale * out.gate_losses.sum())
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (".attn_gate." in name), name
+    # the layer output is exact dense attention
+    dense = load(tiny_dir, seerattn_mode="dense")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids(S=200)).logits, dense(ids(S=200)).logits, atol=1e-5, rtol=0)
+
+
+def test_mse_loss_option(tiny_dir):
+    model = load(tiny_dir, seerattn_mode="distill", seerattn_loss="mse")
+    out = model(ids(S=130))
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("mode", ["dense", "distill", "sparse"])
+def test_padding_equals_unpadded(tiny_dir, mode):
+    model = load(tiny_dir, seerattn_mode=mode, seerattn_nz_ratio=0.5)
+    x = ids(S=300)
+    mask = torch.ones_like(x)
+    mask[1, :77] = 0  # left padding
+    mask[0, 250:] = 0  # right padding
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask)
+        alone1 = model(x[1:, 77:]).logits
+        alone0 = model(x[:1, :250]).logits
+    torch.testing.assert_close(padded.logits[1:, 77:], alone1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.logits[:1, :250], alone0, atol=1e-5, rtol=0)
+    if mode == "distill":
+        assert torch.isfinite(padded.loss)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_decode_with_cache(tiny_dir, mode):
+    # prefill (sparse in sparse mode) then one dense decode step over the cache
+    model = load(tiny_dir, seerattn_mode=mode, seerattn_nz_ratio=0.5)
+    x = ids(B=1, S=200)
+    with torch.no_grad():
+        pre = model(x[:, :199], use_cache=True)
+        torch.testing.assert_close(pre.logits, model(x[:, :199]).logits)
+        step = model(x[:, 199:], past_key_values=pre.past_key_values, use_cache=True).logits
+        if mode == "dense":
+            torch.testing.assert_close(step[:, -1], model(x).logits[:, -1], atol=1e-5, rtol=0)
+    assert torch.isfinite(step).all()
+    gen = model.generate(x[:, :100], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 104)
+
+
+def test_save_load_round_trip_gate_only(tiny_dir, tmp_path):
+    model = load(tiny_dir, seerattn_nz_ratio=0.4)
+    with torch.no_grad():
+        for g in model.gate_modules():
+            g.mask_linear_k.weight.normal_()
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and "config.json" in files
+    gate_bytes = os.path.getsize(tmp_path / "model.safetensors")
+    base_bytes = sum(os.path.getsize(os.path.join(tiny_dir, f)) for f in os.listdir(tiny_dir) if f.endswith(".safetensors"))
+    assert gate_bytes < 0.2 * base_bytes
+    x = ids(S=400)
+    for cls in (SeerLlamaForCausalLM, AutoModelForCausalLM):
+        again = cls.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        assert type(again) is SeerLlamaForCausalLM and again.config.seerattn_nz_ratio == 0.4
+        with torch.no_grad():
+            assert torch.equal(again(x).logits, model(x).logits)
+    # keyword overrides reach the config
+    again = SeerLlamaForCausalLM.from_pretrained(tmp_path, seerattn_nz_ratio=0.2)
+    assert again.config.seerattn_nz_ratio == 0.2
+
+
+def test_full_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = SeerLlamaForCausalLM(SeerLlamaConfig(**tiny_llama_config().to_dict())).eval()
+    assert model.config.base_model is None
+    model.save_pretrained(tmp_path)  # no base_model: everything is saved
+    again = SeerLlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids(S=150)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
+
+
+def test_fresh_gates_are_initialised(tiny_dir):
+    model = load(tiny_dir)
+    for g in model.gate_modules():
+        w = g.mask_linear_k.weight
+        assert torch.isfinite(w).all() and 0.015 < w.std().item() < 0.025
+
+
+def test_bad_inputs(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="looked at"):
+        SeerLlamaForCausalLM.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="seerattn_mode"):
+        load(tiny_dir, seerattn_mode="fast")
+    with pytest.raises(ValueError, match="valid gate types"):
+        load(tiny_dir, seerattn_gate_type="Qfoo_Kbar")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        load(tiny_dir, attn_implementation="sdpa")
+    model = load(tiny_dir)
+    model.save_pretrained(tmp_path / "gates")
+    wrong = load(tiny_dir, seerattn_gate_type="Qavg_Kmax")  # different gate shape
+    with pytest.raises(ValueError, match="layers.0.self_attn.attn_gate"):
+        wrong.load_gates(tmp_path / "gates")
+    with pytest.raises(FileNotFoundError, match="no gate weights"):
+        model.load_gates(tmp_path)
+
+
+def test_kernel_choice_is_explicit(monkeypatch):
+    resolve = seer_attention_module.resolve_kernel
+    assert resolve("auto", torch.device("cpu"), False) == "naive"
+    assert resolve("auto", torch.device("cuda"), False) == "TopK"
+    assert resolve("auto", torch.device("cuda"), True) == "CSR"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        resolve("TopK", torch.device("cpu"), False)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        resolve("TopK", torch.device("cuda"), True)
+
+
+def test_sparse_matches_twin_directly(tiny_dir):
+    # one layer's sparse output equals the block-sparse twin on the mask the gate chose
+    model = load(tiny_dir, seerattn_nz_ratio=0.3)
+    captured = {}
+    orig = seer_attention_module.block_sparse_attn_naive
+
+    def spy(q, k, v, mask, scale, bs):
+        captured["args"] = (q, k, v, mask, scale, bs)
+        return orig(q, k, v, mask, scale, bs)
+
+    seer_attention_module.block_sparse_attn_naive = spy
+    try:
+        with torch.no_grad():
+            model(ids(B=1, S=640))
+    finally:
+        seer_attention_module.block_sparse_attn_naive = orig
+    q, k, v, mask, scale, bs = captured["args"]
+    assert mask.shape == (1, 4, 10, 10) and not mask.triu(1).any() and mask.diagonal(dim1=-2, dim2=-1).all()
+    assert scale == pytest.approx(1 / math.sqrt(16))
+    torch.testing.assert_close(orig(q, k, v, mask, scale, bs), block_sparse_attn_naive(q.double(), k.double(), v.double(), mask, scale, bs).float())
