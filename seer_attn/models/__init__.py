@@ -1,6 +1,6 @@
 """HF integration: the only package that imports transformers' model classes."""
 
-from seer_attn.models.configuration_seer_llama import SEERATTN_FIELDS, SeerLlamaConfig
+from seer_attn.models.configuration_seer_llama import SEERATTN_FIELDS, SeerLlamaConfig, apply_yarn
 from seer_attn.models.modeling_seer_llama import (
     SeerCausalLMOutputWithPast,
     SeerLlamaAttention,
@@ -11,6 +11,7 @@ from seer_attn.models.modeling_seer_llama import (
 
 __all__ = [
     "SEERATTN_FIELDS",
+    "apply_yarn",
     "SeerLlamaConfig",
     "SeerLlamaForCausalLM",
     "SeerLlamaAttention",

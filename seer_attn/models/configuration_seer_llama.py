@@ -29,7 +29,7 @@ from transformers import LlamaConfig
 
 from seer_attn.modules.attn_gate import parse_gate_type
 
-__all__ = ["SeerLlamaConfig", "SEERATTN_FIELDS"]
+__all__ = ["SeerLlamaConfig", "SEERATTN_FIELDS", "apply_yarn"]
 
 _CHOICES = {
     "seerattn_mode": ("dense", "distill", "sparse"),
@@ -94,3 +94,23 @@ class SeerLlamaConfig(LlamaConfig):
 SEERATTN_FIELDS = tuple(name for name in SeerLlamaConfig.__dataclass_fields__ if name.startswith("seerattn_")) + (
     "base_model",
 )
+
+
+def apply_yarn(config: LlamaConfig, factor: float, original_max_position_embeddings: int | None = None) -> LlamaConfig:
+    """Extend the context `factor`-fold with YaRN, in place; returns `config`.
+
+    Sets `rope_parameters` to YaRN with `original_max_position_embeddings` (default: the current
+    `max_position_embeddings`) and multiplies `max_position_embeddings`. transformers >= 5 computes
+    YaRN's correction range from the *original* length, as the paper does (upstream's 4.44 used the
+    extended one). The gates' block RoPE follows automatically: it is built from the same config.
+    """
+    if factor <= 1:
+        raise ValueError(f"YaRN factor must be > 1, got {factor}")
+    params = dict(config.rope_parameters or {})
+    if params.get("rope_type", "default") not in ("default", "yarn"):
+        raise ValueError(f"cannot stack YaRN on rope_type {params['rope_type']!r}")
+    original = original_max_position_embeddings or params.get("original_max_position_embeddings") or config.max_position_embeddings
+    params.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original))
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * factor)
+    return config

@@ -468,6 +468,23 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         model.reset_gates()
         return model.eval()
 
+    @classmethod
+    def config_from(cls, pretrained_model_name_or_path, **overrides) -> SeerLlamaConfig:
+        """The `SeerLlamaConfig` that `from_pretrained` would build (edit it, then pass `config=`)."""
+        source = resolve_model_source(pretrained_model_name_or_path)
+        if source.kind in ("seer_gates", "seer_full"):
+            config = SeerLlamaConfig.from_pretrained(source.path)
+        else:
+            base_config = AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
+            name = str(pretrained_model_name_or_path)
+            if Path(name).expanduser().exists():
+                name = str(Path(name).expanduser().resolve())
+            config = SeerLlamaConfig.from_llama_config(base_config, base_model=name)
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        config.validate_seerattn()
+        return config
+
     def load_gates(self, folder: str | os.PathLike) -> None:
         """Load gate weights from a gate-only folder; errors name the layer that is missing or wrong."""
         from safetensors.torch import load_file
