@@ -46,6 +46,7 @@ from seer_attn.modules.seer_attention import (
     SeerAttentionSettings,
     SeerAttentionStats,
     dense_attention,
+    in_backward,
     seer_attention,
 )
 
@@ -146,8 +147,11 @@ def seer_attention_forward(
     if position_ids is None:
         position_ids = torch.arange(Sq, device=query.device)[None]
     position_ids = position_ids.expand(B, Sq)
+    if train_gate and not in_backward():
+        module.seer_target_cache = []
+    cache = module.seer_target_cache if train_gate else None
     run = lambda q, k, v, qp, kp, pos: seer_attention(  # noqa: E731
-        q, k, v, qp, kp, module.attn_gate, *_block_rope(module, pos, q.device), scaling, settings, train_gate
+        q, k, v, qp, kp, module.attn_gate, *_block_rope(module, pos, q.device), scaling, settings, train_gate, cache
     )
     if attention_mask is None or bool(attention_mask.all()):
         o, stats = run(query, key, value, q_pre, k_pre, position_ids)
@@ -192,6 +196,7 @@ class SeerLlamaAttention(LlamaAttention):
         gate_config.head_dim = self.attn_gate.hidden_size
         self.gate_rotary_emb = LlamaRotaryEmbedding(gate_config)
         self.seer_stats: SeerAttentionStats | None = None
+        self.seer_target_cache: list = []
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]

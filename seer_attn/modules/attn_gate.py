@@ -142,6 +142,43 @@ class AttnGate(nn.Module):
     def pool(self, x: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
         return torch.cat([pool_blocks(x, self.block_size, kind) for kind in kinds], dim=-1)
 
+    def pool_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool pre-RoPE `q` `[B, Hq, S, D]` and `k` `[B, Hkv, S, D]` into fp32 block summaries.
+
+        Returns `[B, Hq, nb, D * len(q_pools)]` and `[B, Hkv, nb, D * len(k_pools)]`: everything the
+        gate needs from the sequence (a training loop can keep these instead of q and k).
+        """
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"gate expects [B, H, S, D] q and k; got {tuple(q.shape)} and {tuple(k.shape)}")
+        if q.shape[1] != self.num_heads or k.shape[1] != self.num_kv_heads or q.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"gate built for Hq={self.num_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}; "
+                f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        return self.pool(q.float(), self.q_pools), self.pool(k.float(), self.k_pools)
+
+    def score(
+        self, qb: torch.Tensor, kb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, output: str | None = None
+    ) -> torch.Tensor:
+        """Scores from pooled summaries (see :meth:`forward` for `cos`, `sin`, `output` and the result)."""
+        output = output or ("probs" if self.training else "logits")
+        if output not in ("probs", "logits"):
+            raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
+        nb = qb.shape[2]
+        if cos.shape[-2] != nb or cos.shape[-1] != self.hidden_size:
+            raise ValueError(f"RoPE tables must be [B, {nb}, {self.hidden_size}], got {tuple(cos.shape)}")
+        if self.mask_linear_q is not None:
+            qb = self.mask_linear_q(qb)
+        kb = self.mask_linear_k(kb)
+        qb = apply_rope(qb, cos.float(), sin.float())
+        kb = apply_rope(kb, cos.float(), sin.float())
+        if kb.shape[1] != self.num_heads:
+            kb = kb.repeat_interleave(self.num_heads // kb.shape[1], dim=1)
+        logits = torch.matmul(qb, kb.transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        causal = torch.ones(nb, nb, dtype=torch.bool, device=qb.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+        return torch.softmax(logits, dim=-1) if output == "probs" else logits
+
     def forward(
         self,
         q: torch.Tensor,
@@ -164,30 +201,4 @@ class AttnGate(nn.Module):
         Returns:
             `[B, Hq, nb, nb]` fp32.
         """
-        if q.dim() != 4 or k.dim() != 4:
-            raise ValueError(f"gate expects [B, H, S, D] q and k; got {tuple(q.shape)} and {tuple(k.shape)}")
-        if q.shape[1] != self.num_heads or k.shape[1] != self.num_kv_heads or q.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"gate built for Hq={self.num_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}; "
-                f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
-            )
-        output = output or ("probs" if self.training else "logits")
-        if output not in ("probs", "logits"):
-            raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
-        nb = math.ceil(q.shape[2] / self.block_size)
-        if cos.shape[-2] != nb or cos.shape[-1] != self.hidden_size:
-            raise ValueError(f"RoPE tables must be [B, {nb}, {self.hidden_size}], got {tuple(cos.shape)}")
-
-        qb = self.pool(q.float(), self.q_pools)
-        kb = self.pool(k.float(), self.k_pools)
-        if self.mask_linear_q is not None:
-            qb = self.mask_linear_q(qb)
-        kb = self.mask_linear_k(kb)
-        qb = apply_rope(qb, cos.float(), sin.float())
-        kb = apply_rope(kb, cos.float(), sin.float())
-        if kb.shape[1] != self.num_heads:
-            kb = kb.repeat_interleave(self.num_heads // kb.shape[1], dim=1)
-        logits = torch.matmul(qb, kb.transpose(-1, -2)) / math.sqrt(self.hidden_size)
-        causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~causal, float("-inf"))
-        return torch.softmax(logits, dim=-1) if output == "probs" else logits
+        return self.score(*self.pool_inputs(q, k), cos, sin, output)

@@ -78,6 +78,12 @@ class SeerAttentionStats:
         return self.kept_blocks / self.causal_blocks if self.causal_blocks else 1.0
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes layers)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -172,6 +178,7 @@ def seer_attention(
     sm_scale: float,
     settings: SeerAttentionSettings,
     train_gate: bool = False,
+    target_cache: list | None = None,
 ) -> tuple[torch.Tensor, SeerAttentionStats]:
     """SeerAttention for one layer on unpadded, cache-free (prefill) inputs.
 
@@ -184,6 +191,9 @@ def seer_attention(
         settings (SeerAttentionSettings): mode, sparsity and kernel choices.
         train_gate (bool): in `sparse` mode, also compute the ground truth (no grad) and the gate
             loss, as fine-tuning does.
+        target_cache (list, Optional): ground truths of this forward, appended in order; when the
+            layer is recomputed inside backward (activation checkpointing) they are popped instead
+            of recomputed.
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]`.
@@ -220,10 +230,17 @@ def seer_attention(
         with torch.no_grad():
             scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel)
     elif train_gate:
-        with torch.no_grad():
-            _, target = _pooling_attention(
-                q, k, v, sm_scale, settings.block_size, settings.distill_target, "naive" if kernel == "naive" else "triton"
-            )
+        if in_backward() and target_cache:
+            # activation-checkpoint recomputation: the dense ground truth of this very forward is
+            # cached; recomputing it would add a second dense attention pass per layer
+            target = target_cache.pop(0)
+        else:
+            with torch.no_grad():
+                _, target = _pooling_attention(
+                    q, k, v, sm_scale, settings.block_size, settings.distill_target, "naive" if kernel == "naive" else "triton"
+                )
+            if target_cache is not None:
+                target_cache.append(target)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
         stats.gate_loss = gate_loss(logits, target, settings.loss)
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
