@@ -14,7 +14,7 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
 | `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
-| `seerattn_min_sparse_length` | int | 0 | inputs shorter than this run dense in `sparse` mode (sparse kernels only pay off on long inputs). |
+| `seerattn_min_sparse_length` | int | 16384 | inputs shorter than this run dense in `sparse` mode: below about 16k tokens the gate and the sparse kernel are not faster than SDPA (benchmarks/RESULTS.md); set 0 to measure sparse quality at any length. |
 | `seerattn_kernel_implementation` | `auto`, `TopK`, `CSR`, `naive` | `auto` | `auto`: Triton TopK (inference) / CSR (training) on CUDA, the PyTorch twins (`naive`) on CPU. |
 | `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
 | `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
@@ -54,7 +54,7 @@ class SeerLlamaConfig(LlamaConfig):
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
-    seerattn_min_sparse_length: int = 0
+    seerattn_min_sparse_length: int = 16384
     seerattn_kernel_implementation: str = "auto"
     seerattn_loss: str = "kl"
     seerattn_distill_target: str = "max"

@@ -55,14 +55,15 @@ def pool_blocks(x: torch.Tensor, block_size: int, kind: str) -> torch.Tensor:
     B, H, S, D = x.shape
     nb = math.ceil(S / block_size)
     pad = nb * block_size - S
+    # pooled summaries are fp32; reading x in its own dtype avoids an fp32 copy of all of q and k
     if kind == "avg":
-        s = nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, block_size, D).sum(3)
-        counts = torch.full((nb, 1), float(block_size), dtype=s.dtype, device=x.device)
+        s = nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, block_size, D).sum(3, dtype=torch.float32)
+        counts = torch.full((nb, 1), float(block_size), dtype=torch.float32, device=x.device)
         counts[-1] = block_size - pad
         return s / counts
     fill = float("-inf") if kind == "max" else float("inf")
     xp = nn.functional.pad(x, (0, 0, 0, pad), value=fill).view(B, H, nb, block_size, D)
-    return xp.amax(3) if kind == "max" else xp.amin(3)
+    return (xp.amax(3) if kind == "max" else xp.amin(3)).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ class AttnGate(nn.Module):
                 f"gate built for Hq={self.num_heads}, Hkv={self.num_kv_heads}, D={self.head_dim}; "
                 f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
             )
-        return self.pool(q.float(), self.q_pools), self.pool(k.float(), self.k_pools)
+        return self.pool(q, self.q_pools), self.pool(k, self.k_pools)
 
     def score(
         self, qb: torch.Tensor, kb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, output: str | None = None

@@ -36,7 +36,18 @@ def base(tiny_dir):
 
 
 def load(tiny_dir, **kw):
+    kw.setdefault("seerattn_min_sparse_length", 0)  # short test inputs must still take the sparse path
     return SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, **kw).eval()
+
+
+def test_short_inputs_run_dense_by_default(tiny_dir, base):
+    model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, seerattn_nz_ratio=0.1).eval()
+    assert model.config.seerattn_min_sparse_length == 16384
+    x = ids()
+    with torch.no_grad():
+        out = model(x)
+    assert out.density == 1.0
+    torch.testing.assert_close(out.logits, base(x).logits, atol=1e-5, rtol=0)
 
 
 def ids(B=2, S=300, seed=0):
@@ -152,7 +163,7 @@ def test_save_load_round_trip_gate_only(tiny_dir, tmp_path):
 
 def test_full_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = SeerLlamaForCausalLM(SeerLlamaConfig(**tiny_llama_config().to_dict())).eval()
+    model = SeerLlamaForCausalLM(SeerLlamaConfig(**tiny_llama_config().to_dict(), seerattn_min_sparse_length=0)).eval()
     assert model.config.base_model is None
     model.save_pretrained(tmp_path)  # no base_model: everything is saved
     again = SeerLlamaForCausalLM.from_pretrained(tmp_path).eval()

@@ -39,11 +39,11 @@ def test_smollm2_distill_and_sparse(smollm2, eval_text):
         model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=1.0)
         with torch.no_grad():
             dense = model(x, labels=x, logits_to_keep=1)
-        model.set_seerattn(seerattn_nz_ratio=0.5)
+        model.set_seerattn(seerattn_nz_ratio=0.5, seerattn_min_sparse_length=0)
         with torch.no_grad():
             sparse = model(x, labels=x, logits_to_keep=1)
         ppl_dense, ppl_sparse = math.exp(dense.lm_loss.item()), math.exp(sparse.lm_loss.item())
         assert 3 < ppl_dense < 40 and math.isfinite(ppl_sparse)
         assert 0.4 < sparse.density < 0.6
     finally:
-        model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=0.5)
+        model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_min_sparse_length=16384)

@@ -40,7 +40,9 @@ def test_sparse_gradients_equal_dense_when_all_blocks_kept(tiny_dir):
     x = torch.randint(0, 128, (2, 200))
     grads = {}
     for mode, extra in (("dense", {}), ("sparse", {"seerattn_sparsity_method": "threshold", "seerattn_threshold": 0.0})):
-        model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, seerattn_mode=mode, dtype=torch.float32, **extra).train()
+        model = SeerLlamaForCausalLM.from_pretrained(
+            tiny_dir, seerattn_mode=mode, dtype=torch.float32, seerattn_min_sparse_length=0, **extra
+        ).train()
         for g in model.gate_modules():
             g.requires_grad_(False)  # LM gradients only: the gate loss trains disjoint weights
         out = model(x, labels=x, logits_to_keep=1)
@@ -54,7 +56,9 @@ def test_sparse_gradients_equal_dense_when_all_blocks_kept(tiny_dir):
 
 
 def test_sparse_training_adds_gate_loss_and_reaches_base(tiny_dir):
-    model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, dtype=torch.float32).train()
+    model = SeerLlamaForCausalLM.from_pretrained(
+        tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_min_sparse_length=0, dtype=torch.float32
+    ).train()
     x = torch.randint(0, 128, (1, 256))
     out = model(x, labels=x, logits_to_keep=1)
     assert out.gate_loss is not None and 0.4 < out.density < 0.8
