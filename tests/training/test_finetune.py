@@ -119,3 +119,28 @@ def test_finetune_cli_lowers_losses_and_round_trips(tiny_dir, tmp_path, mode, mo
     assert again.config.rope_parameters["rope_type"] == "yarn" and again.config.max_position_embeddings == 512
     assert again.config.seerattn_mode == mode
     AutoTokenizer.from_pretrained(out)  # the checkpoint carries its tokenizer
+
+
+def test_upstream_llama3_recipe_parses_and_starts(tiny_dir, tmp_path):
+    margs, dargs, targs = finetune.parse_args(["--config", "configs/llama3_8b_yarn_finetuning.yaml"])
+    assert (margs.yarn_factor, margs.nz_ratio, margs.seerattn_loss) == (4.0, 0.5, "mse")
+    assert (dargs.train_length, targs.max_steps, targs.learning_rate, targs.gradient_accumulation_steps) == (32768, 400, 1e-5, 2)
+    assert targs.lr_scheduler_type == "linear" and targs.warmup_steps == 20
+    # the same recipe, pointed at a tiny local Llama and tiny lengths, runs a step
+    data = tmp_path / "train.jsonl"
+    write_corpus(data)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "base"
+    LlamaForCausalLM.from_pretrained(tiny_dir).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>").save_pretrained(model_dir)
+    out = finetune.main([
+        "--config", "configs/llama3_8b_yarn_finetuning.yaml", "--model", str(model_dir), "--dataset", str(data),
+        "--original_max_position_embeddings", "256", "--train_length", "512", "--max_steps", "1",
+        "--output_dir", str(tmp_path / "out"),
+    ])
+    assert (tmp_path / "out" / "model.safetensors").exists() and out == str(tmp_path / "out")
