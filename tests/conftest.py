@@ -88,3 +88,73 @@ def eval_text() -> str:
     import pydoc_data.topics
 
     return "\n".join(pydoc_data.topics.topics.values())
+
+
+SMALL_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. "
+    "def f(x):\n    return x * 2 + 1\n\nfor i in range(10):\n    print(f(i))\n"
+)
+
+
+def _make_tiny_llama_dir(path):
+    """A random 2-layer Llama with a 300-token byte-level BPE tokenizer, saved as a local HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([SMALL_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """Path of a local tiny random Llama folder (model + tokenizer), built once per session."""
+    return str(_make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_jsonl(tmp_path_factory):
+    """A local .jsonl of 12 short documents (a few hundred tokens each with the tiny tokenizer)."""
+    import json
+
+    path = tmp_path_factory.mktemp("tiny_data") / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"text": f"Document {i}. " + SMALL_TEXT * (1 + i % 3)}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """`(model, tokenizer)`: the embedded SmolLM2-135M, loaded once per session (about 25 s on CPU).
+
+    Tests that use it must set every `seerattn_*` field they depend on (`set_seerattn`), since the
+    model is shared.
+    """
+    from seer_attn import SeerLlamaForCausalLM, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = SeerLlamaForCausalLM.from_pretrained("smollm2-135m", seerattn_mode="dense").eval()
+    return model, tokenizer

@@ -1,0 +1,373 @@
+"""Perplexity of SeerAttention against dense attention and reference selectors, upstream's protocol.
+
+Protocol (method-spec §7, `--truncate` mode):
+
+- documents are tokenised without special tokens; those with fewer than `min_doc_tokens` tokens
+  (default: the longest length minus one, so every length scores the same documents) are skipped,
+  and the first `max_docs` of the rest are kept, in file order;
+- at length `L` each document becomes `[start] + its first L-1 tokens`, where `start` is the
+  tokenizer's document-start token (`seer_attn.training.data.boundary_token_ids`: BOS for Llama;
+  `<|endoftext|>` for SmolLM2, whose nominal BOS `<|im_start|>` is a chat token);
+- one forward per document with labels and `logits_to_keep=1` (chunked cross-entropy, so no
+  `[L, vocab]` logits): the document's NLL is the mean over its L-1 predicted tokens;
+- PPL = exp(mean over documents of the per-document NLL).
+
+One loaded model serves every row, switched with `set_seerattn`:
+
+- `dense`: plain attention (one row per dataset and length);
+- `seer` (the trained gates) and the reference selectors `oracle` (top blocks of the true 2D
+  max-pooled attention map), `oracle_mass` (of the true block mass), `static` (sink block + most
+  recent blocks) and `random`, each at every `nz_ratio` budget (the same per-row block count for
+  every method, hence about the same realised density);
+- with `--thresholds`, `seer`, `oracle` and `oracle_mass` keep blocks whose probability exceeds the
+  threshold. `static` and `random` are skipped there: their scores are not probabilities, and the
+  figure compares all methods at their realised densities anyway.
+
+Every row reports its realised density over the causal block triangle (all layers and heads).
+Outputs in `--output_dir`: `ppl_results.json` (records `{dataset, context_length, method,
+sparsity_method, target, density, ppl, num_docs}`), `ppl_results.csv`, `ppl_results.md` and
+`ppl_vs_density.png`.
+
+Tiny CPU run (a few minutes):
+
+    python -m seer_attn.evaluation.ppl --model smollm2-135m --datasets builtin:pydoc-topics \
+        --lengths 512 --nz_ratios 1.0,0.5,0.3 --thresholds 0.02 --max_docs 2 --output_dir outputs/ppl
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from seer_attn.models import SeerLlamaForCausalLM, load_tokenizer
+from seer_attn.models.loading import resolve_model_source
+from seer_attn.training.data import (
+    boundary_token_ids,
+    check_context_length,
+    filter_min_tokens,
+    load_documents,
+    source_label,
+    tokenize_documents,
+)
+
+__all__ = [
+    "METHODS",
+    "PPLArguments",
+    "SweepPoint",
+    "sweep_points",
+    "load_eval_documents",
+    "perplexity",
+    "evaluate",
+    "write_results",
+    "plot_results",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+METHODS = ("dense", "seer", "oracle", "oracle_mass", "static", "random")
+THRESHOLD_METHODS = ("seer", "oracle", "oracle_mass")
+_RESET_FIELDS = (
+    "seerattn_mode", "seerattn_selector", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_threshold",
+    "seerattn_min_sparse_length",
+)
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.replace(" ", ",").split(",") if x]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.replace(" ", ",").split(",") if x]
+
+
+def _names(s: str) -> list[str]:
+    return [x for x in s.replace(" ", ",").split(",") if x]
+
+
+@dataclass
+class PPLArguments:
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "gate-only checkpoint (from distillation), full SeerLlama folder, or a plain model (its gates are then untrained)"},
+    )
+    datasets: str = field(
+        default="builtin:pydoc-topics",
+        metadata={"help": "comma-separated sources: local .jsonl/.txt, hub names (emozilla/pg19-test, hoskinson-center/proof-pile) or builtin:*"},
+    )
+    dataset_split: str = field(default="test", metadata={"help": "split of hub datasets"})
+    dataset_subset: str | None = field(default=None, metadata={"help": "config name of hub datasets"})
+    text_field: str = field(default="text", metadata={"help": "field holding the document text"})
+    lengths: str = field(default="8192", metadata={"help": "comma-separated context lengths L (tokens, BOS included)"})
+    nz_ratios: str = field(default="1.0,0.5,0.3,0.1", metadata={"help": "comma-separated nz_ratio budgets (target causal density)"})
+    thresholds: str = field(default="", metadata={"help": "comma-separated gate-probability thresholds (seer, oracle, oracle_mass only)"})
+    methods: str = field(default=",".join(METHODS), metadata={"help": f"comma-separated subset of {', '.join(METHODS)}"})
+    max_docs: int | None = field(default=None, metadata={"help": "score the first n long-enough documents of each dataset"})
+    min_doc_tokens: int | None = field(default=None, metadata={"help": "skip shorter documents (default: max(lengths) - 1)"})
+    output_dir: str = field(default="outputs/ppl", metadata={"help": "where results, table and figure go"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
+    seed: int = field(default=0, metadata={"help": "seed of the random selector (reset before every row)"})
+    plot: bool = field(default=True, metadata={"help": "write ppl_vs_density.png"})
+
+
+@dataclass
+class SweepPoint:
+    """One row of the sweep: a method at a budget, and the `seerattn_*` fields that realise it."""
+
+    method: str
+    sparsity_method: str  # dense | nz_ratio | threshold
+    target: float  # nz_ratio or threshold; 1.0 for dense
+    fields: dict
+
+
+def sweep_points(methods: list[str], nz_ratios: list[float], thresholds: list[float]) -> list[SweepPoint]:
+    """The rows to evaluate, dense first (see the module docstring for which method runs where)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    for nz in nz_ratios:
+        if not 0.0 < nz <= 1.0:
+            raise ValueError(f"nz_ratio must be in (0, 1], got {nz}")
+    for t in thresholds:
+        if t < 0:
+            raise ValueError(f"thresholds must be >= 0, got {t}")
+    points = []
+    if "dense" in methods:
+        points.append(SweepPoint("dense", "dense", 1.0, {"seerattn_mode": "dense"}))
+    for nz in nz_ratios:
+        for m in methods:
+            if m != "dense":
+                selector = "gate" if m == "seer" else m
+                points.append(SweepPoint(m, "nz_ratio", nz, {"seerattn_mode": "sparse", "seerattn_selector": selector,
+                                                             "seerattn_sparsity_method": "nz_ratio", "seerattn_nz_ratio": nz}))
+    for t in thresholds:
+        for m in methods:
+            if m in THRESHOLD_METHODS:
+                selector = "gate" if m == "seer" else m
+                points.append(SweepPoint(m, "threshold", t, {"seerattn_mode": "sparse", "seerattn_selector": selector,
+                                                             "seerattn_sparsity_method": "threshold", "seerattn_threshold": t}))
+    return points
+
+
+def load_eval_documents(
+    source: str,
+    tokenizer,
+    min_tokens: int,
+    max_docs: int | None = None,
+    split: str = "test",
+    text_field: str = "text",
+    subset: str | None = None,
+) -> list[list[int]]:
+    """Token ids of the first `max_docs` documents with at least `min_tokens` tokens (no special tokens).
+
+    Raises ValueError saying how many documents were skipped when none is long enough.
+    """
+    docs = load_documents(source, split, text_field, subset)
+    tokens = tokenize_documents(docs, tokenizer)
+    tokens = filter_min_tokens(tokens, min_tokens, source, f"each evaluated document needs L-1 = {min_tokens} tokens")
+    if max_docs is not None:
+        tokens = tokens.select(range(min(max_docs, len(tokens))))
+    return [list(ids) for ids in tokens["input_ids"]]
+
+
+@torch.no_grad()
+def perplexity(model, docs: list[list[int]], length: int, start_id: int, progress=None) -> tuple[float, float, int]:
+    """PPL of `model` (as currently configured) on `[start] + doc[:length-1]` for every document.
+
+    Returns:
+        (ppl, realised density averaged over documents (1.0 for dense attention), number of documents).
+    """
+    device = next(model.parameters()).device
+    nlls, densities = [], []
+    for doc in docs:
+        if len(doc) < length - 1:
+            raise ValueError(f"a document has {len(doc)} tokens, fewer than the {length - 1} that length {length} needs")
+        ids = torch.tensor([[start_id] + doc[: length - 1]], device=device)
+        labels = ids.clone()
+        labels[:, 0] = -100
+        out = model(input_ids=ids, labels=labels, logits_to_keep=1, use_cache=False)
+        nlls.append(float(out.lm_loss))
+        densities.append(1.0 if out.density is None else float(out.density))
+        if progress is not None:
+            progress.update(1)
+    return math.exp(sum(nlls) / len(nlls)), sum(densities) / len(densities), len(docs)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    datasets: dict[str, list[list[int]]],
+    lengths: list[int],
+    points: list[SweepPoint],
+    seed: int = 0,
+) -> list[dict]:
+    """Every (dataset, length, sweep point) row; the model's `seerattn_*` settings are restored afterwards.
+
+    Args:
+        datasets: label -> documents' token ids (from `load_eval_documents`).
+    """
+    for length in lengths:
+        check_context_length(model.config, length)
+    start_id, _ = boundary_token_ids(tokenizer)
+    saved = {k: getattr(model.config, k) for k in _RESET_FIELDS}
+    was_training = model.training
+    model.eval()
+    records = []
+    total = sum(len(docs) for docs in datasets.values()) * len(lengths) * len(points)
+    try:
+        with tqdm(total=total, desc="ppl", unit="doc") as bar:
+            for label, docs in datasets.items():
+                for length in lengths:
+                    for p in points:
+                        # sparse at every length: this measures quality, not where sparsity pays off in time
+                        model.set_seerattn(**{**saved, "seerattn_min_sparse_length": 0, **p.fields})
+                        torch.manual_seed(seed)
+                        bar.set_postfix_str(f"{label} L={length} {p.method} {p.sparsity_method}={p.target:g}")
+                        ppl, density, n = perplexity(model, docs, length, start_id, bar)
+                        records.append({
+                            "dataset": label, "context_length": length, "method": p.method,
+                            "sparsity_method": p.sparsity_method, "target": p.target,
+                            "density": round(density, 6), "ppl": ppl, "num_docs": n,
+                        })
+                        logger.info("%s L=%d %s %s=%g: ppl %.4f density %.4f", label, length, p.method, p.sparsity_method, p.target, ppl, density)
+    finally:
+        model.set_seerattn(**saved)
+        model.train(was_training)
+    return records
+
+
+def _markdown(records: list[dict]) -> str:
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    lines = [
+        "PPL (realised density) per dataset, context length and budget; `dense` is the same row for every budget.",
+        "",
+        "| dataset | L | sparsity | target | " + " | ".join(methods) + " |",
+        "|---|---:|---|---:|" + "---:|" * len(methods),
+    ]
+    dense = {(r["dataset"], r["context_length"]): r for r in records if r["method"] == "dense"}
+    keys = list(dict.fromkeys(
+        (r["dataset"], r["context_length"], r["sparsity_method"], r["target"]) for r in records if r["method"] != "dense"
+    ))
+    keys += [(ds, L, "dense", 1.0) for ds, L in dense if not any(k[:2] == (ds, L) for k in keys)]
+    cells = {(r["dataset"], r["context_length"], r["sparsity_method"], r["target"], r["method"]): r for r in records}
+    for ds, L, sm, t in sorted(keys, key=lambda k: (k[0], k[1], k[2] != "dense", k[2], -k[3])):
+        row = []
+        for m in methods:
+            r = dense.get((ds, L)) if m == "dense" else cells.get((ds, L, sm, t, m))
+            row.append(f"{r['ppl']:.4g} ({r['density']:.3f})" if r else "")
+        lines.append(f"| {ds} | {L} | {sm} | {t:g} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(records: list[dict], path: str | Path) -> None:
+    """PPL vs realised density: one panel per (length, dataset), one line per method; thresholds as open markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    lengths = sorted({r["context_length"] for r in records})
+    fig, axes = plt.subplots(len(lengths), len(datasets), figsize=(5 * len(datasets), 3.8 * len(lengths)), squeeze=False)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for i, L in enumerate(lengths):
+        for j, ds in enumerate(datasets):
+            ax = axes[i][j]
+            rows = [r for r in records if r["dataset"] == ds and r["context_length"] == L]
+            for m in METHODS:
+                if m == "dense":
+                    for r in rows:
+                        if r["method"] == "dense":
+                            ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"dense ({r['ppl']:.3g})")
+                    continue
+                nz = sorted((r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "nz_ratio")
+                th = [(r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "threshold"]
+                if nz:
+                    ax.plot(*zip(*nz), marker="o", color=colors[m], label=m)
+                if th:
+                    ax.scatter(*zip(*th), marker="D", facecolors="none", edgecolors=colors[m], label=f"{m} (threshold)")
+            ax.set_yscale("log")
+            ax.set_xlabel("realised density")
+            ax.set_ylabel("perplexity")
+            ax.set_title(f"{ds}, L={L}")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(records: list[dict], output_dir: str | Path, plot: bool = True) -> dict[str, Path]:
+    """Write `ppl_results.{json,csv,md}` and (optionally) `ppl_vs_density.png`; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "ppl_results.json", "csv": out / "ppl_results.csv", "md": out / "ppl_results.md"}
+    paths["json"].write_text(json.dumps(records, indent=2) + "\n")
+    fields = ["dataset", "context_length", "method", "sparsity_method", "target", "density", "ppl", "num_docs"]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(records)
+    paths["md"].write_text(_markdown(records))
+    if plot:
+        paths["png"] = out / "ppl_vs_density.png"
+        plot_results(records, paths["png"])
+    return paths
+
+
+def _load_model(args: PPLArguments):
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    elif args.dtype in ("bfloat16", "float16", "float32"):
+        dtype = getattr(torch, args.dtype)
+    else:
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {args.dtype!r}")
+    if resolve_model_source(args.model).kind not in ("seer_gates", "seer_full"):
+        logger.warning("%s is not a SeerLlama checkpoint: its gates are freshly initialised, so 'seer' rows are untrained", args.model)
+    model = SeerLlamaForCausalLM.from_pretrained(args.model, dtype=dtype, seerattn_mode="dense")
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    (args,) = HfArgumentParser(PPLArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    lengths, sources = _ints(args.lengths), _names(args.datasets)
+    if not lengths or not sources:
+        raise ValueError("give at least one length (--lengths) and one dataset (--datasets)")
+    points = sweep_points(_names(args.methods), _floats(args.nz_ratios), _floats(args.thresholds))
+    min_tokens = args.min_doc_tokens if args.min_doc_tokens is not None else max(lengths) - 1
+    if min_tokens < max(lengths) - 1:
+        raise ValueError(f"--min_doc_tokens {min_tokens} is below max(lengths) - 1 = {max(lengths) - 1}")
+
+    tokenizer = load_tokenizer(args.model)
+    model = _load_model(args)
+    for length in lengths:
+        check_context_length(model.config, length)
+    docs = {}
+    for source in sources:
+        label = source_label(source)
+        label = label if label not in docs else f"{label}#{len(docs)}"
+        docs[label] = load_eval_documents(
+            source, tokenizer, min_tokens, args.max_docs, args.dataset_split, args.text_field, args.dataset_subset
+        )
+    records = evaluate(model, tokenizer, docs, lengths, points, args.seed)
+    paths = write_results(records, args.output_dir, args.plot)
+    with open(Path(args.output_dir) / "ppl_args.json", "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    print(paths["md"].read_text())
+    logger.info("results in %s", ", ".join(str(p) for p in paths.values()))
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Gate-only distillation (post-training) of a frozen Llama with the HF `Trainer`.
+
+The base model runs in `distill` mode: exact attention that also yields the pooled attention map,
+which every layer's AttnGate learns to predict. Only `*.attn_gate.*` weights train; the model's
+`loss` is the gate loss (`seerattn_gate_loss_scale * sum of per-layer losses`).
+
+What the Trainer gives for free, and what is specific here:
+
+- AdamW, lr / warmup / cosine, weight decay, bf16 autocast, gradient accumulation, checkpoints and
+  `--resume_from_checkpoint` (a path, or `last` for the newest `checkpoint-*` in `output_dir`);
+- `GateDistillTrainer.compute_loss` asks for no logits (`logits_to_keep=1`) and no labels, and keeps
+  `loss_is_scaled_for_ga = False`: the gate loss is a per-batch mean, so the Trainer divides it by
+  the accumulation steps and an accumulated step averages its micro-batches;
+- checkpoints and the final save are gate-only (a few MB), reloaded with `load_gates`;
+- `GateLossLogger` writes `gate_loss.jsonl`: the total gate loss and lr of every optimizer step and
+  the per-layer losses every `layer_log_steps` steps;
+- the frozen base is bf16 on CUDA (`--dtype auto`) and fp32 on CPU; gate weights and their Adam
+  state stay fp32 and the gate computes in fp32, so no autocast is needed (`--bf16` would only
+  downcast the gate's matmuls).
+
+Tiny CPU run (about a minute plus the model load):
+
+    python -m seer_attn.training.distill --model smollm2-135m --dataset builtin:python-stdlib \
+        --max_documents 64 --train_length 256 --max_steps 20 --output_dir outputs/distill
+
+Upstream's Llama-3.1-8B recipe: `--config configs/llama31_8b_post_training.yaml` (command-line
+flags override the file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+
+from seer_attn.models import SeerLlamaForCausalLM, load_tokenizer
+from seer_attn.training.data import (
+    boundary_token_ids,
+    check_context_length,
+    filter_min_tokens,
+    load_documents,
+    pack_sequences,
+    tokenize_documents,
+)
+
+__all__ = [
+    "ModelArguments",
+    "DataArguments",
+    "DistillTrainingArguments",
+    "GateDistillTrainer",
+    "GateLossLogger",
+    "build_train_dataset",
+    "load_distill_model",
+    "parse_args",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+GATE_LOG_NAME = "gate_loss.jsonl"
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "base model: 'smollm2-135m' (embedded), a local Llama folder, a hub id, a .gguf, or a gate-only checkpoint to continue from"},
+    )
+    seerattn_gate_type: str | None = field(default=None, metadata={"help": "gate pooling recipe, e.g. Qavg_Kmaxminavg (default: the config's)"})
+    seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
+    seerattn_distill_target: str = field(default="max", metadata={"help": "ground truth: max (2D max-pool, upstream) or mass (block attention mass)"})
+    seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = scale * sum of per-layer gate losses"})
+    dtype: str = field(default="auto", metadata={"help": "base weights: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"})
+    gates_fp32: bool = field(default=True, metadata={"help": "keep gate weights (and their Adam state) in fp32 while the base is bf16"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="builtin:python-stdlib",
+        metadata={"help": "hub dataset, local .jsonl/.txt file or folder, or builtin:python-stdlib / builtin:pydoc-topics"},
+    )
+    dataset_subset: str | None = field(default=None, metadata={"help": "hub dataset config name"})
+    dataset_split: str = field(default="train", metadata={"help": "hub dataset split"})
+    text_field: str = field(default="text", metadata={"help": "field holding the document text"})
+    train_length: int = field(default=8192, metadata={"help": "tokens per training sequence (BOS + train_length-1 stream tokens)"})
+    min_doc_tokens: int = field(default=0, metadata={"help": "drop documents shorter than this many tokens before packing"})
+    max_documents: int | None = field(default=None, metadata={"help": "use at most this many (shuffled) documents"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenisation (datasets.map num_proc)"})
+
+
+@dataclass
+class DistillTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with upstream's post-training defaults (method-spec §6.1, §6.3)."""
+
+    output_dir: str | None = field(default="outputs/distill", metadata={"help": "checkpoints, gate_loss.jsonl and the final gate-only checkpoint"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "learning-rate schedule after warmup"})
+    warmup_steps: float = field(default=20, metadata={"help": "warmup steps (a float < 1 is a fraction of max_steps)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "sequences per device per micro-batch"})
+    max_steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    logging_steps: float = field(default=1, metadata={"help": "log to the console every n steps"})
+    save_steps: float = field(default=100, metadata={"help": "gate-only checkpoint every n steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "keep at most this many checkpoints"})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "trackers (none, tensorboard, wandb, ...)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "the packed dataset has input_ids only"})
+    layer_log_steps: int = field(default=10, metadata={"help": "write per-layer gate losses to gate_loss.jsonl every n steps"})
+    config: str | None = field(default=None, metadata={"help": "YAML or JSON file of argument values; command-line flags override it"})
+
+
+class GateLossLogger(TrainerCallback):
+    """Append one JSON line per optimizer step to `<output_dir>/gate_loss.jsonl`.
+
+    Fields: `step`, `gate_loss` (the scaled total, mean over the step's micro-batches), `lr`, and
+    every `layer_log_steps` steps `layer_losses` (unscaled, one per layer).
+    """
+
+    def __init__(self, trainer: "GateDistillTrainer", layer_log_steps: int):
+        self.trainer = trainer
+        self.layer_log_steps = max(1, layer_log_steps)
+        self._lr = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            self._lr = float(optimizer.param_groups[0]["lr"])  # the lr this step uses
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total, layers, n = self.trainer.pop_gate_losses()
+        if not state.is_world_process_zero or n == 0:
+            return
+        record = {"step": state.global_step, "gate_loss": total / n, "lr": self._lr}
+        if state.global_step % self.layer_log_steps == 0 or state.global_step == state.max_steps:
+            record["layer_losses"] = [round(float(x) / n, 6) for x in layers]
+        with open(Path(args.output_dir) / GATE_LOG_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class GateDistillTrainer(Trainer):
+    """`Trainer` whose loss is the model's gate loss and whose checkpoints hold the gates only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = False  # per-batch mean: the Trainer divides by the accumulation steps
+        self._gate_total, self._gate_layers, self._gate_n = 0.0, None, 0
+
+    def pop_gate_losses(self) -> tuple[float, torch.Tensor | None, int]:
+        """Sums of the total and per-layer gate losses since the last call, and the micro-batch count."""
+        out = (self._gate_total, self._gate_layers, self._gate_n)
+        self._gate_total, self._gate_layers, self._gate_n = 0.0, None, 0
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1)
+        if outputs.loss is None or outputs.gate_losses is None:
+            raise RuntimeError("the model returned no gate loss: distillation needs seerattn_mode='distill'")
+        if model.training:
+            layers = outputs.gate_losses.detach().float().cpu()
+            self._gate_total += float(outputs.loss.detach())
+            self._gate_layers = layers if self._gate_layers is None else self._gate_layers + layers
+            self._gate_n += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, save_base=False)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.accelerator.unwrap_model(self.model)
+        model.load_gates(resume_from_checkpoint)
+
+
+def _resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
+    """The model in `distill` mode with a frozen base and trainable (fp32) gates."""
+    overrides = {
+        "seerattn_mode": "distill",
+        "seerattn_loss": margs.seerattn_loss,
+        "seerattn_distill_target": margs.seerattn_distill_target,
+        "seerattn_gate_loss_scale": margs.seerattn_gate_loss_scale,
+    }
+    if margs.seerattn_gate_type:
+        overrides["seerattn_gate_type"] = margs.seerattn_gate_type
+    model = SeerLlamaForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
+    model.config.use_cache = False
+    n = model.freeze_base()
+    if margs.gates_fp32:
+        for gate in model.gate_modules():
+            gate.float()
+    logger.info("trainable gate parameters: %d (%.3f%% of the model)", n, 100 * n / sum(p.numel() for p in model.parameters()))
+    return model
+
+
+def build_train_dataset(dargs: DataArguments, tokenizer, seed: int):
+    """Tokenised, packed training sequences `[N, train_length]` (see `seer_attn.training.data`)."""
+    docs = load_documents(
+        dargs.dataset, dargs.dataset_split, dargs.text_field, dargs.dataset_subset, dargs.max_documents, seed=seed
+    )
+    tokens = tokenize_documents(docs, tokenizer, dargs.preprocessing_num_workers)
+    tokens = filter_min_tokens(tokens, dargs.min_doc_tokens, dargs.dataset, f"--min_doc_tokens {dargs.min_doc_tokens}")
+    start, end = boundary_token_ids(tokenizer)
+    packed = pack_sequences(tokens, dargs.train_length, start, end, dargs.preprocessing_num_workers)
+    logger.info("%s: %d documents -> %d sequences of %d tokens", dargs.dataset, len(tokens), len(packed), dargs.train_length)
+    return packed.with_format("torch")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DistillTrainingArguments]:
+    """Parse flags; `--config FILE` (YAML or JSON) supplies defaults that explicit flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillTrainingArguments))
+    config_path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+    if config_path:
+        values = yaml.safe_load(Path(config_path).read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"{config_path} must hold a mapping of argument names to values")
+        known = {f for dc in (ModelArguments, DataArguments, DistillTrainingArguments) for f in dc.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown arguments {unknown}")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run distillation; returns the folder of the final gate-only checkpoint (`output_dir`)."""
+    margs, dargs, targs = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_seed(targs.seed)
+    tokenizer = load_tokenizer(margs.model)
+    model = load_distill_model(margs)
+    check_context_length(model.config, dargs.train_length)
+    train = build_train_dataset(dargs, tokenizer, targs.seed)
+
+    resume = targs.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(targs.output_dir)
+        if resume is None:
+            logger.info("no checkpoint in %s: starting from scratch", targs.output_dir)
+    Path(targs.output_dir).mkdir(parents=True, exist_ok=True)
+    trainer = GateDistillTrainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator)
+    trainer.add_callback(GateLossLogger(trainer, targs.layer_log_steps))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(targs.output_dir)
+    with open(Path(targs.output_dir) / "distill_args.json", "w") as f:
+        json.dump({"model": vars(margs), "data": vars(dargs), "train": targs.to_dict()}, f, indent=2, default=str)
+    logger.info("gate-only checkpoint written to %s", targs.output_dir)
+    return targs.output_dir
+
+
+if __name__ == "__main__":
+    main()
