@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from seer_attn.models import SeerLlamaForCausalLM, load_tokenizer
+from seer_attn.models import SeerLlamaForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.models.loading import resolve_model_source
 from seer_attn.training.data import (
     boundary_token_ids,
@@ -117,6 +117,9 @@ class PPLArguments:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
     seed: int = field(default=0, metadata={"help": "seed of the random selector (reset before every row)"})
     plot: bool = field(default=True, metadata={"help": "write ppl_vs_density.png"})
+    yarn_factor: float | None = field(
+        default=None, metadata={"help": "apply YaRN with this factor before evaluating (a model that was not fine-tuned for it)"}
+    )
 
 
 @dataclass
@@ -334,7 +337,10 @@ def _load_model(args: PPLArguments):
         raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {args.dtype!r}")
     if resolve_model_source(args.model).kind not in ("seer_gates", "seer_full"):
         logger.warning("%s is not a SeerLlama checkpoint: its gates are freshly initialised, so 'seer' rows are untrained", args.model)
-    model = SeerLlamaForCausalLM.from_pretrained(args.model, dtype=dtype, seerattn_mode="dense")
+    config = SeerLlamaForCausalLM.config_from(args.model, seerattn_mode="dense")
+    if args.yarn_factor:
+        apply_yarn(config, args.yarn_factor)
+    model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)
     return model.to(device).eval()
 
 
