@@ -6,8 +6,13 @@ MLPs, gates, block selection, LM head on the last position) at one length, batch
     python benchmarks/bench_prefill.py --model smollm2-135m --yarn-factor 4 --length 32768 \
         --nz-ratios 0.5,0.1 --out benchmarks/results/prefill.json
 
-`--model` may be a fine-tuned or gated checkpoint. Medians of CUDA-event timings; ratios are
-against the dense forward measured in the same run.
+`--model` may be a fine-tuned or gated checkpoint, or `--config-json` a Llama config whose
+architecture is timed with random weights (timings do not depend on the weights; no model file is
+needed). Medians of CUDA-event timings; ratios are against the dense forward of the same run.
+
+`--train` also times one training step (forward + backward, batch 1, gradient checkpointing,
+bf16 autocast over fp32 weights, as `seer_attn.training.finetune` runs it): dense vs sparse
+fine-tuning with the gate loss, at each nz_ratio.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from seer_attn import SeerLlamaForCausalLM
+from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
 from seer_attn.models import apply_yarn
 
 
@@ -40,6 +45,24 @@ def time_forward(model, ids, warmup: int = 2, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def time_train_step(model, ids, warmup: int = 1, reps: int = 3) -> float:
+    """Median milliseconds of forward + backward of `model(ids, labels=ids)` under bf16 autocast."""
+    times = []
+    for i in range(warmup + reps):
+        model.zero_grad(set_to_none=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, logits_to_keep=1, use_cache=False)
+        out.loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -47,17 +70,29 @@ def main() -> None:
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--nz-ratios", default="0.5,0.1")
     p.add_argument("--kernel", default="TopK", help="seerattn_kernel_implementation for the sparse runs")
+    p.add_argument("--config-json", default=None, help="time this Llama architecture with random weights")
+    p.add_argument("--train", action="store_true", help="also time a fine-tuning step (fwd + bwd)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the sparse forward at the last nz_ratio")
     p.add_argument("--out", default="benchmarks/results/prefill.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_prefill.py needs a CUDA GPU")
 
-    config = SeerLlamaForCausalLM.config_from(args.model)
+    if args.config_json:
+        config = SeerLlamaConfig.from_json_file(args.config_json)
+        args.model = f"{args.config_json} (random weights)"
+    else:
+        config = SeerLlamaForCausalLM.config_from(args.model)
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
     if args.length > config.max_position_embeddings:
         raise SystemExit(f"--length {args.length} exceeds max_position_embeddings {config.max_position_embeddings}")
-    model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=torch.bfloat16).cuda().eval()
+    config.seerattn_min_sparse_length = 0
+    if args.config_json:
+        torch.manual_seed(0)
+        model = SeerLlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    else:
+        model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=torch.bfloat16).cuda().eval()
     ids = torch.randint(100, config.vocab_size - 1, (1, args.length), device="cuda")
 
     rows = []
@@ -70,6 +105,24 @@ def main() -> None:
         with torch.no_grad():
             density = model(ids, logits_to_keep=1, use_cache=False).density
         rows.append({"method": f"seer ({args.kernel})", "nz_ratio": nz, "density": density, "ms": ms, "speedup": dense_ms / ms})
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(ids, logits_to_keep=1, use_cache=False)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    if args.train:
+        model = model.float().train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.set_seerattn(seerattn_mode="dense")
+        dense_step = time_train_step(model, ids)
+        rows.append({"method": "train step, dense", "nz_ratio": 1.0, "density": 1.0, "ms": dense_step, "speedup": 1.0})
+        for nz in [float(x) for x in args.nz_ratios.split(",")]:
+            model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz, seerattn_kernel_implementation="auto")
+            ms = time_train_step(model, ids)
+            rows.append({"method": "train step, seer (CSR + gate loss)", "nz_ratio": nz, "density": nz, "ms": ms, "speedup": dense_step / ms})
 
     meta = {
         "model": args.model,
@@ -85,6 +138,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['nz_ratio']} | {r['density']:.3f} | {r['ms']:.1f} | {r['speedup']:.2f}x |")
+    print("(train-step rows: density column is the target nz_ratio)") if args.train else None
 
 
 if __name__ == "__main__":

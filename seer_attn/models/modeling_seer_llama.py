@@ -364,7 +364,7 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         losses = [s.gate_loss for s in stats if s is not None and s.gate_loss is not None]
         gate_losses = torch.stack(losses) if losses else None
         gate_loss = self.config.seerattn_gate_loss_scale * gate_losses.sum() if losses else None
-        kept = sum(s.kept_blocks for s in stats if s is not None)
+        kept = float(sum(s.kept_blocks for s in stats if s is not None))  # the forward's one host sync
         avail = sum(s.causal_blocks for s in stats if s is not None)
         if self.config.seerattn_mode == "distill":
             loss = gate_loss

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from seer_attn.kernels.block_mask import causal_block_mask, mask_to_indices, select_blocks
+from seer_attn.kernels.block_mask import causal_block_mask, indices_to_mask, mask_to_indices, nz_ratio_to_k, select_blocks
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
@@ -69,13 +69,13 @@ class SeerAttentionStats:
     """What one layer reports about its last forward."""
 
     gate_loss: torch.Tensor | None = None  # scalar, unscaled, for this layer
-    kept_blocks: int = 0  # kept causal blocks, summed over batch and heads
+    kept_blocks: int | torch.Tensor = 0  # kept causal blocks, summed over batch and heads
     causal_blocks: int = 0  # available causal blocks, same sum
     sparse: bool = False  # whether the block-sparse path ran
 
     @property
     def density(self) -> float:
-        return self.kept_blocks / self.causal_blocks if self.causal_blocks else 1.0
+        return float(self.kept_blocks) / self.causal_blocks if self.causal_blocks else 1.0
 
 
 def in_backward() -> bool:
@@ -113,10 +113,9 @@ def _pooling_attention(q, k, v, sm_scale, block_size, target, kernel):
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """Causal SDPA with GQA, `[B, Hq, S, D]` (the same call transformers' `sdpa` path makes)."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    """Causal SDPA, `[B, Hq, S, D]`; GQA through SDPA's `enable_gqa` (no repeated K/V copies)."""
+    if q.shape[1] != k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=sm_scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=sm_scale)
 
 
@@ -164,6 +163,25 @@ def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, ke
     if selector == "random":
         return torch.rand(B, Hq, nb, nb, device=q.device)
     raise ValueError(f"unknown selector {selector!r}")
+
+
+def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k block indices plus the always-kept blocks, and the equivalent bool mask.
+
+    Same selection as `select_blocks(method="nz_ratio")` with `dense_last_rows=0`.
+    """
+    nb = scores.shape[-1]
+    k = nz_ratio_to_k(settings.nz_ratio, nb)
+    causal = causal_block_mask(scores.shape[-2], nb, scores.device)
+    idx = scores.float().masked_fill(~causal, float("-inf")).topk(k, dim=-1).indices
+    extra = []
+    rows = torch.arange(scores.shape[-2], device=scores.device).expand(*scores.shape[:-1])
+    if settings.keep_diagonal:
+        extra.append(rows[..., None])
+    if settings.keep_sink:
+        extra.append(torch.zeros_like(rows)[..., None])
+    index = torch.cat([idx, *extra], dim=-1) if extra else idx
+    return index, indices_to_mask(index, nb)
 
 
 def seer_attention(
@@ -250,23 +268,29 @@ def seer_attention(
     if dense_by_rule:
         return dense_attention(q, k, v, sm_scale), stats
 
-    mask = select_blocks(
-        scores,
-        method=settings.sparsity_method,
-        nz_ratio=settings.nz_ratio,
-        threshold=settings.threshold,
-        keep_sink=settings.keep_sink,
-        keep_diagonal=settings.keep_diagonal,
-        dense_last_rows=settings.dense_last_rows,
-    )
-    stats.kept_blocks = int(mask.sum().item())
+    index = None
+    if kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
+        # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
+        # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
+        index, mask = _topk_index(scores, settings)
+    else:
+        mask = select_blocks(
+            scores,
+            method=settings.sparsity_method,
+            nz_ratio=settings.nz_ratio,
+            threshold=settings.threshold,
+            keep_sink=settings.keep_sink,
+            keep_diagonal=settings.keep_diagonal,
+            dense_last_rows=settings.dense_last_rows,
+        )
+    stats.kept_blocks = mask.sum()  # a device tensor: the model syncs once per forward, not per layer
     stats.sparse = True
     if kernel == "naive":
         o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
     elif kernel == "TopK":
         from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
-        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask), sm_scale, settings.block_size)
+        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size)
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
 
