@@ -22,6 +22,7 @@ Selection rules:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -57,8 +58,16 @@ def nz_ratio_to_k(nz_ratio: float, nb: int) -> int:
 
 
 def causal_block_mask(nb_q: int, nb_k: int | None = None, device=None) -> torch.Tensor:
-    """Bool `[nb_q, nb_k]`, True on and below the diagonal (query block i sees key blocks 0..i)."""
+    """Bool `[nb_q, nb_k]`, True on and below the diagonal (query block i sees key blocks 0..i).
+
+    Cached per shape and device (every layer asks for the same one): treat it as read-only.
+    """
     nb_k = nb_q if nb_k is None else nb_k
+    return _causal_block_mask(nb_q, nb_k, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block_mask(nb_q: int, nb_k: int, device: torch.device) -> torch.Tensor:
     return torch.ones(nb_q, nb_k, dtype=torch.bool, device=device).tril()
 
 

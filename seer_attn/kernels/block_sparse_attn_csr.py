@@ -337,6 +337,8 @@ def block_sparse_attn_csr_fwd(
     lse = torch.empty(B, HQ, S, dtype=torch.float32, device=q.device)
     cfg = dict(_CONFIGS["fwd"][D])
     block_n = min(cfg.pop("BLOCK_N"), block_size)
+    if block_size > 64:
+        cfg["num_stages"] = min(cfg["num_stages"], 2)  # 128-row tiles: less shared memory per stage
     if _interpreting():
         cfg = {}
     block_sparse_attn_csr_fwd_kernel[(NB, B * HQ)](
@@ -380,6 +382,10 @@ def block_sparse_attn_csr_bwd(
     dv = torch.empty_like(v)
     cfg = dict(_CONFIGS["dkdv"][D])
     block_m = min(cfg.pop("BLOCK_M"), block_size)
+    if block_size > 64:
+        # a 128-key tile with D=128 keeps K, V, dK and dV tiles resident: fewer pipeline stages
+        # fit in shared memory (3 stages ran out of it on an H200)
+        cfg["num_stages"] = 1
     if interp:
         cfg = {}
     block_sparse_attn_csr_bwd_kernel_dkdv[(NB, B * HKV)](
@@ -397,6 +403,8 @@ def block_sparse_attn_csr_bwd(
     dq = torch.empty_like(q)
     cfg = dict(_CONFIGS["dq"][D])
     block_n = min(cfg.pop("BLOCK_N"), block_size)
+    if block_size > 64:
+        cfg["num_stages"] = min(cfg["num_stages"], 2)  # 128-row tiles: less shared memory per stage
     if interp:
         cfg = {}
     block_sparse_attn_csr_bwd_kernel_dq[(NB, B * HQ)](

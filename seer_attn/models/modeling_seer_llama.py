@@ -40,6 +40,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from seer_attn.models.configuration_seer_llama import SEERATTN_FIELDS, SeerLlamaConfig
+from seer_attn.kernels.block_mask import indices_to_mask
 from seer_attn.models.loading import resolve_model_source
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
 from seer_attn.modules.seer_attention import (
@@ -165,7 +166,7 @@ def seer_attention_forward(
             pick = lambda t: t[b : b + 1, :, idx]  # noqa: E731
             ob, sb = run(pick(query), pick(key), pick(value), pick(q_pre), pick(k_pre), position_ids[b : b + 1, idx])
             o[b, :, idx] = ob[0]
-            stats.kept_blocks += sb.kept_blocks
+            stats.kept_blocks += sb.kept
             stats.causal_blocks += sb.causal_blocks
             stats.sparse = stats.sparse or sb.sparse
             if sb.gate_loss is not None:
@@ -263,6 +264,18 @@ def chunked_causal_lm_loss(
             total = total + _chunk_ce(hc, weight, yc)
     n = num_items if num_items is not None else (y != -100).sum()
     return total / torch.as_tensor(n, device=total.device).clamp_min(1)
+
+
+def _count_kept(stats: list[SeerAttentionStats | None]):
+    """Kept blocks of all layers; TopK layers' indices are counted in one batched pass."""
+    stats = [s for s in stats if s is not None]
+    indexed = [s.kept_index for s in stats if s.kept_index is not None]
+    kept = sum(s.kept_blocks for s in stats if s.kept_index is None)
+    if indexed and all(t.shape == indexed[0].shape for t in indexed):
+        kept = kept + indices_to_mask(torch.stack(indexed), indexed[0].shape[-2]).sum()
+    else:
+        kept = kept + sum(s.kept for s in stats if s.kept_index is not None)
+    return kept
 
 
 class SeerLlamaForCausalLM(LlamaForCausalLM):
@@ -364,7 +377,7 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         losses = [s.gate_loss for s in stats if s is not None and s.gate_loss is not None]
         gate_losses = torch.stack(losses) if losses else None
         gate_loss = self.config.seerattn_gate_loss_scale * gate_losses.sum() if losses else None
-        kept = float(sum(s.kept_blocks for s in stats if s is not None))  # the forward's one host sync
+        kept = float(_count_kept(stats))  # the forward's one host sync
         avail = sum(s.causal_blocks for s in stats if s is not None)
         if self.config.seerattn_mode == "distill":
             loss = gate_loss

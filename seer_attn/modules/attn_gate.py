@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn as nn
 
+from seer_attn.kernels.block_mask import causal_block_mask
+
 __all__ = ["AttnGate", "MultiHeadLinear", "parse_gate_type", "valid_gate_types", "pool_blocks", "apply_rope"]
 
 POOL_TYPES = ("max", "min", "avg")
@@ -57,12 +59,13 @@ def pool_blocks(x: torch.Tensor, block_size: int, kind: str) -> torch.Tensor:
     pad = nb * block_size - S
     # pooled summaries are fp32; reading x in its own dtype avoids an fp32 copy of all of q and k
     if kind == "avg":
-        s = nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, block_size, D).sum(3, dtype=torch.float32)
+        xp = nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+        s = xp.reshape(B, H, nb, block_size, D).sum(3, dtype=torch.float32)
         counts = torch.full((nb, 1), float(block_size), dtype=torch.float32, device=x.device)
         counts[-1] = block_size - pad
         return s / counts
     fill = float("-inf") if kind == "max" else float("inf")
-    xp = nn.functional.pad(x, (0, 0, 0, pad), value=fill).view(B, H, nb, block_size, D)
+    xp = (nn.functional.pad(x, (0, 0, 0, pad), value=fill) if pad else x).reshape(B, H, nb, block_size, D)
     return (xp.amax(3) if kind == "max" else xp.amin(3)).float()
 
 
@@ -176,8 +179,7 @@ class AttnGate(nn.Module):
         if kb.shape[1] != self.num_heads:
             kb = kb.repeat_interleave(self.num_heads // kb.shape[1], dim=1)
         logits = torch.matmul(qb, kb.transpose(-1, -2)) / math.sqrt(self.hidden_size)
-        causal = torch.ones(nb, nb, dtype=torch.bool, device=qb.device).tril()
-        logits = logits.masked_fill(~causal, float("-inf"))
+        logits = logits.masked_fill(~causal_block_mask(nb, nb, qb.device), float("-inf"))
         return torch.softmax(logits, dim=-1) if output == "probs" else logits
 
     def forward(

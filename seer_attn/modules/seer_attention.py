@@ -72,10 +72,18 @@ class SeerAttentionStats:
     kept_blocks: int | torch.Tensor = 0  # kept causal blocks, summed over batch and heads
     causal_blocks: int = 0  # available causal blocks, same sum
     sparse: bool = False  # whether the block-sparse path ran
+    kept_index: torch.Tensor | None = None  # TopK path: the block indices; counted lazily (see `kept`)
+
+    @property
+    def kept(self) -> int | torch.Tensor:
+        """Kept causal blocks (a device tensor on the sparse path; reading it as a number syncs)."""
+        if self.kept_index is not None:
+            return indices_to_mask(self.kept_index, self.kept_index.shape[-2]).sum()
+        return self.kept_blocks
 
     @property
     def density(self) -> float:
-        return float(self.kept_blocks) / self.causal_blocks if self.causal_blocks else 1.0
+        return float(self.kept) / self.causal_blocks if self.causal_blocks else 1.0
 
 
 def in_backward() -> bool:
@@ -165,10 +173,10 @@ def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, ke
     raise ValueError(f"unknown selector {selector!r}")
 
 
-def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row top-k block indices plus the always-kept blocks, and the equivalent bool mask.
+def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> torch.Tensor:
+    """Per-row top-k block indices plus the always-kept blocks, `[B, H, nb, K]` (repeats possible).
 
-    Same selection as `select_blocks(method="nz_ratio")` with `dense_last_rows=0`.
+    The same selection as `select_blocks(method="nz_ratio")` with `dense_last_rows=0`.
     """
     nb = scores.shape[-1]
     k = nz_ratio_to_k(settings.nz_ratio, nb)
@@ -180,8 +188,7 @@ def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> tuple[
         extra.append(rows[..., None])
     if settings.keep_sink:
         extra.append(torch.zeros_like(rows)[..., None])
-    index = torch.cat([idx, *extra], dim=-1) if extra else idx
-    return index, indices_to_mask(index, nb)
+    return torch.cat([idx, *extra], dim=-1) if extra else idx
 
 
 def seer_attention(
@@ -272,7 +279,7 @@ def seer_attention(
     if kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
         # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
         # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
-        index, mask = _topk_index(scores, settings)
+        index = _topk_index(scores, settings)
     else:
         mask = select_blocks(
             scores,
@@ -283,7 +290,11 @@ def seer_attention(
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,
         )
-    stats.kept_blocks = mask.sum()  # a device tensor: the model syncs once per forward, not per layer
+    # counted later, once for all layers: no host sync and few launches per layer
+    if index is not None:
+        stats.kept_index = index
+    else:
+        stats.kept_blocks = mask.sum()
     stats.sparse = True
     if kernel == "naive":
         o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
