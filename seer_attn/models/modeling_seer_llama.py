@@ -88,10 +88,25 @@ def _dense_with_padding(q, k, v, key_padding: torch.Tensor | None, scale: float)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
+_rope_cache: dict = {}
+
+
 def _block_rope(module: "SeerLlamaAttention", position_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # each block is rotated at its first token's position, with the model's own rope scaling
+    # each block is rotated at its first token's position, with the model's own rope scaling;
+    # every layer of one forward gets the same position_ids object and the same table: reuse it
+    # (the cache holds the tensor, so no other tensor can take its address while the entry lives)
+    rope = module.gate_rotary_emb
+    key = (
+        position_ids.data_ptr(), tuple(position_ids.shape), position_ids.stride(), position_ids._version,
+        module.config.seerattn_gate_block_size, rope.inv_freq.data_ptr(), rope.attention_scaling,
+    )
+    hit = _rope_cache.get("entry")
+    if hit is not None and hit[1] == key:
+        return hit[2]
     block_pos = position_ids[:, :: module.config.seerattn_gate_block_size]
-    return module.gate_rotary_emb(torch.zeros((), device=device, dtype=torch.float32), block_pos)
+    tables = rope(torch.zeros((), device=device, dtype=torch.float32), block_pos)
+    _rope_cache["entry"] = (position_ids, key, tables)
+    return tables
 
 
 def seer_attention_forward(
