@@ -9,13 +9,14 @@
 # library's .py sources (builtin:python-stdlib), evaluation on the pydoc help topics
 # (builtin:pydoc-topics); the two share no text. Without a GPU the defaults are tiny (256-token
 # training sequences, a few dozen steps, 512-token evaluation on 2 documents); with a GPU they are
-# 8k. Every knob below is an environment variable; EXTRA_TRAIN_ARGS / EXTRA_EVAL_ARGS are appended
+# 8k. NPROC=N distils on N GPUs (data parallel through accelerate). Every knob below is an environment variable; EXTRA_TRAIN_ARGS / EXTRA_EVAL_ARGS are appended
 # to the two commands.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python}
+source "$REPO_ROOT/scripts/_launch.sh"   # NPROC=N: distillation on N processes (accelerate, DDP)
 DEVICE=${DEVICE:-$($PYTHON -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 
 MODEL=${MODEL:-smollm2-135m}
@@ -53,7 +54,7 @@ fi
 GATES_DIR="$OUTPUT_DIR/gates"
 mkdir -p "$OUTPUT_DIR"
 echo "== device $DEVICE: distilling gates of $MODEL on $DATASET (L=$TRAIN_LENGTH, $MAX_STEPS steps) -> $GATES_DIR"
-$PYTHON -m seer_attn.training.distill \
+launch_module "$REPO_ROOT/configs/accelerate/ddp.yaml" seer_attn.training.distill \
   --model "$MODEL" \
   --dataset "$DATASET" \
   ${MAX_TRAIN_DOCS:+--max_documents "$MAX_TRAIN_DOCS"} \

@@ -70,19 +70,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M as a SeerLlama (fp32, CPU), with its tokenizer; loaded once per session.
-
-    Tests that use it must restore any `seerattn_*` field they change (`model.set_seerattn`).
-    """
-    from seer_attn import SeerLlamaForCausalLM, load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    model = SeerLlamaForCausalLM.from_pretrained("smollm2-135m", dtype=torch.float32).eval()
-    return model, tok
-
-
-@pytest.fixture(scope="session")
 def eval_text() -> str:
     """Real English text present on every Python install (the pydoc topics)."""
     import pydoc_data.topics

@@ -112,6 +112,9 @@ class DistillTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "keep at most this many checkpoints"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "trackers (none, tensorboard, wandb, ...)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the packed dataset has input_ids only"})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "every trainable parameter gets a gradient each step: no unused-parameter search"}
+    )
     layer_log_steps: int = field(default=10, metadata={"help": "write per-layer gate losses to gate_loss.jsonl every n steps"})
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file of argument values; command-line flags override it"})
 

@@ -83,6 +83,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute layer activations in backward"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "trackers"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the packed dataset has input_ids only"})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "every trainable parameter gets a gradient each step: no unused-parameter search"}
+    )
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of argument values; flags override it"})
 
 

@@ -71,3 +71,36 @@ def test_llama31_8b_config_starts_on_tiny_llama(tiny_llama_dir, tiny_text_jsonl,
     assert [r["step"] for r in log] == [1] and log[0]["gate_loss"] > 0
     args = json.loads((Path(out) / "distill_args.json").read_text())
     assert args["train"]["gradient_accumulation_steps"] == 16 and args["model"]["seerattn_gate_loss_scale"] == 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["run_dense_yarn_finetuning.sh", "run_seerattn_yarn_finetuning.sh"])
+def test_yarn_finetuning_scripts_run_end_to_end(script, tiny_llama_dir, tiny_text_jsonl, tmp_path):
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "MODEL": tiny_llama_dir,
+        "DATASET": tiny_text_jsonl,
+        "EVAL_DATASETS": tiny_text_jsonl,
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "SCALING_FACTOR": "2",
+        "TRAIN_LENGTH": "256",
+        "MAX_STEPS": "2",
+        "INIT_TRAIN_LENGTH": "128",
+        "INIT_STEPS": "2",
+        "MAX_TRAIN_DOCS": "12",
+        "MAX_DOCS": "1",
+        "NZ_RATIO": "0.5",
+        "EXTRA_TRAIN_ARGS": "--min_doc_tokens 1",
+        "EXTRA_EVAL_ARGS": "--min_doc_tokens 255",
+    }
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 2048
+    records = json.loads((tmp_path / "out" / "eval" / "ppl_results.json").read_text())
+    assert records and all(r["context_length"] == 256 for r in records)
+    if "seerattn" in script:
+        assert (tmp_path / "out" / "init_gates" / "model.safetensors").exists()
+        assert {r["method"] for r in records} == {"dense", "seer"}
