@@ -470,19 +470,11 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
 
         if config is not None and isinstance(config, SeerLlamaConfig):
             config = copy.deepcopy(config)
+            for k, v in overrides.items():
+                setattr(config, k, v)
+            config.validate_seerattn()
         else:
-            base_config = config or AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
-            if not isinstance(base_config, LlamaConfig):
-                raise ValueError(
-                    f"{pretrained_model_name_or_path} is a {type(base_config).__name__}; SeerLlama needs a Llama model"
-                )
-            name = str(pretrained_model_name_or_path)
-            if Path(name).expanduser().exists():
-                name = str(Path(name).expanduser().resolve())
-            config = SeerLlamaConfig.from_llama_config(base_config, base_model=name)
-        for k, v in overrides.items():
-            setattr(config, k, v)
-        config.validate_seerattn()
+            config = cls.config_from(pretrained_model_name_or_path, base_config=config, **overrides)
         if source.kind == "gguf":
             return cls._from_gguf(source, config, **kwargs)
         model = super().from_pretrained(source.path, *model_args, config=config, **source.hf_kwargs(), **kwargs)
@@ -505,13 +497,20 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         return model.eval()
 
     @classmethod
-    def config_from(cls, pretrained_model_name_or_path, **overrides) -> SeerLlamaConfig:
-        """The `SeerLlamaConfig` that `from_pretrained` would build (edit it, then pass `config=`)."""
+    def config_from(cls, pretrained_model_name_or_path, base_config: LlamaConfig | None = None, **overrides) -> SeerLlamaConfig:
+        """The `SeerLlamaConfig` that `from_pretrained` would build (edit it, then pass `config=`).
+
+        For a plain model, `base_config` (default: read from the source) supplies the Llama fields.
+        """
         source = resolve_model_source(pretrained_model_name_or_path)
         if source.kind in ("seer_gates", "seer_full"):
             config = SeerLlamaConfig.from_pretrained(source.path)
         else:
-            base_config = AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
+            base_config = base_config or AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
+            if not isinstance(base_config, LlamaConfig):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} is a {type(base_config).__name__}; SeerLlama needs a Llama model"
+                )
             name = str(pretrained_model_name_or_path)
             if Path(name).expanduser().exists():
                 name = str(Path(name).expanduser().resolve())

@@ -224,10 +224,12 @@ def build_train_dataset(dargs: DataArguments, tokenizer, seed: int):
     return packed.with_format("torch")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DistillTrainingArguments]:
-    """Parse flags; `--config FILE` (YAML or JSON) supplies defaults that explicit flags override."""
+def parse_with_config(classes: tuple, argv: list[str] | None = None, **defaults):
+    """Parse flags into `classes`; `--config FILE` (YAML or JSON) supplies defaults that flags override."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillTrainingArguments))
+    parser = HfArgumentParser(classes)
+    if defaults:
+        parser.set_defaults(**defaults)
     config_path = None
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
@@ -238,12 +240,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         values = yaml.safe_load(Path(config_path).read_text())
         if not isinstance(values, dict):
             raise ValueError(f"{config_path} must hold a mapping of argument names to values")
-        known = {f for dc in (ModelArguments, DataArguments, DistillTrainingArguments) for f in dc.__dataclass_fields__}
+        known = {f for dc in classes for f in dc.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown arguments {unknown}")
         parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DistillTrainingArguments]:
+    """Parse flags; `--config FILE` (YAML or JSON) supplies defaults that explicit flags override."""
+    return parse_with_config((ModelArguments, DataArguments, DistillTrainingArguments), argv)
 
 
 def main(argv: list[str] | None = None) -> str:

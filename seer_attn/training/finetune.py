@@ -29,17 +29,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from seer_attn.models import SeerLlamaForCausalLM, apply_yarn, load_tokenizer
-from seer_attn.training.distill import DataArguments, build_train_dataset
+from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config
 from seer_attn.training.data import check_context_length
 
 __all__ = ["FinetuneModelArguments", "FinetuneTrainingArguments", "FinetuneTrainer", "load_finetune_model", "main"]
@@ -191,21 +189,8 @@ def load_finetune_model(margs: FinetuneModelArguments) -> SeerLlamaForCausalLM:
 
 
 def parse_args(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    classes = (FinetuneModelArguments, DataArguments, FinetuneTrainingArguments)
-    parser = HfArgumentParser(classes)
-    parser.set_defaults(train_length=32768)
-    config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    if config_path:
-        values = yaml.safe_load(Path(config_path).read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path} must hold a mapping of argument names to values")
-        known = {f for dc in classes for f in dc.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown arguments {unknown}")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Parse flags; `--config FILE` supplies defaults that explicit flags override."""
+    return parse_with_config((FinetuneModelArguments, DataArguments, FinetuneTrainingArguments), argv, train_length=32768)
 
 
 def main(argv: list[str] | None = None) -> str:
