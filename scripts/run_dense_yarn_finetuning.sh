@@ -3,7 +3,7 @@
 # model with plain attention, then perplexity at the extended length.
 #
 #   scripts/run_dense_yarn_finetuning.sh            # SmolLM2-135M, 8k -> 32k on a GPU (tiny on CPU)
-#   NPROC=2 scripts/run_dense_yarn_finetuning.sh    # 2 GPUs, FSDP (configs/accelerate/fsdp.yaml)
+#   NPROC=2 scripts/run_dense_yarn_finetuning.sh    # 2 GPUs, FSDP (torchrun + configs/fsdp_finetune.json)
 #
 # Knobs (environment): MODEL DATASET EVAL_DATASETS OUTPUT_DIR MAX_STEPS TRAIN_LENGTH EVAL_LENGTHS
 # SCALING_FACTOR LR BATCH_SIZE GRAD_ACCUM MAX_TRAIN_DOCS MAX_DOCS NPROC EXTRA_TRAIN_ARGS EXTRA_EVAL_ARGS.
@@ -37,7 +37,7 @@ launch_module "$REPO_ROOT/configs/accelerate/fsdp.yaml" seer_attn.training.finet
   --train_length "$TRAIN_LENGTH" --max_steps "$MAX_STEPS" \
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
   --learning_rate "$LR" --warmup_steps "$WARMUP_STEPS" $([[ "$DEVICE" == cuda ]] && echo --bf16) \
-  --save_steps "$MAX_STEPS" --output_dir "$OUTPUT_DIR/model" ${EXTRA_TRAIN_ARGS:-}
+  --save_steps "$MAX_STEPS" --output_dir "$OUTPUT_DIR/model" ${FSDP_ARGS[@]+"${FSDP_ARGS[@]}"} ${EXTRA_TRAIN_ARGS:-}
 
 echo "== perplexity of $OUTPUT_DIR/model at L=$EVAL_LENGTHS -> $OUTPUT_DIR/eval"
 $PYTHON -m seer_attn.evaluation.ppl --model "$OUTPUT_DIR/model" --datasets "$EVAL_DATASETS" \

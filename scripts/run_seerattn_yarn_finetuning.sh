@@ -51,7 +51,7 @@ launch_module "$REPO_ROOT/configs/accelerate/fsdp.yaml" seer_attn.training.finet
   --train_length "$TRAIN_LENGTH" --max_steps "$MAX_STEPS" \
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" \
   --learning_rate "$LR" --warmup_steps "$WARMUP_STEPS" $([[ "$DEVICE" == cuda ]] && echo --bf16) \
-  --save_steps "$MAX_STEPS" --output_dir "$OUTPUT_DIR/model" ${EXTRA_TRAIN_ARGS:-}
+  --save_steps "$MAX_STEPS" --output_dir "$OUTPUT_DIR/model" ${FSDP_ARGS[@]+"${FSDP_ARGS[@]}"} ${EXTRA_TRAIN_ARGS:-}
 
 echo "== step 3: perplexity of $OUTPUT_DIR/model at L=$EVAL_LENGTHS, nz_ratio $EVAL_NZ_RATIOS -> $OUTPUT_DIR/eval"
 $PYTHON -m seer_attn.evaluation.ppl --model "$OUTPUT_DIR/model" --datasets "$EVAL_DATASETS" \

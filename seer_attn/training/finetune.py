@@ -183,8 +183,9 @@ def load_finetune_model(margs: FinetuneModelArguments) -> SeerLlamaForCausalLM:
         apply_yarn(config, margs.yarn_factor, margs.original_max_position_embeddings)
     config.use_cache = False
     model = SeerLlamaForCausalLM.from_pretrained(margs.model, config=config, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        # dense mode never calls the gates: leave them frozen so no data-parallel engine waits for their gradients
+        p.requires_grad_(margs.seerattn_mode == "sparse" or ".attn_gate." not in name)
     return model
 
 
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     trainer.add_callback(LossLogger(trainer))
     trainer.train(resume_from_checkpoint=resume)
+    logger.info("trained as %s on %d process(es)", type(trainer.model_wrapped).__name__, targs.world_size)
     trainer.save_model(targs.output_dir)
     with open(Path(targs.output_dir) / "finetune_args.json", "w") as f:
         json.dump({"model": vars(margs), "data": vars(dargs), "train": targs.to_dict()}, f, indent=2, default=str)
