@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from seer_attn.kernels._triton import check_attn_inputs
 from seer_attn.kernels.block_mask import causal_block_mask
 
 __all__ = ["block_sparse_attn_csr", "block_sparse_csr_lists"]
@@ -493,35 +494,10 @@ def block_sparse_csr_lists(
 
 
 def _check_inputs(q, k, v, block_mask, block_size, nb) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, S, D]; got shape {tuple(t.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, HQ, S, D = q.shape
-    if k.shape[0] != B or k.shape[2] != S or k.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, length and head_dim")
-    if k.shape[1] == 0 or HQ % k.shape[1] != 0:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({k.shape[1]})")
-    if D not in (64, 128):
-        raise ValueError(f"head_dim must be 64 or 128, got {D}")
+    check_attn_inputs("block_sparse_attn_csr", q, k, v, block_size)
+    B, HQ, S, _ = q.shape
     if block_size not in (64, 128):
-        raise ValueError(f"block_size must be 64 or 128, got {block_size}")
-    if S == 0:
-        raise ValueError("sequence length must be positive")
-    if not _interpreting() and not (q.is_cuda and k.is_cuda and v.is_cuda):
-        raise ValueError(
-            "block_sparse_attn_csr needs CUDA tensors (or TRITON_INTERPRET=1); "
-            "use seer_attn.kernels.naive.block_sparse_attn_naive on CPU"
-        )
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"block_sparse_attn_csr: block_size must be 64 or 128, got {block_size}")
     if block_mask is not None:
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
             raise TypeError(f"block_mask must be a torch.bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}")
