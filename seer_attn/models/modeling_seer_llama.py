@@ -98,7 +98,9 @@ def _block_rope(module: "SeerLlamaAttention", position_ids: torch.Tensor, device
     rope = module.gate_rotary_emb
     key = (
         position_ids.data_ptr(), tuple(position_ids.shape), position_ids.stride(), position_ids._version,
-        module.config.seerattn_gate_block_size, rope.inv_freq.data_ptr(), rope.attention_scaling,
+        # every layer's gate rotary is built from the same config: key on it, not on its buffers
+        id(module.config), module.attn_gate.hidden_size, module.config.seerattn_gate_block_size,
+        rope.rope_type, rope.attention_scaling, str(device),
     )
     hit = _rope_cache.get("entry")
     if hit is not None and hit[1] == key:
