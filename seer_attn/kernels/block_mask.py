@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "nz_ratio_to_k",
     "causal_block_mask",
+    "topk_block_index",
     "topk_block_mask",
     "threshold_block_mask",
     "apply_keep_rules",
@@ -71,6 +72,20 @@ def _causal_block_mask(nb_q: int, nb_k: int, device: torch.device) -> torch.Tens
     return torch.ones(nb_q, nb_k, dtype=torch.bool, device=device).tril()
 
 
+def topk_block_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices `[B, H, nb, k]` of the `k` highest-scoring causal key blocks of every row.
+
+    Entries above the diagonal are ignored whatever their value. Rows with fewer than `k` causal
+    blocks return some above-diagonal indices as well (consumers drop them: the TopK kernel and
+    :func:`indices_to_mask` ignore them, :func:`topk_block_mask` masks them).
+    """
+    nb = scores.shape[-1]
+    causal = causal_block_mask(scores.shape[-2], nb, scores.device)
+    k = max(1, min(int(k), nb))
+    # fp32 so that bf16 ties do not make the selection depend on the implementation
+    return scores.float().masked_fill(~causal, float("-inf")).topk(k, dim=-1).indices
+
+
 def topk_block_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the `k` highest-scoring causal key blocks of every query-block row.
 
@@ -82,14 +97,9 @@ def topk_block_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         bool `[B, H, nb, nb]`, lower-triangular.
     """
-    nb = scores.shape[-1]
-    causal = causal_block_mask(scores.shape[-2], nb, scores.device)
-    k = max(1, min(int(k), nb))
-    # fp32 so that bf16 ties do not make the selection depend on the implementation
-    s = scores.float().masked_fill(~causal, float("-inf"))
-    idx = s.topk(k, dim=-1).indices
-    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, idx, True)
-    return mask & causal
+    idx = topk_block_index(scores, k)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True)
+    return mask & causal_block_mask(scores.shape[-2], scores.shape[-1], scores.device)
 
 
 def threshold_block_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from seer_attn.kernels.block_mask import causal_block_mask, indices_to_mask, mask_to_indices, nz_ratio_to_k, select_blocks
+from seer_attn.kernels.block_mask import (
+    causal_block_mask,
+    indices_to_mask,
+    mask_to_indices,
+    nz_ratio_to_k,
+    select_blocks,
+    topk_block_index,
+)
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
@@ -113,6 +120,7 @@ def resolve_kernel(kernel: str, device: torch.device, needs_grad: bool) -> str:
 
 
 def _pooling_attention(q, k, v, sm_scale, block_size, target, kernel):
+    """Exact attention and the pooled map: the twin for `kernel == "naive"`, Triton for any other kernel."""
     if kernel == "naive":
         return attn_with_pooling_naive(q, k, v, True, sm_scale, block_size, pooling=target)
     from seer_attn.kernels.attn_pooling_kernel import attn_with_pooling
@@ -162,7 +170,7 @@ def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, ke
     nb = math.ceil(S / block_size)
     if selector in ("oracle", "oracle_mass"):
         target = "max" if selector == "oracle" else "mass"
-        return _pooling_attention(q, k, v, sm_scale, block_size, target, "naive" if kernel == "naive" else "triton")[1]
+        return _pooling_attention(q, k, v, sm_scale, block_size, target, kernel)[1]
     if selector == "static":
         i = torch.arange(nb, device=q.device)
         recency = -(i[:, None] - i[None, :]).float()  # 0 on the diagonal, more negative further back
@@ -178,10 +186,7 @@ def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> torch.
 
     The same selection as `select_blocks(method="nz_ratio")` with `dense_last_rows=0`.
     """
-    nb = scores.shape[-1]
-    k = nz_ratio_to_k(settings.nz_ratio, nb)
-    causal = causal_block_mask(scores.shape[-2], nb, scores.device)
-    idx = scores.float().masked_fill(~causal, float("-inf")).topk(k, dim=-1).indices
+    idx = topk_block_index(scores, nz_ratio_to_k(settings.nz_ratio, scores.shape[-1]))
     extra = []
     rows = torch.arange(scores.shape[-2], device=scores.device).expand(*scores.shape[:-1])
     if settings.keep_diagonal:
@@ -235,7 +240,6 @@ def seer_attention(
 
     if settings.mode == "distill":
         kernel = resolve_kernel(settings.kernel, q.device, needs_grad=False)
-        kernel = "naive" if kernel == "naive" else "triton"
         with torch.no_grad():
             o, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
@@ -261,9 +265,7 @@ def seer_attention(
             target = target_cache.pop(0)
         else:
             with torch.no_grad():
-                _, target = _pooling_attention(
-                    q, k, v, sm_scale, settings.block_size, settings.distill_target, "naive" if kernel == "naive" else "triton"
-                )
+                _, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
             if target_cache is not None:
                 target_cache.append(target)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
