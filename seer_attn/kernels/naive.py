@@ -4,7 +4,13 @@ These functions *define* what the Triton kernels compute. They are written for c
 speed, but they never materialise ``S x S`` for all heads at once: the query axis is processed
 in chunks so that S = 8192 with 9 heads fits comfortably on a 24 GB CPU machine.
 
-Layout everywhere: ``q`` is ``[B, Hq, S, D]``, ``k`` and ``v`` are ``[B, Hkv, S_k, D]`` with
+Packed sequences (the ``*_varlen_*`` twins, flash-attn's varlen convention): ``q`` is ``[total, Hq, D]``,
+``k``, ``v`` are ``[total, Hkv, D]``, and int32 ``cu_seqlens [n_seq + 1]`` holds the cumulative lengths.
+Every sequence has its own block grid, starting at its first token, and its own block map: maps are
+``[n_seq, H, nb, nb]`` with ``nb = ceil(max_len / block_size)``, sequence ``s`` using the top-left
+``[nb_s, nb_s]`` corner. Each varlen twin is, by definition, its batch twin run on every sequence alone.
+
+Layout everywhere else: ``q`` is ``[B, Hq, S, D]``, ``k`` and ``v`` are ``[B, Hkv, S_k, D]`` with
 ``Hkv`` dividing ``Hq`` (query head ``h`` reads KV head ``h // (Hq // Hkv)``). Block maps are
 ``[B, Hq, nb_q, nb_k]`` with ``nb = ceil(S / block_size)``; a partial last block covers only the
 tokens it really has.
@@ -21,8 +27,10 @@ import torch
 
 __all__ = [
     "attn_with_pooling_naive",
+    "attn_with_pooling_varlen_naive",
     "block_sparse_attn_naive",
     "block_sparse_attn_topk_naive",
+    "block_sparse_attn_varlen_naive",
 ]
 
 # query rows processed at once; a multiple of every supported block size
@@ -234,3 +242,99 @@ def block_sparse_attn_topk_naive(
     return block_sparse_attn_naive(
         q, k, v, indices_to_mask(block_index, nb), sm_scale=sm_scale, block_size=block_size, upcast=upcast
     )
+
+
+def _sequences(cu_seqlens: torch.Tensor, block_size: int) -> tuple[list[tuple[int, int]], int]:
+    """`[(start, end)]` of every packed sequence and the block-map edge `ceil(max_len / block_size)`."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [n_seq + 1], got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu}")
+    spans = list(zip(cu[:-1], cu[1:]))
+    return spans, math.ceil(max(b - a for a, b in spans) / block_size)
+
+
+def _one(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    # tokens [a, b) of a packed [total, H, D] tensor as a batch of one, [1, H, b - a, D]
+    return x[a:b].transpose(0, 1).unsqueeze(0)
+
+
+def attn_with_pooling_varlen_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    is_causal: bool = True,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    pooling: str = "max",
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attn_with_pooling_naive` on every packed sequence alone.
+
+    Args:
+        q (torch.Tensor): `[total, Hq, D]`.
+        k, v (torch.Tensor): `[total, Hkv, D]`.
+        cu_seqlens (torch.Tensor): int `[n_seq + 1]`, cumulative sequence lengths.
+        Others: as in :func:`attn_with_pooling_naive`.
+
+    Returns:
+        o (torch.Tensor): `[total, Hq, D]`.
+        pooled (torch.Tensor): `[n_seq, Hq, nb, nb]`, `nb = ceil(max_len / block_size)`; sequence `s`
+            fills its `[nb_s, nb_s]` corner (rows summing to 1), everything else is 0.
+    """
+    spans, nb = _sequences(cu_seqlens, block_size)
+    outs, maps = [], []
+    for a, b in spans:
+        if b == a:
+            outs.append(q[a:b])
+            dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+            maps.append(torch.zeros(q.shape[1], nb, nb, dtype=dt, device=q.device))
+            continue
+        o, p = attn_with_pooling_naive(_one(q, a, b), _one(k, a, b), _one(v, a, b), is_causal, sm_scale, block_size,
+                                       pooling, upcast)
+        outs.append(o[0].transpose(0, 1))
+        n = p.shape[-1]
+        maps.append(torch.nn.functional.pad(p[0], (0, nb - n, 0, nb - n)))
+    return torch.cat(outs), torch.stack(maps)
+
+
+def block_sparse_attn_varlen_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    is_causal: bool = True,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """:func:`block_sparse_attn_naive` on every packed sequence alone (autograd flows through).
+
+    Args:
+        q (torch.Tensor): `[total, Hq, D]`.
+        k, v (torch.Tensor): `[total, Hkv, D]`.
+        block_mask (torch.Tensor): bool `[n_seq, Hq, nb, nb]` (broadcastable over both),
+            `nb = ceil(max_len / block_size)`; sequence `s` reads `block_mask[s, :, :nb_s, :nb_s]`.
+        cu_seqlens (torch.Tensor): int `[n_seq + 1]`, cumulative sequence lengths.
+        Others: as in :func:`block_sparse_attn_naive`.
+
+    Returns:
+        o (torch.Tensor): `[total, Hq, D]`.
+    """
+    spans, nb = _sequences(cu_seqlens, block_size)
+    if block_mask.dim() != 4 or block_mask.shape[-2:] != (nb, nb) or block_mask.shape[0] not in (1, len(spans)):
+        raise ValueError(f"block_mask must be [{len(spans)}, Hq, {nb}, {nb}], got {tuple(block_mask.shape)}")
+    outs = []
+    for s, (a, b) in enumerate(spans):
+        if b == a:
+            outs.append(q[a:b])
+            continue
+        n = math.ceil((b - a) / block_size)
+        m = block_mask[s if block_mask.shape[0] > 1 else 0][None, :, :n, :n]
+        o = block_sparse_attn_naive(_one(q, a, b), _one(k, a, b), _one(v, a, b), m, sm_scale, block_size, is_causal,
+                                    upcast)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)

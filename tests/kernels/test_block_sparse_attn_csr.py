@@ -6,6 +6,7 @@ output and gradient must stay within 2x the error of the same twin run in the ke
 CPU runs go through the Triton interpreter on tiny shapes (fp16/fp32); the `gpu` grid is bf16.
 """
 
+import itertools
 import math
 
 import pytest
@@ -247,3 +248,127 @@ def test_csr_gpu_layout_block_size(layout, block_size):
 @pytest.mark.parametrize("D", [64, 128])
 def test_csr_gpu_all_kept_equals_dense_causal(D):
     _check_all_kept_is_dense(1, 8, 2, 1000, D, torch.bfloat16)
+
+
+# ---- backward variants: dQ by atomics or a separate pass, 64- or 128-key dK/dV tiles ----
+
+BWD_VARIANTS = [("atomic", 1), ("atomic", 2), ("separate", 1), ("separate", 2)]
+
+
+@pytest.fixture
+def bwd_variant(request, monkeypatch):
+    from seer_attn.kernels import block_sparse_attn_csr as mod
+
+    mode, key_blocks = request.param
+    for D in (64, 128):
+        monkeypatch.setitem(mod._CONFIGS["dq"], D, {**mod._CONFIGS["dq"][D], "MODE": mode})
+        monkeypatch.setitem(mod._CONFIGS["dkdv"], D, {**mod._CONFIGS["dkdv"][D], "KEY_BLOCKS": key_blocks})
+    return mode, key_blocks
+
+
+VARIANT_CASES = [
+    # (B, Hq, Hkv, S, D, dtype, density, kind): odd block counts leave a pair half empty
+    (2, 4, 2, 200, 64, torch.float16, 0.5, "random"),
+    (1, 4, 2, 150, 64, torch.float32, 0.6, "empty_row"),
+    (1, 2, 1, 130, 128, torch.float32, 1.0, "all"),
+]
+
+
+@pytest.mark.parametrize("bwd_variant", BWD_VARIANTS, indirect=True, ids=[f"{m}-kb{k}" for m, k in BWD_VARIANTS])
+@pytest.mark.parametrize("B, HQ, HKV, S, D, dtype, density, kind", VARIANT_CASES,
+                         ids=[f"S{c[3]}-D{c[4]}-{c[6]}-{c[7]}" for c in VARIANT_CASES])
+def test_csr_backward_variants(bwd_variant, B, HQ, HKV, S, D, dtype, density, kind):
+    if dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp32 small cases run under the Triton interpreter only")
+    nb = math.ceil(S / 64)
+    mask = make_mask(B, HQ, nb, density, kind, seed=S + D)
+    check_against_twin(B, HQ, HKV, S, D, dtype, mask, seed=S)
+
+
+@pytest.mark.parametrize("key_blocks", [1, 2])
+def test_csr_prebuilt_paired_lists(key_blocks):
+    # the csc layout passed in picks the key tile, whatever the default
+    B, HQ, HKV, S, D = 1, 4, 2, 200, 64
+    mask = make_mask(B, HQ, 4, 0.5, seed=9)
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, S, D, dtype=SMALL_DTYPE, device=DEVICE)
+    k, v = torch.randn(2, B, HKV, S, D, dtype=SMALL_DTYPE, device=DEVICE)
+    do = torch.randn_like(q)
+    a = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask), q, k, v, do)
+    csr, csc = block_sparse_csr_lists(mask, B, HQ, key_blocks=key_blocks)
+    assert len(csc) == 1 + key_blocks
+    b = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, None, csr=csr, csc=csc), q, k, v, do)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
+
+
+# ---- packed sequences (cu_seqlens) ----
+
+
+def packed_inputs(lens, HQ, HKV, D, dtype, seed=0):
+    torch.manual_seed(seed)
+    total = sum(lens)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEVICE)
+    q = torch.randn(total, HQ, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(total, HKV, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(total, HKV, D, dtype=dtype, device=DEVICE)
+    return q, k, v, torch.randn_like(q), cu
+
+
+VARLEN_CASES = [
+    # (lens, Hq, Hkv, D, dtype)
+    ([63, 130, 65], 4, 2, 64, torch.float32),
+    ([200, 1, 64], 2, 2, 64, torch.float16),
+    ([70, 129], 2, 1, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("lens, HQ, HKV, D, dtype", VARLEN_CASES, ids=[f"{c[0]}-D{c[3]}" for c in VARLEN_CASES])
+def test_csr_varlen_matches_twin_and_per_sequence(lens, HQ, HKV, D, dtype):
+    from seer_attn.kernels.naive import block_sparse_attn_varlen_naive
+
+    if dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp32 small cases run under the Triton interpreter only")
+    q, k, v, do, cu = packed_inputs(lens, HQ, HKV, D, dtype, seed=len(lens))
+    nb = math.ceil(max(lens) / 64)
+    mask = make_mask(len(lens), HQ, nb, 0.6, seed=sum(lens))
+    # entries past a sequence's own blocks are ignored: fill them to prove it
+    for s, n in enumerate(lens):
+        mask[s, :, math.ceil(n / 64):] = True
+    fn = lambda q, k, v: block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu)  # noqa: E731
+    tri = run_attn(fn, q, k, v, do)
+    low = run_attn(lambda q, k, v: block_sparse_attn_varlen_naive(q, k, v, mask, cu, upcast=False), q, k, v, do)
+    ref = run_attn(lambda q, k, v: block_sparse_attn_varlen_naive(q, k, v, mask, cu), q.double(), k.double(),
+                   v.double(), do.double())
+    for name in ("o", "dq", "dk", "dv"):
+        assert tri[name].shape == ref[name].shape
+        assert_close_earned(name, tri[name], ref[name], low[name])
+    # each sequence run alone through the batch path gives the same numbers
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        n = math.ceil((b - a) / 64)
+        one = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        alone = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask[s : s + 1, :, :n, :n]),
+                         one(q), one(k), one(v), one(do))
+        for name in ("o", "dq"):
+            torch.testing.assert_close(tri[name][a:b], alone[name][0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        for name in ("dk", "dv"):
+            torch.testing.assert_close(tri[name][a:b], alone[name][0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_varlen_lists_and_errors():
+    lens, HQ, HKV, D = [65, 130], 2, 1, 64
+    q, k, v, do, cu = packed_inputs(lens, HQ, HKV, D, SMALL_DTYPE)
+    mask = make_mask(2, HQ, 3, 0.5, seed=4)
+    a = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu, max_seqlen=130), q, k, v, do)
+    csr, csc = block_sparse_csr_lists(mask, 2, HQ, key_blocks=2, cu_seqlens=cu, block_size=64)
+    b = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, None, csr=csr, csc=csc, cu_seqlens=cu), q, k, v, do)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="block_mask"):
+        block_sparse_attn_csr(q, k, v, mask[..., :2, :2], cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"\[total, H, D\]"):
+        block_sparse_attn_csr(q[None], k, v, mask, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu.flip(0))
