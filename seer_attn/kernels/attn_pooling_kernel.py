@@ -11,13 +11,20 @@ passes instead, so extra memory stays ``O(B * H * (S + nb^2))``:
 
 1. a flash forward (Triton tutorial structure: unmasked blocks below the diagonal band, the band
    with masks) writes ``o`` and the per-row log-sum-exp ``lse`` (log2 domain);
-2. one program per (query block, head) recomputes ``q k^T`` for every causal key block and reduces
-   the probabilities ``exp2(s - lse)`` straight into its own row of the ``[nb, nb]`` map. For the
-   max map ``max_{r,c} exp2(s[r, c] - lse[r]) = exp2(max_{r,c}(s[r, c] - lse[r]))``, so the pass
-   needs one ``exp2`` per tile and costs about half a forward's matrix work.
+2. one program per (``R`` query blocks, head) recomputes ``q k^T`` for every causal key block, ``C``
+   key blocks per step, and reduces the probabilities ``exp2(s - lse)`` straight into its own rows of
+   the ``[nb, nb]`` map. For the max map ``max_{r,c} exp2(s[r, c] - lse[r]) =
+   exp2(max_r(max_c(s[r, c]) - lse[r]))``: each row's maximum is taken first (within a warp), so the
+   pass needs no elementwise work beyond that maximum and one ``exp2`` per tile, and costs about half
+   a forward's matrix work. ``R, C`` (tiles of up to 128 x 256) amortise the cross-warp reduction of
+   each pooled value; the autotuner picks them.
 
 Each program writes whole rows of the map, so there are no atomics; the row normalisation is one
 ``[B, H, nb, nb]`` division on the host.
+
+Packed sequences (``cu_seqlens``, flash-attn's varlen layout ``[total, H, D]``): every sequence has its
+own block grid from its first token and its own ``[nb, nb]`` corner of a ``[n_seq, H, nb_max, nb_max]``
+map, exactly as if it were run alone.
 """
 
 from __future__ import annotations
@@ -28,9 +35,21 @@ import torch
 import triton
 import triton.language as tl
 
-from seer_attn.kernels._triton import check_attn_inputs, dot_precision, prune_configs
+from seer_attn.kernels._triton import check_attn_inputs, dot_precision, is_interpreter, prune_configs
 
 __all__ = ["attn_with_pooling"]
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens, i_b, T, VARLEN: tl.constexpr):
+    # (first token, length) of sequence i_b: packed sequences read cu_seqlens, a batch has T each
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = tl.zeros([], dtype=tl.int64)
+        seqlen = T
+    return bos, seqlen
 
 
 def _keep_fwd(conf: triton.Config) -> bool:
@@ -53,15 +72,16 @@ def _keep_fwd(conf: triton.Config) -> bool:
             )
         )
     ),
-    key=["D", "IS_CAUSAL"],
+    key=["D", "IS_CAUSAL", "VARLEN"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def attn_pooling_fwd_kernel(
     q,
     k,
     v,
     o,
     lse,
+    cu_seqlens,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -78,12 +98,15 @@ def attn_pooling_fwd_kernel(
     stride_oh,
     stride_ot,
     stride_od,
+    stride_lb,
+    stride_lh,
     qk_scale,
     T,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -93,16 +116,20 @@ def attn_pooling_fwd_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     i_hkv = i_h // G
+    bos, T = _seq_bounds(cu_seqlens, i_b, T, VARLEN)
+    if i_m * BM >= T:
+        # past the end of a shorter packed sequence
+        return
 
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, D)
     m_m = o_m < T
 
-    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd
+    p_q = q + i_b * stride_qb + i_h * stride_qh + (bos + o_m[:, None]) * stride_qt + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    k_base = k + i_b * stride_kb + i_hkv * stride_kh
-    v_base = v + i_b * stride_vb + i_hkv * stride_vh
+    k_base = k + i_b * stride_kb + i_hkv * stride_kh + bos * stride_kt
+    v_base = v + i_b * stride_vb + i_hkv * stride_vh + bos * stride_vt
 
     if IS_CAUSAL:
         lo_end = i_m * BM
@@ -144,21 +171,125 @@ def attn_pooling_fwd_kernel(
         b_m = b_mn
 
     b_o = b_acc / b_l[:, None]
-    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
+    p_o = o + i_b * stride_ob + i_h * stride_oh + (bos + o_m[:, None]) * stride_ot + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
-    tl.store(lse + i_bh * T + o_m, b_m + tl.log2(b_l), mask=m_m)
+    tl.store(lse + i_b * stride_lb + i_h * stride_lh + bos + o_m, b_m + tl.log2(b_l), mask=m_m)
+
+
+
+
+# (R query blocks per program, C key blocks per step, warps, stages); the first is the interpreter's.
+# Tiles stay within 128 query rows and 256 keys (the key tile is streamed through shared memory).
+POOL_CONFIGS = [
+    dict(R=1, C=1, num_warps=4, num_stages=3),
+    dict(R=1, C=2, num_warps=4, num_stages=3),
+    dict(R=1, C=4, num_warps=4, num_stages=2),
+    dict(R=1, C=4, num_warps=8, num_stages=2),
+    dict(R=2, C=1, num_warps=4, num_stages=3),
+    dict(R=2, C=2, num_warps=8, num_stages=2),
+    dict(R=2, C=2, num_warps=4, num_stages=2),
+    dict(R=2, C=4, num_warps=8, num_stages=2),
+]
+
+
+def _pool_config(conf: dict) -> triton.Config:
+    conf = dict(conf)
+    return triton.Config({"R": conf.pop("R"), "C": conf.pop("C")}, **conf)
+
+
+def _prune_pool(configs, named_args, **kwargs):
+    # tiles of at most 128 query rows and 256 keys: small pooling blocks take more blocks per tile
+    bs = kwargs.get("BS", named_args.get("BS"))
+    keep = [c for c in configs if c.kwargs["R"] * bs <= 128 and c.kwargs["C"] * bs <= 256]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _pool_block_row(
+    b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j, T,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASS: tl.constexpr, DOT_PREC: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr,
+):
+    """Per query row, the pooled value of key block `j`: `max_c (s - lse)` (log2), or `sum_c p` for mass."""
+    o_k = j * BS + tl.arange(0, BS)
+    o_d = tl.arange(0, D)
+    if MASKED:
+        m_k = o_k < T
+        b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd, mask=m_k[None, :], other=0.0)
+    else:
+        b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd)
+    # [R * BS, BS] raw logits
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
+    if MASKED:
+        if IS_CAUSAL:
+            b_s = tl.where((o_m[:, None] >= o_k[None, :]) & m_k[None, :], b_s, float("-inf"))
+        else:
+            b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+    if MASS:
+        return tl.sum(tl.exp2(b_s * qk_scale - b_lse[:, None]), 1)
+    else:
+        # the row maximum is taken on raw logits: max_c(s * scale - lse) = max_c(s) * scale - lse
+        return tl.max(b_s, 1) * qk_scale - b_lse
+
+
+@triton.jit
+def _pool_tile(
+    b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASS: tl.constexpr, DOT_PREC: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+):
+    """Per query row, the pooled values of key blocks `j0 .. j0 + C - 1`: `[R * BS, C]`."""
+    x0 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+                         MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+    if C == 1:
+        b_x = x0[:, None]
+    else:
+        x1 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0 + 1, T,
+                             MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+        if C == 2:
+            b_x = tl.join(x0, x1)
+        else:
+            x2 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0 + 2, T,
+                                 MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+            x3 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0 + 3, T,
+                                 MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+            # join(join(x0, x2), join(x1, x3))[n, i, a] is x_{2i + a}: reshaped, column c holds x_c
+            b_x = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [R * BS, 4])
+    return b_x
+
+
+@triton.jit
+def _pool_store(
+    b_x, p_pool, j0, T, i_0, NB,
+    MASS: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+):
+    # [R * BS, C] per-row values -> one pooled value per (query block, key block), one reduction
+    # across the tile's rows per query block
+    o_c = j0 + tl.arange(0, C)
+    o_g = tl.arange(0, R * BS) // BS
+    for r in tl.static_range(R):
+        if MASS:
+            # the mass map averages over the block's real query rows
+            n_rows = tl.maximum(tl.minimum(BS, T - (i_0 + r) * BS), 1).to(tl.float32)
+            b_val = tl.sum(tl.where((o_g == r)[:, None], b_x, 0.0), 0) / n_rows
+        else:
+            b_val = tl.exp2(tl.max(tl.where((o_g == r)[:, None], b_x, float("-inf")), 0))
+        # rows and columns past NB do not exist
+        tl.store(p_pool + r * NB + o_c, b_val, mask=o_c < tl.where(i_0 + r < NB, NB, 0))
 
 
 @triton.autotune(
-    configs=prune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2, 4)]),
-    key=["D", "BS", "IS_CAUSAL", "MASS"],
+    configs=prune_configs([_pool_config(c) for c in POOL_CONFIGS]),
+    key=["D", "BS", "IS_CAUSAL", "MASS", "VARLEN"],
+    prune_configs_by={"early_config_prune": _prune_pool},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def attn_pooling_fwd_kernel_pool(
     q,
     k,
     lse,
     pooled,
+    cu_seqlens,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -167,6 +298,8 @@ def attn_pooling_fwd_kernel_pool(
     stride_kh,
     stride_kt,
     stride_kd,
+    stride_lb,
+    stride_lh,
     qk_scale,
     T,
     NB,
@@ -176,60 +309,56 @@ def attn_pooling_fwd_kernel_pool(
     BS: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASS: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
 ):
-    i_m = (NB - 1 - tl.program_id(0)).to(tl.int64)
+    # program: query blocks i0 .. i0 + R - 1 of one (sequence, head); heaviest first
+    i_0 = ((tl.num_programs(0) - 1 - tl.program_id(0)) * R).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     i_hkv = i_h // G
+    bos, T = _seq_bounds(cu_seqlens, i_b, T, VARLEN)
+    nb = tl.cdiv(T, BS)
 
-    o_m = i_m * BS + tl.arange(0, BS)
-    o_n = tl.arange(0, BS)
+    o_m = i_0 * BS + tl.arange(0, R * BS)
     o_d = tl.arange(0, D)
     m_m = o_m < T
-
-    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd
+    p_q = q + i_b * stride_qb + i_h * stride_qh + (bos + o_m[:, None]) * stride_qt + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    # padding rows get lse = +inf, so their probabilities are exactly 0
-    b_lse = tl.load(lse + i_bh * T + o_m, mask=m_m, other=float("inf"))
-    k_base = k + i_b * stride_kb + i_hkv * stride_kh
-    p_pool = pooled + (i_bh * NB + i_m) * NB
-    # the mass map averages over the block's real query rows
-    inv_rows = 1.0 / tl.minimum(BS, T - i_m * BS).to(tl.float32)
+    # rows past the end get lse = +inf, so their probabilities are exactly 0
+    b_lse = tl.load(lse + i_b * stride_lb + i_h * stride_lh + bos + o_m, mask=m_m, other=float("inf"))
+    k_base = k + i_b * stride_kb + i_hkv * stride_kh + bos * stride_kt
+    # this program's rows of the map; rows and columns past NB do not exist
+    o_r = i_0 + tl.arange(0, R)
+    p_row = pooled + (i_bh * NB + i_0) * NB
+    p_pool = pooled + (i_bh * NB + o_r[:, None]) * NB
+    m_r = (o_r < NB)[:, None]
 
     if IS_CAUSAL:
-        n_full = i_m
-        hi = i_m + 1
+        # key blocks below the program's first query block need no mask
+        n_full = tl.minimum(i_0, nb) // C * C
+        hi = tl.minimum(i_0 + R, nb)
     else:
-        n_full = T // BS
-        hi = NB
-    for i_n in range(0, n_full):
-        o_k = i_n * BS + o_n
-        b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd)
-        # [BS, BS] log2-probabilities
-        b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale - b_lse[:, None]
-        if MASS:
-            b_val = tl.sum(tl.exp2(b_s)) * inv_rows
-        else:
-            b_val = tl.exp2(tl.max(b_s))
-        tl.store(p_pool + i_n, b_val)
-    for i_n in range(n_full, hi):
-        o_k = i_n * BS + o_n
-        m_k = o_k < T
-        b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd, mask=m_k[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale - b_lse[:, None]
-        if IS_CAUSAL:
-            b_s = tl.where((o_m[:, None] >= o_k[None, :]) & m_k[None, :], b_s, float("-inf"))
-        else:
-            b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        if MASS:
-            b_val = tl.sum(tl.exp2(b_s)) * inv_rows
-        else:
-            b_val = tl.exp2(tl.max(b_s))
-        tl.store(p_pool + i_n, b_val)
-    for i_n in range(hi, NB, BS):
-        o_z = i_n + o_n
-        tl.store(p_pool + o_z, tl.zeros([BS], dtype=tl.float32), mask=o_z < NB)
+        n_full = (T // BS) // C * C
+        hi = nb
+    # a program wholly past its sequence's end (packed) only writes zeros
+    n_full = tl.where(i_0 < nb, n_full, 0)
+    hi = tl.where(i_0 < nb, hi, 0)
+    for j0 in range(0, n_full, C):
+        b_x = _pool_tile(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+                         False, IS_CAUSAL, MASS, DOT_PREC, D, BS, R, C)
+        _pool_store(b_x, p_row, j0, T, i_0, NB, MASS, BS, R, C)
+    for j0 in range(n_full, hi, C):
+        b_x = _pool_tile(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+                         True, IS_CAUSAL, MASS, DOT_PREC, D, BS, R, C)
+        _pool_store(b_x, p_row, j0, T, i_0, NB, MASS, BS, R, C)
+    # everything else in these rows (above the diagonal, past the sequence) is exactly 0
+    z0 = tl.maximum(n_full, tl.cdiv(hi, C) * C)
+    for j0 in range(z0, NB, BS):
+        o_z = j0 + tl.arange(0, BS)
+        tl.store(p_pool + o_z[None, :], tl.zeros([R, BS], dtype=tl.float32), mask=m_r & (o_z < NB)[None, :])
 
 
 def attn_with_pooling(
@@ -240,74 +369,107 @@ def attn_with_pooling(
     sm_scale: float | None = None,
     block_size: int = 64,
     pooling: str = "max",
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention plus the row-normalised block-pooled probability map (forward only).
 
     Args:
         q (torch.Tensor): `[B, Hq, S, D]`, float16/bfloat16 (float32 accepted for tests); may be a
-            strided view, no copy is made.
-        k, v (torch.Tensor): `[B, Hkv, S, D]`; `Hkv` divides `Hq` (query head `h` reads KV head
-            `h // (Hq // Hkv)`). `D` in {64, 128}.
+            strided view, no copy is made. Packed (with `cu_seqlens`): `[total, Hq, D]`.
+        k, v (torch.Tensor): `[B, Hkv, S, D]` (packed: `[total, Hkv, D]`); `Hkv` divides `Hq` (query
+            head `h` reads KV head `h // (Hq // Hkv)`). `D` in {64, 128}.
         is_causal (bool): causal masking. Default: `True`.
         sm_scale (float, Optional): logit scale. Default: `1 / sqrt(D)`.
         block_size (int): pooling tile edge, one of 16, 32, 64, 128. Default: `64`.
         pooling (str): `"max"`, the maximum probability inside each tile (upstream's target), or
             `"mass"`, the probability summed over the tile's key columns and averaged over its
             real query rows. Default: `"max"`.
+        cu_seqlens (torch.Tensor, Optional): int32 `[n_seq + 1]` cumulative lengths of packed
+            sequences (flash-attn's varlen convention); each sequence attends within itself only and
+            has its own block grid starting at its first token. Default: not packed.
+        max_seqlen (int, Optional): longest packed sequence; read from `cu_seqlens` (one host sync)
+            when not given.
 
     Returns:
-        o (torch.Tensor): `[B, Hq, S, D]` in `q.dtype`, same memory layout as `q`.
+        o (torch.Tensor): `[B, Hq, S, D]` (packed: `[total, Hq, D]`) in `q.dtype`, same memory layout
+            as `q`.
         pooled (torch.Tensor): `[B, Hq, nb, nb]` float32, `nb = ceil(S / block_size)`; each
             block-row sums to 1, blocks above the diagonal are exactly 0 when causal, and a partial
-            last block is pooled over the tokens it really has.
+            last block is pooled over the tokens it really has. Packed: `[n_seq, Hq, nb, nb]` with
+            `nb = ceil(max_seqlen / block_size)`, sequence `s` in its `[nb_s, nb_s]` corner and
+            exact zeros elsewhere (rows past a sequence's end sum to 0).
     """
-    check_attn_inputs("attn_with_pooling", q, k, v, block_size)
+    name = "attn_with_pooling"
     if pooling not in ("max", "mass"):
-        raise ValueError(f"attn_with_pooling: pooling must be 'max' or 'mass', got {pooling!r}")
-    B, Hq, S, D = q.shape
-    G = Hq // k.shape[1]
+        raise ValueError(f"{name}: pooling must be 'max' or 'mass', got {pooling!r}")
+    packed = cu_seqlens is not None
+    if packed:
+        from seer_attn.kernels.block_sparse_attn_csr import _check_varlen, resolve_max_seqlen
+
+        q4, k4, v4 = _check_varlen(name, q, k, v, cu_seqlens, block_size)
+        max_seqlen = resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0])
+        B, Hq, S, D = cu_seqlens.numel() - 1, q4.shape[1], max_seqlen, q4.shape[3]
+        T = q4.shape[2]
+    else:
+        check_attn_inputs(name, q, k, v, block_size)
+        q4, k4, v4 = q, k, v
+        B, Hq, S, D = q.shape
+        T = S
+    G = Hq // k4.shape[1]
     nb = math.ceil(S / block_size)
     qk_scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
     prec = dot_precision(q.dtype)
+    # packed: tensors are [1, H, total, D] views whose "batch" index is the sequence (stride 0),
+    # lse is [Hq, total]
+    sb = (lambda t: 0) if packed else (lambda t: t.stride(0))
+    lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device) if packed else torch.empty(
+        B, Hq, S, dtype=torch.float32, device=q.device)
+    lse_strides = (0, T) if packed else (Hq * S, S)
+    cu = cu_seqlens if packed else lse
 
-    o = torch.empty_like(q)
-    lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
+    o = torch.empty_like(q4)
     attn_pooling_fwd_kernel[lambda meta: (triton.cdiv(S, meta["BM"]), B * Hq)](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *o.stride(),
+        q4, k4, v4, o, lse, cu,
+        sb(q4), *q4.stride()[1:],
+        sb(k4), *k4.stride()[1:],
+        sb(v4), *v4.stride()[1:],
+        sb(o), *o.stride()[1:],
+        *lse_strides,
         qk_scale,
-        S,
+        T,
         HQ=Hq,
         G=G,
         D=D,
         IS_CAUSAL=bool(is_causal),
+        VARLEN=packed,
         DOT_PREC=prec,
     )
     pooled = torch.empty(B, Hq, nb, nb, dtype=torch.float32, device=q.device)
-    attn_pooling_fwd_kernel_pool[(nb, B * Hq)](
-        q,
-        k,
-        lse,
-        pooled,
-        *q.stride(),
-        *k.stride(),
-        qk_scale,
-        S,
-        nb,
-        HQ=Hq,
-        G=G,
-        D=D,
-        BS=block_size,
-        IS_CAUSAL=bool(is_causal),
-        MASS=pooling == "mass",
-        DOT_PREC=prec,
-    )
-    pooled /= pooled.sum(-1, keepdim=True)
-    return o, pooled
+    _pool(q4, k4, lse, pooled, cu, sb, lse_strides, qk_scale, T, nb, Hq, G, D, block_size, bool(is_causal),
+          pooling == "mass", packed, prec)
+    total = pooled.sum(-1, keepdim=True)
+    # rows that do not exist (past a packed sequence's end) stay 0
+    pooled /= torch.where(total > 0, total, 1.0) if packed else total
+    return (o[0].transpose(0, 1) if packed else o), pooled
+
+
+# launch options of the pooling pass: None = autotune over POOL_CONFIGS, or one of them (sweeps)
+POOL_LAUNCH: dict | None = None
+
+
+def _pool(q, k, lse, pooled, cu, sb, lse_strides, qk_scale, T, nb, Hq, G, D, block_size, is_causal, mass, packed,
+          prec, config: dict | None = None) -> None:
+    config = config if config is not None else POOL_LAUNCH
+    args = (q, k, lse, pooled, cu, sb(q), *q.stride()[1:], sb(k), *k.stride()[1:], *lse_strides, qk_scale, T, nb)
+    meta = dict(HQ=Hq, G=G, D=D, BS=block_size, IS_CAUSAL=is_causal, MASS=mass, VARLEN=packed, DOT_PREC=prec)
+    if config is None:
+        attn_pooling_fwd_kernel_pool[lambda m: (triton.cdiv(nb, m["R"]), pooled.shape[0] * Hq)](*args, **meta)
+        return
+    config = dict(config)
+    if config["R"] * block_size > 128 or config["C"] * block_size > 256:
+        raise ValueError(f"pooling tile {config} too large for block_size {block_size}")
+    if is_interpreter():
+        config = {"R": config["R"], "C": config["C"]}
+    grid = (triton.cdiv(nb, config["R"]), pooled.shape[0] * Hq)
+    attn_pooling_fwd_kernel_pool.fn[grid](*args, **meta, **config)

@@ -6,14 +6,16 @@ plus a small atol. CPU runs use the Triton interpreter on tiny shapes (fp16/fp32
 cover the full grid in bf16.
 """
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from seer_attn.kernels import _triton
-from seer_attn.kernels.attn_pooling_kernel import attn_with_pooling
-from seer_attn.kernels.naive import attn_with_pooling_naive
+from seer_attn.kernels import attn_pooling_kernel as pool_mod
+from seer_attn.kernels.attn_pooling_kernel import POOL_CONFIGS, attn_with_pooling
+from seer_attn.kernels.naive import attn_with_pooling_naive, attn_with_pooling_varlen_naive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -104,3 +106,57 @@ def test_attn_with_pooling_gpu(S, Hq, Hkv, D, B):
     q, k, v = rand_qkv(B, Hq, Hkv, S, D, torch.bfloat16, transposed=(B == 2))
     for pooling in ("max", "mass"):
         check(q, k, v, pooling=pooling)
+
+
+# ---- pooling-pass tiles (R query blocks per program, C key blocks per step) ----
+
+TILES = sorted({(c["R"], c["C"]) for c in POOL_CONFIGS})
+
+
+@pytest.mark.parametrize("R, C", TILES, ids=[f"R{r}C{c}" for r, c in TILES])
+@pytest.mark.parametrize("pooling", ["max", "mass"])
+def test_attn_with_pooling_tiles(R, C, pooling, monkeypatch):
+    # 5 blocks: every tile shape meets a partial row group, a partial key step and a partial block
+    monkeypatch.setattr(pool_mod, "POOL_LAUNCH", {"R": R, "C": C, "num_warps": 4, "num_stages": 2})
+    torch.manual_seed(R * 10 + C)
+    check(*rand_qkv(1, 4, 2, 263, 64, torch.float32), pooling=pooling)
+    if (R, C) == (2, 4):
+        check(*rand_qkv(1, 2, 1, 100, 128, torch.float16), pooling=pooling, block_size=32)
+        check(*rand_qkv(1, 2, 2, 130, 64, torch.float32), pooling=pooling, is_causal=False)
+
+
+# ---- packed sequences (cu_seqlens) ----
+
+
+@pytest.mark.parametrize("lens, D, dtype", [([63, 130, 1, 65], 64, torch.float32), ([100, 70], 128, torch.float16)])
+@pytest.mark.parametrize("pooling", ["max", "mass"])
+def test_attn_with_pooling_varlen(lens, D, dtype, pooling):
+    torch.manual_seed(len(lens))
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lens), h, D, dtype=dtype, device=DEVICE) for h in (4, 2, 2))
+    o, pooled = attn_with_pooling(q, k, v, pooling=pooling, cu_seqlens=cu)
+    ref_o, ref_p = attn_with_pooling_varlen_naive(q.double(), k.double(), v.double(), cu, pooling=pooling)
+    low_o, low_p = attn_with_pooling_varlen_naive(q, k, v, cu, pooling=pooling, upcast=False)
+    assert o.shape == q.shape and pooled.shape == ref_p.shape
+    assert not o.isnan().any() and not pooled.isnan().any()
+    for name, out, ref, low, atol in (("o", o, ref_o, low_o, ATOL[dtype]), ("pooled", pooled, ref_p, low_p, POOL_ATOL)):
+        err = (out.double() - ref).abs().max().item()
+        bound = 2 * (low.double() - ref).abs().max().item() + atol
+        assert err <= bound, f"{name}: max err {err:.3e} > bound {bound:.3e}"
+    # each sequence alone through the batch path: same numbers, and exact zeros outside its corner
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        n = math.ceil((b - a) / 64)
+        one = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        o1, p1 = attn_with_pooling(one(q), one(k), one(v), pooling=pooling)
+        torch.testing.assert_close(o[a:b], o1[0].transpose(0, 1), rtol=0, atol=0)
+        torch.testing.assert_close(pooled[s, :, :n, :n], p1[0], rtol=1e-6, atol=1e-7)
+        assert (pooled[s, :, n:] == 0).all() and (pooled[s, :, :, n:] == 0).all()
+
+
+def test_attn_with_pooling_varlen_errors():
+    q = torch.randn(10, 2, 64, device=DEVICE)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        attn_with_pooling(q, q, q, cu_seqlens=cu.float())
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        attn_with_pooling(q, q, q, cu_seqlens=torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE))
