@@ -62,7 +62,7 @@ def sweep(shape_name, kernels=("fwd", "dq", "dkdv"), S=32768, density=0.5, block
     q, k, v = make_inputs(1, HQ, HKV, S, D)
     do = torch.randn_like(q)
     mask = random_mask(1, HQ, nb, density, "cuda")
-    csr, csc = block_sparse_csr_lists(mask, 1, HQ)
+    csr, csc = block_sparse_csr_lists(mask, 1, HQ, HKV)
     scale = 1 / math.sqrt(D)
     o, lse = csr_mod.block_sparse_attn_csr_fwd(q, k, v, csr, scale, block_size)
     ref = csr_mod.block_sparse_attn_csr_bwd(q, k, v, o, lse, do, csr, csc, scale, block_size)
@@ -118,7 +118,7 @@ def table(seqlens, densities, shapes, block_size=64):
             for density in densities:
                 mask = random_mask(1, HQ, nb, density, "cuda", seed=S)
                 real = block_density(mask)
-                csr, csc = block_sparse_csr_lists(mask, 1, HQ)
+                csr, csc = block_sparse_csr_lists(mask, 1, HQ, HKV)
                 with torch.no_grad():
                     t_f = bench(lambda: block_sparse_attn_csr(q, k, v, mask))
                     t_fp = bench(lambda: block_sparse_attn_csr(q, k, v, None, csr=csr))

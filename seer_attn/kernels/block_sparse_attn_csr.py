@@ -9,9 +9,9 @@ How it works (FlashAttention-2, written from the Triton fused-attention tutorial
 - forward: one program per `(query block, sequence, query head)` walks the row's CSR list of kept
   key blocks. Off-diagonal blocks are full and unmasked; the diagonal block (the last entry of a
   lower-triangular row) gets the causal mask. The row's base-2 logsumexp is stored for backward.
-- backward: `delta = rowsum(dO * O)`; one program per `(key tile, sequence, KV head)` walks the CSC
-  lists (key block -> query blocks) of the `G = Hq / Hkv` query heads that share the KV head, so
-  dK/dV are accumulated in registers with no atomics and K/V are never repeated in memory. dQ comes
+- backward: `delta = rowsum(dO * O)`; one program per `(key tile, sequence, KV head)` walks one list
+  of the kept `(query head, query block)` pairs of the `G = Hq / Hkv` query heads that share the KV
+  head, so dK/dV are accumulated in registers with no atomics and K/V are never repeated in memory. dQ comes
   either from the same loop, added with fp32 atomics into a buffer (`"atomic"`: 5 tile products per
   kept block, FA2's count), or from a second pass, one program per query block walking its CSR list
   again (`"separate"`: 7 products, deterministic). A key tile is one gate block (64 keys) or two
@@ -55,9 +55,10 @@ _CONFIGS = {
         64: dict(MODE="atomic", BLOCK_N=64, num_warps=4, num_stages=3),
         128: dict(MODE="atomic", BLOCK_N=64, num_warps=4, num_stages=2),
     },
+    # D=128 with 4 warps spills registers (two [64, 128] fp32 accumulators per warpgroup); 8 do not
     "dkdv": {
         64: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=4, num_stages=2),
-        128: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=4, num_stages=3),
+        128: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=8, num_stages=2),
     },
 }
 
@@ -275,12 +276,12 @@ def block_sparse_attn_csr_bwd_kernel_dq(
 def _dkdv_step(
     b_k, b_v, b_dk, b_dv, p_bh_q, p_bh_do, p_bh_dq, p_bh_lse, p_bh_delta, stride_qs, stride_dos, stride_dqs,
     i, flag, o_n, qk_scale, sm_scale, S,
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # one kept query block i against the program's KB * BLOCK keys `o_n`. MASK 2: causal mask (the
-    # tile reaches the diagonal) and, with KB == 2, the key half that does not keep block i (`flag`
-    # bit 1: first half, bit 2: second); MASK 1: only that half mask; MASK 0: none
+    # one kept query block i against the program's KB * BLOCK keys `o_n`. MASKED: the causal mask
+    # and, with KB == 2, the key half that does not keep block i (`flag` bit 1: first half, bit 2:
+    # second)
     o_d = tl.arange(0, D)
     for m0 in tl.static_range(0, BLOCK, BLOCK_M):
         o_m = i.to(tl.int64) * BLOCK + m0 + tl.arange(0, BLOCK_M)
@@ -294,13 +295,11 @@ def _dkdv_step(
         # [KB * BLOCK, BLOCK_M]: transposed scores, keys on rows
         b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale
         b_pt = tl.exp2(b_st - b_lse[None, :])
-        if MASK == 2:
+        if MASKED:
             keep = o_m[None, :] >= o_n[:, None]
             if KB == 2:
                 keep = keep & (((flag >> (tl.arange(0, KB * BLOCK) // BLOCK)) & 1) != 0)[:, None]
             b_pt = tl.where(keep, b_pt, 0.0)
-        elif MASK == 1:
-            b_pt = tl.where((((flag >> (tl.arange(0, KB * BLOCK) // BLOCK)) & 1) != 0)[:, None], b_pt, 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)
         b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_qt.dtype)
@@ -332,7 +331,7 @@ def block_sparse_attn_csr_bwd_kernel_dkdv(
     stride_dvb, stride_dvh, stride_dvs,
     stride_dqb, stride_dqh, stride_dqs,
     stride_lb, stride_lh,
-    S, HQ, HKV, G, NT, MAX_NNZ, qk_scale, sm_scale,
+    S, HQ, HKV, G, NT, NBQ, MAX_NNZ, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, VARLEN: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -354,41 +353,27 @@ def block_sparse_attn_csr_bwd_kernel_dkdv(
     b_dk = tl.zeros([KB * BLOCK, D], dtype=tl.float32)
     b_dv = tl.zeros([KB * BLOCK, D], dtype=tl.float32)
 
-    for g in range(0, G):
-        i_h = i_hk * G + g
-        i_bh = i_b * HQ + i_h
+    # one flat list per (key tile, KV head): entry e is query block e % NBQ of query head
+    # i_hk * G + e // NBQ, so the G heads sharing the KV head run as one pipelined loop
+    p_ccol = ccol + i_bhk * (NT + 1) + i_c
+    start = tl.load(p_ccol)
+    end = tl.load(p_ccol + 1)
+    for idx in range(start, end):
+        e = tl.load(row + i_bhk * MAX_NNZ + idx).to(tl.int32)
+        i = e % NBQ
+        i_h = i_hk * G + e // NBQ
         p_bh_q = q + i_b * stride_qb + i_h * stride_qh + bos * stride_qs
         p_bh_do = do + i_b * stride_dob + i_h * stride_doh + bos * stride_dos
         p_bh_dq = dq + i_b * stride_dqb + i_h * stride_dqh + bos * stride_dqs
         p_bh_lse = lse + i_b * stride_lb + i_h * stride_lh + bos
         p_bh_delta = delta + i_b * stride_lb + i_h * stride_lh + bos
-        p_ccol = ccol + i_bh * (NT + 1) + i_c
-        p_row = row + i_bh * MAX_NNZ
-        start = tl.load(p_ccol)
-        end = tl.load(p_ccol + 1)
-        # rows ascend and are >= the tile's first block: the entries that reach the diagonal (the
-        # tile's own query blocks) come first, at most KB of them
-        n_masked = tl.zeros([], dtype=tl.int32)
-        for t in tl.static_range(KB):
-            valid = start + t < end
-            r = tl.load(p_row + start + t, mask=valid, other=0)
-            n_masked += (valid & (r < (i_c + 1) * KB)).to(tl.int32)
-        for idx in range(start, start + n_masked):
-            i = tl.load(p_row + idx)
-            flag = _tile_flag(flags, i_bh * MAX_NNZ + idx, KB)
-            b_dk, b_dv = _dkdv_step(
-                b_k, b_v, b_dk, b_dv, p_bh_q, p_bh_do, p_bh_dq, p_bh_lse, p_bh_delta, stride_qs, stride_dos,
-                stride_dqs, i, flag, o_n, qk_scale, sm_scale, S, BLOCK, BLOCK_M, KB, D, 2, DQ_ATOMIC, PRECISION,
-            )
-        # below the diagonal: no causal mask; with KB == 2 the half that does not keep the block is
-        for idx in range(start + n_masked, end):
-            i = tl.load(p_row + idx)
-            flag = _tile_flag(flags, i_bh * MAX_NNZ + idx, KB)
-            b_dk, b_dv = _dkdv_step(
-                b_k, b_v, b_dk, b_dv, p_bh_q, p_bh_do, p_bh_dq, p_bh_lse, p_bh_delta, stride_qs, stride_dos,
-                stride_dqs, i, flag, o_n, qk_scale, sm_scale, S, BLOCK, BLOCK_M, KB, D, KB - 1, DQ_ATOMIC,
-                PRECISION,
-            )
+        flag = _tile_flag(flags, i_bhk * MAX_NNZ + idx, KB)
+        # the causal mask is applied on every step (it only bites where the tile meets the
+        # diagonal): one loop pipelines better and needs fewer registers than a peeled one
+        b_dk, b_dv = _dkdv_step(
+            b_k, b_v, b_dk, b_dv, p_bh_q, p_bh_do, p_bh_dq, p_bh_lse, p_bh_delta, stride_qs, stride_dos,
+            stride_dqs, i, flag, o_n, qk_scale, sm_scale, S, BLOCK, BLOCK_M, KB, D, True, DQ_ATOMIC, PRECISION,
+        )
 
     p_dk = dk + i_b * stride_dkb + i_hk * stride_dkh + (bos + o_n[:, None]) * stride_dks + o_d[None, :]
     p_dv = dv + i_b * stride_dvb + i_hk * stride_dvh + (bos + o_n[:, None]) * stride_dvs + o_d[None, :]
@@ -504,7 +489,7 @@ def block_sparse_attn_csr_bwd(
         sb(dv), dv.stride(1), dv.stride(2),
         sb(dq_acc), dq_acc.stride(1), dq_acc.stride(2),
         *stat_strides,
-        S, HQ, HKV, G, NT, row.shape[-1], qk_scale, sm_scale,
+        S, HQ, HKV, G, NT, NB, row.shape[-1], qk_scale, sm_scale,
         BLOCK=block_size, BLOCK_M=min(tiles["BLOCK_M"], block_size), KB=KB, D=D, VARLEN=varlen,
         DQ_ATOMIC=atomic, PRECISION=prec, **cfg,
     )
@@ -546,7 +531,7 @@ class BlockSparseAttnCSRFunction(torch.autograd.Function):
         csc = tuple(rest[: ctx.n_csc])
         if not csc:
             # CSC is built only when a backward happens, so inference pays nothing for it
-            csc = _csc_lists(block_mask, _default_key_blocks(q.shape[-1], ctx.block_size))
+            csc = _csc_lists(block_mask, k.shape[1], _default_key_blocks(q.shape[-1], ctx.block_size))
         dq, dk, dv = block_sparse_attn_csr_bwd(
             q, k, v, o, lse, do, (crow, col), csc, ctx.sm_scale, ctx.block_size, cu_seqlens
         )
@@ -558,18 +543,20 @@ def _default_key_blocks(D: int, block_size: int) -> int:
     return _CONFIGS["dkdv"][D]["KEY_BLOCKS"] if block_size == 64 else 1
 
 
-def _lists_from_mask(mask: torch.Tensor, values: torch.Tensor | None = None):
-    """Bool `[B, H, R, C]` triangular mask -> `(ptr [B, H, R + 1] int32, idx [B, H, W] int16/int32)`.
+def _lists_from_mask(mask: torch.Tensor, values: torch.Tensor | None = None, width: int | None = None):
+    """Bool `[B, H, R, C]` mask -> `(ptr [B, H, R + 1] int32, idx [B, H, W + 1] int16/int32)`.
 
     The same lists as :func:`seer_attn.kernels.block_mask.mask_to_csr` (ascending, `-1` padded), built
-    with a cumsum and a scatter instead of a sort, and sized `W = nb (nb + 1) / 2 + 1` (the most a
-    triangle can keep) so that no device-to-host sync is needed: the whole call stays asynchronous.
-    With `values` (int8 `[B, H, R, C]`), also returns the value of every listed entry, aligned with `idx`.
+    with a cumsum and a scatter instead of a sort, and sized `W` = `width`, by default `nb (nb + 1) / 2`
+    (the most a triangle can keep), so that no device-to-host sync is needed: the whole call stays
+    asynchronous. With `values` (int8 `[B, H, R, C]`), also returns the value of every listed entry,
+    aligned with `idx`.
     """
     B, H, R, C = mask.shape
-    nb = max(R, C)
-    width = nb * (nb + 1) // 2
-    idx_dtype = torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32
+    if width is None:
+        nb = max(R, C)
+        width = nb * (nb + 1) // 2
+    idx_dtype = torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32
     flat = mask.reshape(B * H, R * C)
     ptr = torch.zeros(B, H, R + 1, dtype=torch.int32, device=mask.device)
     ptr[..., 1:] = mask.sum(-1, dtype=torch.int32).cumsum(-1, dtype=torch.int32)
@@ -586,18 +573,26 @@ def _lists_from_mask(mask: torch.Tensor, values: torch.Tensor | None = None):
     return ptr, idx.view(B, H, width + 1), vals.view(B, H, width + 1)
 
 
-def _csc_lists(mask: torch.Tensor, key_blocks: int = 1) -> tuple:
-    """CSC lists of a causal `[B, H, nb, nb]` mask: `(ptr, idx)`, or `(ptr, idx, flags)` for tiles
-    of two key blocks, where `idx` lists the query blocks that keep either block of the pair and
-    `flags` (int8: 1 = first block, 2 = second, 3 = both) says which."""
-    mask_t = mask.transpose(-1, -2)
+def _csc_lists(mask: torch.Tensor, num_kv_heads: int, key_blocks: int = 1) -> tuple:
+    """Backward lists of a causal `[B, Hq, nb, nb]` mask: for every (sequence, KV head, key tile), the
+    kept `(query head, query block)` pairs of the `G = Hq / Hkv` query heads sharing the KV head, as
+    entries `g * nb + i` (ascending: head-major). Returns `(ptr [B, Hkv, NT + 1], idx)`, `NT = nb`, or
+    for tiles of two key blocks `(ptr, idx, flags)` with `NT = ceil(nb / 2)`, listing the pairs that
+    keep either block and flags (int8: 1 = first block, 2 = second, 3 = both) saying which.
+    """
+    B, HQ, nb, _ = mask.shape
+    G = HQ // num_kv_heads
+    # [B, Hkv, key block, G * nb]: key-major, the group's query heads side by side
+    mask_t = mask.transpose(-1, -2).reshape(B, num_kv_heads, G, nb, nb).transpose(2, 3).reshape(
+        B, num_kv_heads, nb, G * nb)
+    width = G * (nb * (nb + 1) // 2)
     if key_blocks == 1:
-        return _lists_from_mask(mask_t)
-    if mask_t.shape[-2] % 2:
+        return _lists_from_mask(mask_t, width=width)
+    if nb % 2:
         mask_t = F.pad(mask_t, (0, 0, 0, 1))
     first, second = mask_t[..., 0::2, :], mask_t[..., 1::2, :]
     flags = first.to(torch.int8) + 2 * second.to(torch.int8)
-    return _lists_from_mask(first | second, flags)
+    return _lists_from_mask(first | second, flags, width=width)
 
 
 def varlen_block_counts(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -616,8 +611,8 @@ def _causal_mask(block_mask: torch.Tensor, B: int, HQ: int, nb: int, nb_seq: tor
 
 
 def block_sparse_csr_lists(
-    block_mask: torch.Tensor, B: int, HQ: int, key_blocks: int = 1, cu_seqlens: torch.Tensor | None = None,
-    block_size: int = 64,
+    block_mask: torch.Tensor, B: int, HQ: int, num_kv_heads: int | None = None, key_blocks: int = 1,
+    cu_seqlens: torch.Tensor | None = None, block_size: int = 64,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
     """Build the CSR (rows -> kept key blocks) and CSC (key blocks -> query blocks) lists once.
 
@@ -627,7 +622,9 @@ def block_sparse_csr_lists(
     Args:
         block_mask (torch.Tensor): bool `[B, Hq, nb, nb]`, broadcastable over B and H.
         B (int), HQ (int): batch size (packed: number of sequences) and query heads to expand to.
-        key_blocks (int): 1, or 2 for the backward's 128-key tiles (CSC of block pairs). Default: `1`.
+        num_kv_heads (int, Optional): KV heads of the attention these lists are for (the backward
+            lists group the query heads that share one). Default: `HQ`.
+        key_blocks (int): 1, or 2 for the backward's 128-key tiles (block pairs). Default: `1`.
         cu_seqlens (torch.Tensor, Optional): packed sequences (see :func:`block_sparse_attn_csr`):
             rows past each sequence's last block are dropped. Needs `block_size`.
 
@@ -635,16 +632,21 @@ def block_sparse_csr_lists(
         csr: `(crow [B, Hq, nb + 1] int32, col [B, Hq, W])`, `col` int16 (int32 when nb > 32767),
             ascending within a row, `-1` padded, `W = nb (nb + 1) / 2 + 1`. The int32 lists of
             :func:`seer_attn.kernels.block_mask.mask_to_csr` are accepted as well.
-        csc: the same for the transposed mask; with `key_blocks=2`, `(ptr [B, Hq, ceil(nb / 2) + 1],
-            idx, flags)` where entry `t` of key pair `c` lists a query block keeping block `2c`
-            (flags bit 1), `2c + 1` (bit 2) or both.
+        csc: the backward's lists, per KV head: `(ptr [B, Hkv, nb + 1] int32, idx [B, Hkv, W'])`
+            where key block `j` lists `g * nb + i` for every query block `i` of query head
+            `h = kv_head * G + g` that keeps it; with `key_blocks=2`, `(ptr [B, Hkv, ceil(nb / 2) + 1],
+            idx, flags)` over key block pairs `(2c, 2c + 1)`, flags (int8) 1, 2 or 3 saying which of
+            the two blocks the query block keeps.
     """
     if key_blocks not in (1, 2):
         raise ValueError(f"key_blocks must be 1 or 2, got {key_blocks}")
+    num_kv_heads = HQ if num_kv_heads is None else num_kv_heads
+    if HQ % num_kv_heads:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of num_kv_heads ({num_kv_heads})")
     nb = block_mask.shape[-1]
     nb_seq = varlen_block_counts(cu_seqlens, block_size) if cu_seqlens is not None else None
     mask = _causal_mask(block_mask, B, HQ, nb, nb_seq)
-    return _lists_from_mask(mask), _csc_lists(mask, key_blocks)
+    return _lists_from_mask(mask), _csc_lists(mask, num_kv_heads, key_blocks)
 
 
 def _check_mask(block_mask, B: int, HQ: int, nb: int, what: str) -> None:
@@ -657,6 +659,7 @@ def _check_mask(block_mask, B: int, HQ: int, nb: int, what: str) -> None:
 
 
 def _check_lists(name: str, lists, B: int, HQ: int, nb: int) -> None:
+    # HQ: heads the lists are per (query heads for csr, KV heads for csc)
     if not (isinstance(lists, (tuple, list)) and len(lists) in (2, 3)):
         raise TypeError(f"{name} must be a (pointers, indices) pair (or, for a paired csc, a triple)")
     ptr, idx = lists[0], lists[1]
@@ -773,7 +776,7 @@ def block_sparse_attn_csr(
     else:
         _check_lists("csr", csr, B, HQ, nb)
     if csc is not None:
-        _check_lists("csc", csc, B, HQ, nb)
+        _check_lists("csc", csc, B, k.shape[1], nb)
         if len(csc) == 3 and block_size != 64:
             raise ValueError("paired (key_blocks=2) csc lists need block_size 64")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

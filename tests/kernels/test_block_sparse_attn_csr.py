@@ -155,10 +155,9 @@ def test_csr_precomputed_lists_match_mask():
     k, v = torch.randn(2, B, HKV, S, D, dtype=SMALL_DTYPE, device=DEVICE)
     do = torch.randn_like(q)
     a = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask), q, k, v, do)
-    csr, csc = block_sparse_csr_lists(mask, B, HQ)
+    csr, csc = block_sparse_csr_lists(mask, B, HQ, num_kv_heads=HKV)
     # the compact int32 lists of mask_to_csr are accepted too
-    csr32, csc32 = mask_to_csr(mask), mask_to_csr(mask.transpose(-1, -2).contiguous())
-    for lists in ((csr, csc), (csr32, csc32)):
+    for lists in ((csr, csc), (mask_to_csr(mask), csc)):
         b = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, None, csr=lists[0], csc=lists[1]), q, k, v, do)
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
@@ -295,7 +294,7 @@ def test_csr_prebuilt_paired_lists(key_blocks):
     k, v = torch.randn(2, B, HKV, S, D, dtype=SMALL_DTYPE, device=DEVICE)
     do = torch.randn_like(q)
     a = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask), q, k, v, do)
-    csr, csc = block_sparse_csr_lists(mask, B, HQ, key_blocks=key_blocks)
+    csr, csc = block_sparse_csr_lists(mask, B, HQ, num_kv_heads=HKV, key_blocks=key_blocks)
     assert len(csc) == 1 + key_blocks
     b = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, None, csr=csr, csc=csc), q, k, v, do)
     for name in a:
@@ -360,7 +359,7 @@ def test_csr_varlen_lists_and_errors():
     q, k, v, do, cu = packed_inputs(lens, HQ, HKV, D, SMALL_DTYPE)
     mask = make_mask(2, HQ, 3, 0.5, seed=4)
     a = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu, max_seqlen=130), q, k, v, do)
-    csr, csc = block_sparse_csr_lists(mask, 2, HQ, key_blocks=2, cu_seqlens=cu, block_size=64)
+    csr, csc = block_sparse_csr_lists(mask, 2, HQ, HKV, key_blocks=2, cu_seqlens=cu, block_size=64)
     b = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, None, csr=csr, csc=csc, cu_seqlens=cu), q, k, v, do)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
