@@ -52,6 +52,12 @@ def _seq_bounds(cu_seqlens, i_b, T, VARLEN: tl.constexpr):
     return bos, seqlen
 
 
+def len_bucket(seqlen: int) -> int:
+    """Autotuning key for the (longest) sequence length: powers of two from 1024 to 131072, so a short
+    first call does not choose the tiles of every later long one (and each bucket tunes once)."""
+    return min(max(triton.next_power_of_2(int(seqlen)), 1024), 131072)
+
+
 def _keep_fwd(conf: triton.Config) -> bool:
     # the band below the diagonal is walked in BN steps from a BM boundary
     return conf.kwargs["BM"] % conf.kwargs["BN"] == 0
@@ -72,7 +78,7 @@ def _keep_fwd(conf: triton.Config) -> bool:
             )
         )
     ),
-    key=["D", "IS_CAUSAL", "VARLEN"],
+    key=["D", "IS_CAUSAL", "VARLEN", "LEN_BUCKET"],
 )
 @triton.jit(do_not_specialize=["T"])
 def attn_pooling_fwd_kernel(
@@ -102,6 +108,7 @@ def attn_pooling_fwd_kernel(
     stride_lh,
     qk_scale,
     T,
+    LEN_BUCKET,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -280,7 +287,7 @@ def _pool_store(
 
 @triton.autotune(
     configs=prune_configs([_pool_config(c) for c in POOL_CONFIGS]),
-    key=["D", "BS", "IS_CAUSAL", "MASS", "VARLEN"],
+    key=["D", "BS", "IS_CAUSAL", "MASS", "VARLEN", "LEN_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_pool},
 )
 @triton.jit(do_not_specialize=["T"])
@@ -303,6 +310,7 @@ def attn_pooling_fwd_kernel_pool(
     qk_scale,
     T,
     NB,
+    LEN_BUCKET,
     HQ: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -438,6 +446,7 @@ def attn_with_pooling(
         *lse_strides,
         qk_scale,
         T,
+        len_bucket(S),
         HQ=Hq,
         G=G,
         D=D,
@@ -461,7 +470,8 @@ POOL_LAUNCH: dict | None = None
 def _pool(q, k, lse, pooled, cu, sb, lse_strides, qk_scale, T, nb, Hq, G, D, block_size, is_causal, mass, packed,
           prec, config: dict | None = None) -> None:
     config = config if config is not None else POOL_LAUNCH
-    args = (q, k, lse, pooled, cu, sb(q), *q.stride()[1:], sb(k), *k.stride()[1:], *lse_strides, qk_scale, T, nb)
+    args = (q, k, lse, pooled, cu, sb(q), *q.stride()[1:], sb(k), *k.stride()[1:], *lse_strides, qk_scale, T, nb,
+            len_bucket(nb * block_size))
     meta = dict(HQ=Hq, G=G, D=D, BS=block_size, IS_CAUSAL=is_causal, MASS=mass, VARLEN=packed, DOT_PREC=prec)
     if config is None:
         attn_pooling_fwd_kernel_pool[lambda m: (triton.cdiv(nb, m["R"]), pooled.shape[0] * Hq)](*args, **meta)
