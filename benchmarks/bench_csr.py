@@ -1,6 +1,6 @@
 """Time `block_sparse_attn_csr` (fwd, fwd+bwd) against SDPA's flash backend, and tune its launch configs.
 
-Usage (GPU):
+Usage (GPU; benchmarks/sweep_csr.py times the backward variants and the Flex baselines):
     python benchmarks/bench_csr.py                      # table: S 8k/32k, Llama + SmolLM2 shapes, d 1.0/0.5/0.1
     python benchmarks/bench_csr.py --sweep              # first try launch configs at 32k, d 0.5, keep the fastest
     python benchmarks/bench_csr.py --seqlens 32768 --densities 0.1
@@ -76,7 +76,7 @@ def sweep(shape_name, kernels=("fwd", "dq", "dkdv"), S=32768, density=0.5, block
     for name, space in spaces.items():
         results = []
         for cfg in space:
-            csr_mod._CONFIGS[name][D] = cfg
+            csr_mod._CONFIGS[name][D] = {**default[name], **cfg}
             try:
                 if name == "fwd":
                     o2, _ = csr_mod.block_sparse_attn_csr_fwd(q, k, v, csr, scale, block_size)
@@ -95,7 +95,7 @@ def sweep(shape_name, kernels=("fwd", "dq", "dkdv"), S=32768, density=0.5, block
             if ok:
                 results.append((ms, cfg))
         best = min(results, key=lambda r: r[0])[1] if results else default[name]
-        csr_mod._CONFIGS[name][D] = best
+        csr_mod._CONFIGS[name][D] = {**default[name], **best}
         print(f"best {shape_name} D={D} {name}: {best}")
     sys.stdout.flush()
 
