@@ -309,3 +309,286 @@ def seer_attention(
 
         o = block_sparse_attn_csr(q, k, v, mask, sm_scale, settings.block_size)
     return o, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed sequences (varlen): one launch for a whole batch of sequences of different lengths.
+#
+# Layout (flash-attn's varlen convention): q, k, v `[total, H, D]` with int32 `cu_seqlens [n + 1]`.
+# Every sequence keeps its own block grid, starting at its first token, and its own block map; maps
+# are `[n, H, nb, nb]`, `nb = ceil(max_seqlen / block_size)`, sequence `s` in its `[nb_s, nb_s]`
+# corner. By definition the result equals `seer_attention` run on each sequence alone.
+# ----------------------------------------------------------------------------------------------
+
+_POOL_CHUNK_BLOCKS = 512  # blocks gathered at once when pooling packed sequences (bounds the copy)
+
+
+def varlen_block_starts(cu_seqlens: torch.Tensor, nb: int, block_size: int) -> torch.Tensor:
+    """Packed index of every block's first token, `[n, nb]` int64 (blocks past a sequence's end point
+    at its last token, so gathering from them stays in range)."""
+    start = cu_seqlens[:-1].long()[:, None] + block_size * torch.arange(nb, device=cu_seqlens.device)
+    last = (cu_seqlens[1:].long() - 1).clamp_min(0)[:, None]
+    return torch.minimum(start, last)
+
+
+def pool_blocks_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, nb: int, block_size: int, kinds) -> torch.Tensor:
+    """`pool_blocks` of every packed sequence: `x [total, H, D]` -> fp32 `[n, H, nb, D * len(kinds)]`.
+
+    Block `b` of sequence `s` pools its real tokens only (a partial last block pools what it has);
+    blocks past a sequence's end are 0.
+    """
+    n = cu_seqlens.numel() - 1
+    total, H, D = x.shape
+    # token index of every (sequence, block, offset), and whether that token belongs to the block
+    tok = cu_seqlens[:-1].long()[:, None, None] + block_size * torch.arange(nb, device=x.device)[None, :, None] \
+        + torch.arange(block_size, device=x.device)[None, None, :]
+    real = tok < cu_seqlens[1:].long()[:, None, None]
+    tok = torch.where(real, tok, 0).view(n * nb, block_size)
+    real = real.view(n * nb, block_size)
+    count = real.sum(-1).clamp_min(1).float()  # [n * nb]
+    out = torch.empty(n * nb, H, D * len(kinds), dtype=torch.float32, device=x.device)
+    for c0 in range(0, n * nb, _POOL_CHUNK_BLOCKS):
+        c1 = min(n * nb, c0 + _POOL_CHUNK_BLOCKS)
+        xb = x[tok[c0:c1]]  # [c, block, H, D] in x's dtype (no fp32 copy of all of x)
+        keep = real[c0:c1, :, None, None]
+        for i, kind in enumerate(kinds):
+            if kind == "avg":
+                v = torch.where(keep, xb, 0).sum(1, dtype=torch.float32) / count[c0:c1, None, None]
+            else:
+                fill = float("-inf") if kind == "max" else float("inf")
+                xm = torch.where(keep, xb, fill)
+                v = (xm.amax(1) if kind == "max" else xm.amin(1)).float()
+                v = torch.where(torch.isinf(v), 0.0, v)  # blocks past the end have no token
+            out[c0:c1, :, i * D : (i + 1) * D] = v
+    return out.view(n, nb, H, -1).transpose(1, 2)
+
+
+def gate_scores_varlen(gate, q_pre, k_pre, cos, sin, cu_seqlens, nb: int, output: str) -> torch.Tensor:
+    """The gate's `[n, Hq, nb, nb]` scores of packed sequences (rows past a sequence's end: garbage)."""
+    qb = pool_blocks_varlen(q_pre, cu_seqlens, nb, gate.block_size, gate.q_pools)
+    kb = pool_blocks_varlen(k_pre, cu_seqlens, nb, gate.block_size, gate.k_pools)
+    return gate.score(qb, kb, cos, sin, output)
+
+
+def _seq_blocks(seqlens: list[int], block_size: int, device) -> tuple[list[int], torch.Tensor]:
+    nbs = [math.ceil(s / block_size) for s in seqlens]
+    return nbs, torch.tensor(nbs, device=device)
+
+
+def select_blocks_varlen(
+    scores: torch.Tensor, settings: SeerAttentionSettings, nb_seq: torch.Tensor, dense_seq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`select_blocks` per packed sequence on `[n, H, nb, nb]` scores: the top-k budget follows each
+    sequence's own block count, `dense_last_rows` counts from each sequence's last block, rows of
+    sequences marked in `dense_seq` (bool `[n]`) keep every causal block, rows past a sequence's
+    end keep nothing."""
+    n, H, nb, _ = scores.shape
+    causal = causal_block_mask(nb, nb, scores.device)
+    rows = torch.arange(nb, device=scores.device)
+    if settings.sparsity_method == "nz_ratio":
+        if settings.nz_ratio >= 1.0:
+            mask = causal.expand(n, H, nb, nb).clone()
+        else:
+            # nz_ratio_to_k per sequence, on the device: the same float64 product as the host rule
+            frac = 1.0 - math.sqrt(1.0 - settings.nz_ratio)
+            k_seq = torch.minimum(torch.floor(frac * nb_seq.double()).long().clamp_min(1), nb_seq)
+            idx = topk_block_index(scores, nz_ratio_to_k(settings.nz_ratio, nb))  # sorted by score
+            ranked = torch.arange(idx.shape[-1], device=scores.device) < k_seq[:, None, None, None]
+            mask = torch.zeros(n, H, nb, nb + 1, dtype=torch.bool, device=scores.device)
+            mask.scatter_(-1, torch.where(ranked, idx, nb), True)
+            mask = mask[..., :nb] & causal
+    elif settings.sparsity_method == "threshold":
+        mask = (scores > settings.threshold) & causal
+    else:
+        raise ValueError(f"sparsity method must be 'nz_ratio' or 'threshold', got {settings.sparsity_method!r}")
+    from seer_attn.kernels.block_mask import apply_keep_rules
+
+    mask = apply_keep_rules(mask, settings.keep_sink, settings.keep_diagonal, 0)
+    full = torch.zeros(n, 1, nb, 1, dtype=torch.bool, device=scores.device)
+    if settings.dense_last_rows > 0:
+        full |= (rows[None, :] >= nb_seq[:, None] - settings.dense_last_rows)[:, None, :, None]
+    if dense_seq is not None:
+        full |= dense_seq[:, None, None, None]
+    mask = (mask | full) & causal
+    return mask & (rows[None, :] < nb_seq[:, None])[:, None, :, None]
+
+
+def gate_loss_varlen(logits: torch.Tensor, target: torch.Tensor, nbs: list[int], kind: str = "kl") -> torch.Tensor:
+    """`gate_loss` of every packed sequence on its own `[nb_s, nb_s]` corner, averaged over sequences."""
+    n, H, nb, _ = logits.shape
+    causal = causal_block_mask(nb, nb, logits.device)
+    nb_seq = torch.tensor(nbs, device=logits.device)
+    valid = torch.arange(nb, device=logits.device)[None, :] < nb_seq[:, None]  # [n, nb]
+    logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
+    t = target.float()
+    if kind == "kl":
+        per_row = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t)).sum(-1)
+        per_seq = (per_row * valid[:, None]).sum((1, 2)) / (H * nb_seq)
+    elif kind == "mse":
+        sq = (logp.exp() - t) ** 2 * (valid[:, :, None] & valid[:, None, :])[:, None]
+        per_seq = sq.sum((1, 2, 3)) / (H * nb_seq**2)
+    else:
+        raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
+    return per_seq.mean()
+
+
+def dense_attention_varlen(q, k, v, cu_seqlens, seqlens: list[int], sm_scale: float) -> torch.Tensor:
+    """Causal attention of every packed sequence (SDPA per sequence: the dense path is not the fast path)."""
+    out, a = [], 0
+    for s in seqlens:
+        one = lambda t: t[a : a + s].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        out.append(dense_attention(one(q), one(k), one(v), sm_scale)[0].transpose(0, 1))
+        a += s
+    return torch.cat(out)
+
+
+def resolve_kernel_varlen(kernel: str, device: torch.device, needs_grad: bool) -> str:
+    """`resolve_kernel` for packed inputs: `auto` picks CSR on CUDA (inference too), since the TopK
+    kernel takes no `cu_seqlens` yet; an explicit `TopK` is refused rather than swapped."""
+    if kernel == "auto":
+        return "CSR" if device.type == "cuda" else "naive"
+    kernel = resolve_kernel(kernel, device, needs_grad)
+    if kernel == "TopK":
+        import inspect
+
+        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
+
+        if "cu_seqlens" not in inspect.signature(block_sparse_attn_topk).parameters:
+            raise NotImplementedError(
+                "block_sparse_attn_topk has no cu_seqlens (packed) path yet; use seerattn_kernel_implementation "
+                "'CSR' or 'auto' for padded or packed batches"
+            )
+    return kernel
+
+
+def _pooling_attention_varlen(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_size, target, kernel):
+    if kernel == "naive":
+        from seer_attn.kernels.naive import attn_with_pooling_varlen_naive
+
+        return attn_with_pooling_varlen_naive(q, k, v, cu_seqlens, True, sm_scale, block_size, pooling=target)
+    from seer_attn.kernels.attn_pooling_kernel import attn_with_pooling
+
+    return attn_with_pooling(q, k, v, True, sm_scale, block_size, pooling=target, cu_seqlens=cu_seqlens,
+                             max_seqlen=max_seqlen)
+
+
+def seer_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    gate,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    sm_scale: float,
+    settings: SeerAttentionSettings,
+    cu_seqlens: torch.Tensor,
+    seqlens: list[int] | None = None,
+    train_gate: bool = False,
+    target_cache: list | None = None,
+) -> tuple[torch.Tensor, SeerAttentionStats]:
+    """SeerAttention for one layer on packed sequences: `seer_attention` on each sequence alone, in
+    one pass (gate, selection and attention batched over the sequences).
+
+    Args:
+        q, k, v: post-RoPE `[total, Hq, D]`, `[total, Hkv, D]`, `[total, Hkv, D]`.
+        q_pre, k_pre: pre-RoPE queries and keys, same shapes as `q` and `k`.
+        gate: an `AttnGate` (its `q_pools`, `k_pools`, `block_size` and `score` are used).
+        cos, sin: gate RoPE tables `[n, nb, Dg]` at each block's first-token position,
+            `nb = ceil(max(seqlens) / block_size)` (see :func:`varlen_block_starts`).
+        sm_scale (float): attention logit scale.
+        settings (SeerAttentionSettings): mode, sparsity and kernel choices. `auto` picks the CSR
+            kernel on CUDA (the TopK kernel has no packed path yet).
+        cu_seqlens (torch.Tensor): int32 `[n + 1]` cumulative lengths, on q's device.
+        seqlens (list[int], Optional): the `n` lengths on the host (saves a device sync per call).
+        train_gate, target_cache: as in :func:`seer_attention` (the cached target is the `[n, H, nb, nb]` map).
+
+    Returns:
+        o (torch.Tensor): `[total, Hq, D]`.
+        stats (SeerAttentionStats): as the per-sequence calls would sum them; `gate_loss` is the mean
+            of the per-sequence losses.
+    """
+    if seqlens is None:
+        cu = cu_seqlens.tolist()
+        seqlens = [b - a for a, b in zip(cu, cu[1:])]
+    bs = settings.block_size
+    max_seqlen = max(seqlens)
+    nbs, nb_seq = _seq_blocks(seqlens, bs, q.device)
+    nb = max(nbs)
+    n_causal = q.shape[1] * sum(m * (m + 1) // 2 for m in nbs)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    stats = SeerAttentionStats(kept_blocks=n_causal, causal_blocks=n_causal)
+
+    if settings.mode == "dense":
+        return dense_attention_varlen(q, k, v, cu_seqlens, seqlens, sm_scale), stats
+
+    if settings.mode == "distill":
+        kernel = resolve_kernel_varlen(settings.kernel, q.device, needs_grad=False)
+        with torch.no_grad():
+            o, target = _pooling_attention_varlen(q, k, v, cu_seqlens, max_seqlen, sm_scale, bs,
+                                                  settings.distill_target, kernel)
+        logits = gate_scores_varlen(gate, q_pre.detach(), k_pre.detach(), cos, sin, cu_seqlens, nb, "logits")
+        stats.gate_loss = gate_loss_varlen(logits, target, nbs, settings.loss)
+        return o, stats
+
+    if settings.mode != "sparse":
+        raise ValueError(f"unknown seerattn_mode {settings.mode!r}")
+
+    all_dense = settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0
+    short = [s < settings.min_sparse_length for s in seqlens]
+    if (all_dense or all(short)) and not train_gate:
+        return dense_attention_varlen(q, k, v, cu_seqlens, seqlens, sm_scale), stats
+
+    kernel = resolve_kernel_varlen(settings.kernel, q.device, needs_grad)
+    output = "probs" if settings.sparsity_method == "threshold" else "logits"
+    if settings.selector in ("oracle", "oracle_mass"):
+        with torch.no_grad():
+            target = "max" if settings.selector == "oracle" else "mass"
+            scores = _pooling_attention_varlen(q, k, v, cu_seqlens, max_seqlen, sm_scale, bs, target, kernel)[1]
+    elif settings.selector == "static":
+        i = torch.arange(nb, device=q.device)
+        recency = -(i[:, None] - i[None, :]).float()  # as baseline_scores: sink first, then most recent
+        recency[:, 0] = 1.0
+        scores = recency.expand(len(seqlens), q.shape[1], nb, nb)
+    elif settings.selector == "random":
+        scores = torch.rand(len(seqlens), q.shape[1], nb, nb, device=q.device)
+    elif settings.selector != "gate":
+        raise ValueError(f"unknown selector {settings.selector!r}")
+    elif train_gate:
+        if in_backward() and target_cache:
+            target = target_cache.pop(0)
+        else:
+            with torch.no_grad():
+                _, target = _pooling_attention_varlen(q, k, v, cu_seqlens, max_seqlen, sm_scale, bs,
+                                                      settings.distill_target, kernel)
+            if target_cache is not None:
+                target_cache.append(target)
+        logits = gate_scores_varlen(gate, q_pre.detach(), k_pre.detach(), cos, sin, cu_seqlens, nb, "logits")
+        stats.gate_loss = gate_loss_varlen(logits, target, nbs, settings.loss)
+        scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
+    else:
+        with torch.no_grad():
+            scores = gate_scores_varlen(gate, q_pre, k_pre, cos, sin, cu_seqlens, nb, output)
+    if all_dense or all(short):
+        return dense_attention_varlen(q, k, v, cu_seqlens, seqlens, sm_scale), stats
+
+    # sequences under min_sparse_length run dense, here as "every causal block kept" (same result)
+    dense_seq = torch.tensor(short, device=q.device) if any(short) else None
+    mask = select_blocks_varlen(scores, settings, nb_seq, dense_seq)
+    stats.kept_blocks = mask.sum()
+    stats.sparse = True
+    if kernel == "naive":
+        from seer_attn.kernels.naive import block_sparse_attn_varlen_naive
+
+        o = block_sparse_attn_varlen_naive(q, k, v, mask, cu_seqlens, sm_scale, bs)
+    elif kernel == "TopK":
+        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
+
+        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask), sm_scale, bs, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen)
+    else:
+        from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
+
+        o = block_sparse_attn_csr(q, k, v, mask, sm_scale, bs, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return o, stats

@@ -1,6 +1,7 @@
 """The per-layer SeerAttention core: the fast TopK dispatch selects exactly what select_blocks does,
 and the Triton kernels (interpreter on CPU) agree with the twins through the whole layer path."""
 
+import itertools
 import math
 
 import pytest
@@ -46,3 +47,80 @@ def test_layer_path_triton_matches_naive(kernel, S):
             outs[name], stats = seer_attention(q, k, v, q, k, gate, cos, sin, 1 / math.sqrt(D), settings)
         assert stats.sparse and 0 < stats.density <= 1
     torch.testing.assert_close(outs[kernel].float(), outs["naive"].float(), atol=2e-3, rtol=2e-3)
+
+
+# ---- packed sequences: seer_attention_varlen == seer_attention on each sequence alone ----
+
+
+def block_rope(starts, d):
+    # RoPE tables at given block-start positions, [n, nb, d]
+    f = starts.float()[..., None] * (1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([f, f], -1)
+    return emb.cos(), emb.sin()
+
+
+def run_both(settings, lens, train_gate=False, seed=0, Hq=4, Hkv=2, D=64, dtype=torch.float16):
+    """(packed output, packed stats, per-sequence outputs, per-sequence stats)."""
+    from seer_attn.modules.seer_attention import seer_attention_varlen, varlen_block_starts
+
+    torch.manual_seed(seed)
+    total = sum(lens)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    q, k, v, qp, kp = (torch.randn(total, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv, Hq, Hkv))
+    gate = AttnGate(Hq, Hkv, D)
+    nb = math.ceil(max(lens) / 64)
+    # positions restart at every sequence, as when each runs alone
+    pos = torch.cat([torch.arange(n) for n in lens])
+    cos, sin = block_rope(pos[varlen_block_starts(cu, nb, 64)], D)
+    o, stats = seer_attention_varlen(q, k, v, qp, kp, gate, cos, sin, 1 / math.sqrt(D), settings, cu, lens,
+                                     train_gate=train_gate)
+    outs, singles = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        one = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        c1, s1 = block_rope(torch.arange(0, b - a, 64)[None], D)
+        ob, sb = seer_attention(one(q), one(k), one(v), one(qp), one(kp), gate, c1, s1, 1 / math.sqrt(D), settings,
+                                train_gate=train_gate)
+        outs.append(ob[0].transpose(0, 1))
+        singles.append(sb)
+    return o, stats, torch.cat(outs), singles
+
+
+VARLEN_SETTINGS = [
+    dict(nz_ratio=0.5),
+    dict(nz_ratio=0.1, keep_sink=True, dense_last_rows=1),
+    dict(sparsity_method="threshold", threshold=0.05),
+    dict(nz_ratio=0.3, min_sparse_length=150),  # the 65- and 130-token sequences run dense
+    dict(mode="distill"),
+    dict(mode="dense"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["naive", "CSR"])
+@pytest.mark.parametrize("kw", VARLEN_SETTINGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_varlen_equals_one_by_one(kernel, kw):
+    if kernel == "CSR" and kw.get("mode") == "dense":
+        pytest.skip("dense mode runs SDPA whatever the kernel")
+    settings = SeerAttentionSettings(**{"min_sparse_length": 0, "kernel": kernel, **kw})
+    with torch.no_grad():
+        o, stats, ref, singles = run_both(settings, [65, 200, 130])
+    torch.testing.assert_close(o.float(), ref.float(), atol=2e-3, rtol=2e-3)
+    assert int(stats.kept) == sum(int(s.kept) for s in singles)
+    assert stats.causal_blocks == sum(s.causal_blocks for s in singles)
+    if kw.get("mode") == "distill":
+        torch.testing.assert_close(stats.gate_loss, torch.stack([s.gate_loss for s in singles]).mean())
+
+
+def test_varlen_train_gate_loss_and_grads():
+    # fine-tuning path: ground truth + gate loss per sequence, gradients through the CSR kernel
+    settings = SeerAttentionSettings(nz_ratio=0.5, min_sparse_length=0, kernel="CSR", loss="kl")
+    o, stats, ref, singles = run_both(settings, [63, 130], train_gate=True, dtype=torch.float32)
+    torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.gate_loss, torch.stack([s.gate_loss for s in singles]).mean(), atol=1e-5, rtol=1e-5)
+    assert stats.gate_loss.requires_grad
+
+
+def test_varlen_explicit_topk_is_refused():
+    from seer_attn.modules.seer_attention import resolve_kernel_varlen
+
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        resolve_kernel_varlen("TopK", torch.device("cpu"), needs_grad=False)
