@@ -9,7 +9,9 @@ Integration by subclassing, not copying:
   `AttentionInterface` as `"seer_attn"`, with `flash_attention_mask` registered as its mask builder
   so padding arrives as a 2-D `[B, S_k]` mask (or `None` when nothing is padded).
 - Padding: each sequence of a padded batch runs on its real tokens only (gate blocks start at the
-  first real token), so a padded row gives the same result as that sequence alone.
+  first real token), so a padded row gives the same result as that sequence alone. The real tokens
+  are packed and run as one `seer_attention_varlen` call (the TopK kernel, which has no packed path
+  yet, still runs one call per sequence).
 - Decoding with a KV cache (fewer queries than keys) is dense: the gate only scores prefill.
 
 `SeerLlamaForCausalLM.save_pretrained` writes the gate weights and the config (with `base_model`);
@@ -20,6 +22,7 @@ hub id, `.gguf`) or the embedded `smollm2-135m`, and any `seerattn_*` field as a
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -49,6 +52,8 @@ from seer_attn.modules.seer_attention import (
     dense_attention,
     in_backward,
     seer_attention,
+    seer_attention_varlen,
+    varlen_block_starts,
 )
 
 __all__ = [
@@ -173,7 +178,13 @@ def seer_attention_forward(
     )
     if attention_mask is None or bool(attention_mask.all()):
         o, stats = run(query, key, value, q_pre, k_pre, position_ids)
+    elif settings.kernel != "TopK":
+        # padded batch: its real tokens run as packed sequences, one pass for the whole batch
+        o, stats = _seer_attention_packed(
+            module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings, train_gate, cache
+        )
     else:
+        # the TopK kernel has no packed (cu_seqlens) path yet: one call per sequence
         o = query.new_zeros(query.shape)
         stats, losses = SeerAttentionStats(), []
         for b in range(B):
@@ -191,6 +202,53 @@ def seer_attention_forward(
         stats.gate_loss = torch.stack(losses).mean() if losses else None
     module.seer_stats = stats
     return o.transpose(1, 2), None
+
+
+_pack_cache: dict = {}
+
+
+def _packing_plan(attention_mask: torch.Tensor, position_ids: torch.Tensor, block_size: int):
+    """Where the real tokens of a padded batch go when packed, shared by every layer of one forward.
+
+    Returns `(rows, token_index [total], cu_seqlens [n + 1] int32, seqlens (host), block_pos [n, nb])`:
+    the batch rows that have tokens, the flat `b * S + t` index of every real token in order, and the
+    position of every packed block's first token (the gate's RoPE positions).
+    """
+    key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask._version,
+           position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version, block_size)
+    hit = _pack_cache.get("entry")
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    real = attention_mask.bool()
+    lens = real.sum(-1).tolist()  # the one host sync of the padded path
+    rows = [b for b, n in enumerate(lens) if n > 0]
+    seqlens = [lens[b] for b in rows]
+    index = real.flatten().nonzero().squeeze(-1)
+    cu = torch.tensor([0] + list(itertools.accumulate(seqlens)), dtype=torch.int32, device=attention_mask.device)
+    nb = -(-max(seqlens) // block_size)
+    block_pos = position_ids.flatten()[index][varlen_block_starts(cu, nb, block_size)]
+    plan = (rows, index, cu, seqlens, block_pos)
+    # the cache holds the tensors, so no other tensor can take their addresses while the entry lives
+    _pack_cache["entry"] = (key, (attention_mask, position_ids), plan)
+    return plan
+
+
+def _seer_attention_packed(module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings,
+                           train_gate, cache):
+    """`seer_attention` of every sequence of a padded batch, as one `seer_attention_varlen` call.
+
+    `[B, H, S, D]` inputs, 2-D padding mask; returns `([B, H, S, D] output (0 at padding), stats)`.
+    """
+    B, Hq, S, D = query.shape
+    rows, index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size)
+    pack = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)[index]  # noqa: E731
+    cos, sin = module.gate_rotary_emb(torch.zeros((), device=query.device, dtype=torch.float32), block_pos)
+    o, stats = seer_attention_varlen(
+        pack(query), pack(key), pack(value), pack(q_pre), pack(k_pre), module.attn_gate, cos, sin, scaling, settings,
+        cu, seqlens, train_gate, cache,
+    )
+    out = query.new_zeros(B * S, Hq, D).index_copy(0, index, o.to(query.dtype))
+    return out.view(B, S, Hq, D).transpose(1, 2), stats
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, seer_attention_forward)

@@ -248,3 +248,36 @@ def test_triton_kernels_through_the_model(kernel, tmp_path):
         outs[impl] = (out.logits, out.density)
     torch.testing.assert_close(outs[kernel][0], outs["naive"][0], atol=1e-3, rtol=1e-3)
     assert outs[kernel][1] == pytest.approx(outs["naive"][1])
+
+
+@pytest.mark.parametrize("mode", ["sparse", "distill"])
+def test_padded_batch_runs_packed_and_equals_one_by_one(mode, tmp_path, monkeypatch):
+    # a padded batch runs as one packed (varlen) call per layer; each row equals its sequence alone
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    import seer_attn.models.modeling_seer_llama as modeling
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    model = load(str(tmp_path), seerattn_mode=mode, seerattn_nz_ratio=0.5, seerattn_kernel_implementation="CSR")
+    calls = []
+    real_packed = modeling._seer_attention_packed
+    monkeypatch.setattr(modeling, "_seer_attention_packed", lambda *a, **k: calls.append(1) or real_packed(*a, **k))
+    x = ids(B=3, S=200)
+    mask = torch.ones_like(x)
+    mask[0, 135:] = 0  # right padding
+    mask[1, :70] = 0  # left padding
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask)
+        alone = [model(x[:1, :135]), model(x[1:2, 70:]), model(x[2:])]
+    assert len(calls) == 2  # one packed call per layer
+    torch.testing.assert_close(padded.logits[:1, :135], alone[0].logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(padded.logits[1:2, 70:], alone[1].logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(padded.logits[2:], alone[2].logits, atol=1e-4, rtol=1e-4)
+    if mode == "distill":
+        torch.testing.assert_close(padded.loss, torch.stack([a.loss for a in alone]).mean(), atol=1e-5, rtol=1e-4)
+    else:
+        # realised density of the batch = kept blocks of the three sequences over their causal blocks
+        tri = [math.ceil(n / 64) * (math.ceil(n / 64) + 1) // 2 for n in (135, 130, 200)]
+        kept = sum(a.density * t for a, t in zip(alone, tri))
+        assert padded.density == pytest.approx(kept / sum(tri))
