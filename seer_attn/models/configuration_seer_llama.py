@@ -20,6 +20,7 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 | `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
 | `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, sink + recent window, random) at the same budget. |
+| `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
 """
 
@@ -60,6 +61,7 @@ class SeerLlamaConfig(LlamaConfig):
     seerattn_distill_target: str = "max"
     seerattn_gate_loss_scale: float = 10.0
     seerattn_selector: str = "gate"
+    seerattn_cross_document: bool = True
     base_model: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -78,6 +80,8 @@ class SeerLlamaConfig(LlamaConfig):
             raise ValueError(f"seerattn_nz_ratio must be in (0, 1], got {self.seerattn_nz_ratio}")
         if float(self.seerattn_threshold) < 0:
             raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
+        if not isinstance(self.seerattn_cross_document, bool):
+            raise ValueError(f"seerattn_cross_document must be a bool, got {self.seerattn_cross_document!r}")
         if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:
             raise ValueError(f"seerattn_gate_hidden_size must be even (RoPE), got {self.seerattn_gate_hidden_size}")
 

@@ -22,7 +22,6 @@ hub id, `.gguf`) or the embedded `smollm2-135m`, and any `seerattn_*` field as a
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -155,7 +154,9 @@ def seer_attention_forward(
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
-    if settings.mode == "dense" or Sq != Sk:
+    # documents of a row kept apart (cache-free forwards only: a decode step has no documents)
+    split = not module.config.seerattn_cross_document and Sq == Sk
+    if (settings.mode == "dense" and not split) or Sq != Sk:
         if settings.mode != "dense":
             _log_once("seer_attn: steps with a KV cache (fewer queries than keys) run dense attention")
         module.seer_stats = SeerAttentionStats()
@@ -176,13 +177,16 @@ def seer_attention_forward(
     run = lambda q, k, v, qp, kp, pos: seer_attention(  # noqa: E731
         q, k, v, qp, kp, module.attn_gate, *_block_rope(module, pos, q.device), scaling, settings, train_gate, cache
     )
-    if attention_mask is None or bool(attention_mask.all()):
+    if not split and (attention_mask is None or bool(attention_mask.all())):
         o, stats = run(query, key, value, q_pre, k_pre, position_ids)
     elif settings.kernel != "TopK":
-        # padded batch: its real tokens run as packed sequences, one pass for the whole batch
+        # padded batch (or documents kept apart): the sequences run packed, one pass for the batch
         o, stats = _seer_attention_packed(
-            module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings, train_gate, cache
+            module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings, train_gate,
+            cache, split,
         )
+    elif split:
+        raise NotImplementedError("seerattn_cross_document=False needs a packed kernel: use 'CSR', 'naive' or 'auto'")
     else:
         # the TopK kernel has no packed (cu_seqlens) path yet: one call per sequence
         o = query.new_zeros(query.shape)
@@ -207,40 +211,51 @@ def seer_attention_forward(
 _pack_cache: dict = {}
 
 
-def _packing_plan(attention_mask: torch.Tensor, position_ids: torch.Tensor, block_size: int):
-    """Where the real tokens of a padded batch go when packed, shared by every layer of one forward.
+def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, block_size: int, split_documents: bool):
+    """Where the real tokens of a batch go when packed, shared by every layer of one forward.
 
-    Returns `(rows, token_index [total], cu_seqlens [n + 1] int32, seqlens (host), block_pos [n, nb])`:
-    the batch rows that have tokens, the flat `b * S + t` index of every real token in order, and the
-    position of every packed block's first token (the gate's RoPE positions).
+    A sequence is a batch row's real tokens, or with `split_documents` each document of a row (a
+    token with position id 0 starts one). Returns `(token_index [total], cu_seqlens [n + 1] int32,
+    seqlens (host), block_pos [n, nb])`: the flat `b * S + t` index of every packed token in order,
+    and the position id of every packed block's first token (the gate's RoPE positions).
     """
-    key = (attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask._version,
-           position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version, block_size)
+    B, S = position_ids.shape
+    key = (None if attention_mask is None else (attention_mask.data_ptr(), tuple(attention_mask.shape),
+                                                attention_mask._version),
+           position_ids.data_ptr(), tuple(position_ids.shape), position_ids.stride(), position_ids._version,
+           block_size, split_documents)
     hit = _pack_cache.get("entry")
     if hit is not None and hit[0] == key:
         return hit[2]
-    real = attention_mask.bool()
-    lens = real.sum(-1).tolist()  # the one host sync of the padded path
-    rows = [b for b, n in enumerate(lens) if n > 0]
-    seqlens = [lens[b] for b in rows]
-    index = real.flatten().nonzero().squeeze(-1)
-    cu = torch.tensor([0] + list(itertools.accumulate(seqlens)), dtype=torch.int32, device=attention_mask.device)
+    device = position_ids.device
+    if attention_mask is None:
+        index = torch.arange(B * S, device=device)
+    else:
+        index = attention_mask.bool().flatten().nonzero().squeeze(-1)
+    pos = position_ids.flatten()[index]
+    start = torch.ones_like(index, dtype=torch.bool)
+    row = index // S
+    start[1:] = row[1:] != row[:-1]
+    if split_documents:
+        start |= pos == 0
+    cu = torch.cat([start.nonzero().squeeze(-1), index.new_tensor([index.numel()])]).to(torch.int32)
+    seqlens = (cu[1:] - cu[:-1]).tolist()  # the one host sync of the packed path
     nb = -(-max(seqlens) // block_size)
-    block_pos = position_ids.flatten()[index][varlen_block_starts(cu, nb, block_size)]
-    plan = (rows, index, cu, seqlens, block_pos)
+    block_pos = pos[varlen_block_starts(cu, nb, block_size)]
+    plan = (index, cu, seqlens, block_pos)
     # the cache holds the tensors, so no other tensor can take their addresses while the entry lives
     _pack_cache["entry"] = (key, (attention_mask, position_ids), plan)
     return plan
 
 
 def _seer_attention_packed(module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings,
-                           train_gate, cache):
-    """`seer_attention` of every sequence of a padded batch, as one `seer_attention_varlen` call.
+                           train_gate, cache, split_documents=False):
+    """`seer_attention` of every sequence of a batch (see `_packing_plan`) as one `seer_attention_varlen` call.
 
-    `[B, H, S, D]` inputs, 2-D padding mask; returns `([B, H, S, D] output (0 at padding), stats)`.
+    `[B, H, S, D]` inputs, 2-D padding mask or None; returns `([B, H, S, D] output (0 at padding), stats)`.
     """
     B, Hq, S, D = query.shape
-    rows, index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size)
+    index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size, split_documents)
     pack = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)[index]  # noqa: E731
     cos, sin = module.gate_rotary_emb(torch.zeros((), device=query.device, dtype=torch.float32), block_pos)
     o, stats = seer_attention_varlen(

@@ -281,3 +281,28 @@ def test_padded_batch_runs_packed_and_equals_one_by_one(mode, tmp_path, monkeypa
         tri = [math.ceil(n / 64) * (math.ceil(n / 64) + 1) // 2 for n in (135, 130, 200)]
         kept = sum(a.density * t for a, t in zip(alone, tri))
         assert padded.density == pytest.approx(kept / sum(tri))
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "distill"])
+def test_cross_document_off_equals_documents_alone(tiny_dir, mode):
+    # a packed row with position ids restarting per document: with cross-document attention off each
+    # document sees only itself and has its own gate blocks (none straddles a boundary), so the row
+    # equals the documents run one by one; on (the default), later documents see earlier ones
+    docs = [70, 100, 130]
+    x = ids(B=1, S=sum(docs))
+    pos = torch.cat([torch.arange(n) for n in docs])[None]
+    model = load(tiny_dir, seerattn_mode=mode, seerattn_nz_ratio=0.5, seerattn_cross_document=False)
+    with torch.no_grad():
+        packed = model(x, position_ids=pos)
+        alone, a = [], 0
+        for n in docs:
+            alone.append(model(x[:, a : a + n]))
+            a += n
+        model.set_seerattn(seerattn_cross_document=True)
+        crossing = model(x, position_ids=pos).logits
+    torch.testing.assert_close(packed.logits, torch.cat([o.logits for o in alone], 1), atol=1e-5, rtol=0)
+    assert not torch.allclose(crossing[:, docs[0]:], packed.logits[:, docs[0]:], atol=1e-3)
+    if mode == "distill":
+        torch.testing.assert_close(packed.loss, torch.stack([o.loss for o in alone]).mean(), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="cross_document"):
+        model.set_seerattn(seerattn_cross_document="no")
