@@ -162,3 +162,20 @@ def test_attn_with_pooling_varlen_errors():
         attn_with_pooling(q, q, q, cu_seqlens=cu.float())
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         attn_with_pooling(q, q, q, cu_seqlens=torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq, Hkv, D", [(32, 8, 128), (9, 3, 64)])
+def test_attn_with_pooling_gpu_varlen_bf16(Hq, Hkv, D):
+    lens = [1000, 4096, 63, 2049]
+    torch.manual_seed(D)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lens), h, D, dtype=torch.bfloat16, device=DEVICE) for h in (Hq, Hkv, Hkv))
+    for pooling in ("max", "mass"):
+        o, pooled = attn_with_pooling(q, k, v, pooling=pooling, cu_seqlens=cu)
+        ref_o, ref_p = attn_with_pooling_varlen_naive(q.double(), k.double(), v.double(), cu, pooling=pooling)
+        low_o, low_p = attn_with_pooling_varlen_naive(q, k, v, cu, pooling=pooling, upcast=False)
+        for name, out, ref, low, atol in (("o", o, ref_o, low_o, ATOL[q.dtype]), ("pooled", pooled, ref_p, low_p, POOL_ATOL)):
+            err = (out.double() - ref).abs().max().item()
+            bound = 2 * (low.double() - ref).abs().max().item() + atol
+            assert err <= bound, f"{pooling} {name}: max err {err:.3e} > bound {bound:.3e}"

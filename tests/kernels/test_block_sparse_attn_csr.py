@@ -377,3 +377,21 @@ def test_csr_varlen_lists_and_errors():
         block_sparse_attn_csr(q[None], k, v, mask, cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
         block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu.flip(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bwd_variant", [("atomic", 1), ("atomic", 2), ("separate", 1)], indirect=True,
+                         ids=["atomic-kb1", "atomic-kb2", "separate-kb1"])
+@pytest.mark.parametrize("HQ, HKV, D", [(32, 8, 128), (9, 3, 64)])
+def test_csr_gpu_varlen_bf16(bwd_variant, HQ, HKV, D):
+    from seer_attn.kernels.naive import block_sparse_attn_varlen_naive
+
+    lens = [1000, 4096, 63, 2049]
+    q, k, v, do, cu = packed_inputs(lens, HQ, HKV, D, torch.bfloat16, seed=D)
+    mask = make_mask(len(lens), HQ, math.ceil(max(lens) / 64), 0.3, seed=HQ)
+    tri = run_attn(lambda q, k, v: block_sparse_attn_csr(q, k, v, mask, cu_seqlens=cu), q, k, v, do)
+    low = run_attn(lambda q, k, v: block_sparse_attn_varlen_naive(q, k, v, mask, cu, upcast=False), q, k, v, do)
+    ref = run_attn(lambda q, k, v: block_sparse_attn_varlen_naive(q, k, v, mask, cu), q.double(), k.double(),
+                   v.double(), do.double())
+    for name in ("o", "dq", "dk", "dv"):
+        assert_close_earned(name, tri[name], ref[name], low[name])
