@@ -335,13 +335,15 @@ def report(results, densities):
         lines.append("| d (real 64 / 128) | Flex64 fwd | CSR fwd (best) | Flex128 fwd+bwd | "
                      "CSR fwd+bwd (best variant) | speedup vs Flex128 fwd+bwd | speedup vs flash fwd+bwd |")
         lines.append("|---|---|---|---|---|---|---|")
-        totals = {}
+        totals, fwd_totals = {}, {}
         for density in densities:
             r = res.get(f"d{density}", {})
             fwd = {k[4:]: v for k, v in r.items() if k.startswith("csr_fwd-")}
             fb = {k[11:]: v for k, v in r.items() if k.startswith("csr_fwdbwd_")}
             for k_, v_ in fb.items():
                 totals[k_] = totals.get(k_, 0.0) + v_ / max(r.get("flex128_fwdbwd", 1.0), 1e-9)
+            for k_, v_ in fwd.items():
+                fwd_totals[k_] = fwd_totals.get(k_, 0.0) + v_
             bf = min(fwd, key=fwd.get) if fwd else None
             bb = min(fb, key=fb.get) if fb else None
             f128 = r.get("flex128_fwdbwd", float("nan"))
@@ -353,6 +355,11 @@ def report(results, densities):
                 f"| {f128 / fb[bb] if bb else float('nan'):.2f}x | {flash / fb[bb] if bb else float('nan'):.2f}x |")
             if fb:
                 lines.append("  all fwd+bwd: " + ", ".join(f"{k_} {v_:.3f}" for k_, v_ in sorted(fb.items(), key=lambda x: x[1])))
+        if fwd_totals:
+            name = min(fwd_totals, key=fwd_totals.get)
+            _, bn, w, st = next(v for v in FWD_VARIANTS if v[0] == name)
+            suggestions.append(f"# {shape_name}: forward winner = {name}\n"
+                               f"_CONFIGS['fwd'][{D}] = dict(BLOCK_N={bn}, num_warps={w}, num_stages={st})")
         if totals:
             win = min(totals, key=totals.get)
             _, mode, kb, bm, w, s = next(v for v in BWD_VARIANTS[D] if v[0] == win)
