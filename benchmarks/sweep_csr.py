@@ -305,8 +305,6 @@ def time_shape(shape_name, S, densities, sections, ok, results):
                 lambda: csr_mod.block_sparse_attn_csr(q, k, v, mask).backward(do), grad_to_none=grads)
             log(f"{shape_name} {dkey} CSR fwd+bwd {name}: {r[f'csr_fwdbwd_{name}']:.3f}")
         restore_configs()
-    del q, k, v, do
-    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- report
@@ -394,6 +392,8 @@ def main():
     for shape_name in args.shapes:
         ok = check_shape(shape_name, results) if "check" in args.only else {}
         time_shape(shape_name, args.seqlen, args.densities, set(args.only), ok, results)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()  # the shape's tensors died with time_shape's frame
     table, suggestions = report(results, args.densities)
     print(table)
     print("\n# suggested defaults\n" + suggestions)
