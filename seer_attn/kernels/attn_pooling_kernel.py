@@ -63,6 +63,19 @@ def _keep_fwd(conf: triton.Config) -> bool:
     return conf.kwargs["BM"] % conf.kwargs["BN"] == 0
 
 
+def _prune_fwd(configs, named_args, **kwargs):
+    # configs that cannot win, dropped before compiling (compiled for sm_90 with triton 3.6): K and V
+    # stages beyond the 227 KB of shared memory a block may have do not launch, and 128-row tiles
+    # on 4 warps spill registers at D=128
+    D = kwargs.get("D", named_args.get("D"))
+    keep = [
+        c for c in configs
+        if c.num_stages * c.kwargs["BN"] * D * 4 + c.kwargs["BM"] * D * 2 <= 227 * 1024
+        and not (D >= 128 and c.kwargs["BM"] == 128 and c.num_warps == 4)
+    ]
+    return keep or configs[:1]
+
+
 @triton.autotune(
     configs=prune_configs(
         list(
@@ -79,6 +92,7 @@ def _keep_fwd(conf: triton.Config) -> bool:
         )
     ),
     key=["D", "IS_CAUSAL", "VARLEN", "LEN_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit(do_not_specialize=["T"])
 def attn_pooling_fwd_kernel(
