@@ -289,9 +289,15 @@ def time_shape(shape_name, S, densities, sections, ok, results):
             continue
         # list building alone (inside every CSR call below)
         with torch.no_grad():
-            r["csr_lists_fwd"] = bench(lambda: csr_mod._lists_from_mask(csr_mod._causal_mask(mask, 1, HQ, nb)))
+            r["csr_lists_fwd"] = bench(lambda: csr_mod.build_csr_lists(mask, 1, HQ, nb))
+            r["csr_lists_fwd_torch"] = bench(lambda: csr_mod._lists_from_mask(csr_mod._causal_mask(mask, 1, HQ, nb)))
             for kb in (1, 2):
-                r[f"csc_lists_kb{kb}"] = bench(lambda: csr_mod._csc_lists(csr_mod._causal_mask(mask, 1, HQ, nb), HKV, kb))
+                r[f"csc_lists_kb{kb}"] = bench(lambda: csr_mod.build_csc_lists(mask, 1, HQ, HKV, nb, kb))
+                r[f"csc_lists_kb{kb}_torch"] = bench(
+                    lambda: csr_mod._csc_lists(csr_mod._causal_mask(mask, 1, HQ, nb), HKV, kb))
+        log(f"{shape_name} {dkey} lists (Triton / PyTorch twin): csr {r['csr_lists_fwd']:.3f} / "
+            f"{r['csr_lists_fwd_torch']:.3f}, csc kb1 {r['csc_lists_kb1']:.3f} / {r['csc_lists_kb1_torch']:.3f}, "
+            f"kb2 {r['csc_lists_kb2']:.3f} / {r['csc_lists_kb2_torch']:.3f}")
         for name, block_n, warps, stages in FWD_VARIANTS:
             set_fwd_variant(D, block_n, warps, stages)
             with torch.no_grad():

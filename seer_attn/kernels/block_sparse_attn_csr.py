@@ -381,6 +381,137 @@ def block_sparse_attn_csr_bwd_kernel_dkdv(
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
 
 
+@triton.jit
+def _csr_lists_kernel(
+    mask, ptr, idx, cu_seqlens,
+    stride_mb, stride_mh, stride_mr,
+    HQ, NB, W, BS,
+    COUNT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # row i of (sequence b, head h): its kept causal columns, ascending. COUNT: write how many into
+    # ptr[.., i + 1] (a cumsum makes the pointers); else write them at idx[.., ptr[i]:]
+    i = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    if VARLEN:
+        nb = tl.cdiv(tl.load(cu_seqlens + i_b + 1) - tl.load(cu_seqlens + i_b), BS)
+    else:
+        nb = NB
+    p_row = mask + i_b * stride_mb + i_h * stride_mh + i * stride_mr
+    n = tl.zeros([], dtype=tl.int32)
+    if not COUNT:
+        off = tl.load(ptr + i_bh * (NB + 1) + i)
+    # rows past a packed sequence's end keep nothing; columns stop at the diagonal
+    hi = tl.where(i < nb, i + 1, 0)
+    for c0 in range(0, hi, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        keep = tl.load(p_row + o_c, mask=o_c < hi, other=0) != 0
+        if not COUNT:
+            rank = tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(idx + i_bh * W + off + n + rank, o_c.to(idx.dtype.element_ty), mask=keep)
+        n += tl.sum(keep.to(tl.int32))
+    if COUNT:
+        tl.store(ptr + i_bh * (NB + 1) + i + 1, n)
+
+
+@triton.jit
+def _csc_lists_kernel(
+    mask, ptr, idx, flags, cu_seqlens,
+    stride_mb, stride_mh, stride_mr,
+    HQ, HKV, G, NB, NT, W, BS,
+    KB: tl.constexpr, COUNT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # key tile c (KB key blocks) of (sequence b, KV head hk): the kept (query head g, query block i)
+    # pairs as entries g * NB + i, head-major and ascending; with KB == 2 also flags (1: the tile's
+    # first block is kept, 2: the second, 3: both). COUNT: only count them into ptr[.., c + 1]
+    c = tl.program_id(0)
+    i_bhk = tl.program_id(1).to(tl.int64)
+    i_b, i_hk = i_bhk // HKV, i_bhk % HKV
+    if VARLEN:
+        nb = tl.cdiv(tl.load(cu_seqlens + i_b + 1) - tl.load(cu_seqlens + i_b), BS)
+    else:
+        nb = NB
+    j0 = c * KB
+    n = tl.zeros([], dtype=tl.int32)
+    if not COUNT:
+        off = tl.load(ptr + i_bhk * (NT + 1) + c)
+    for g in range(0, G):
+        p_head = mask + i_b * stride_mb + (i_hk * G + g) * stride_mh
+        # causal: only query blocks at or below the tile's first key block can keep it
+        for r0 in range(j0, nb, BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            m_r = o_r < nb
+            first = tl.load(p_head + o_r * stride_mr + j0, mask=m_r, other=0) != 0
+            if KB == 2:
+                # the second block is causal for rows past the first (and exists when such rows do)
+                second = tl.load(p_head + o_r * stride_mr + j0 + 1, mask=m_r & (o_r > j0), other=0) != 0
+                keep = first | second
+            else:
+                keep = first
+            if not COUNT:
+                rank = tl.cumsum(keep.to(tl.int32), 0) - 1
+                p_out = i_bhk * W + off + n + rank
+                tl.store(idx + p_out, (g * NB + o_r).to(idx.dtype.element_ty), mask=keep)
+                if KB == 2:
+                    tl.store(flags + p_out, (first.to(tl.int8) + 2 * second.to(tl.int8)), mask=keep)
+            n += tl.sum(keep.to(tl.int32))
+    if COUNT:
+        tl.store(ptr + i_bhk * (NT + 1) + c + 1, n)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def build_csr_lists(block_mask: torch.Tensor, B: int, HQ: int, nb: int, cu_seqlens=None, block_size: int = 64):
+    """CSR lists of the causal part of a bool `[B or 1, Hq or 1, nb, nb]` mask, in two kernel launches
+    and a cumsum, with no host sync and no copy of the mask (broadcast dimensions are read with
+    stride 0); rows past a packed sequence's end keep nothing. Same result as
+    `_lists_from_mask(_causal_mask(...))`, its PyTorch twin."""
+    m = block_mask.view(torch.uint8) if block_mask.dtype == torch.bool else block_mask
+    strides = tuple(0 if m.shape[d] == 1 else m.stride(d) for d in (0, 1)) + (m.stride(2),)
+    if m.stride(3) != 1:
+        m = m.contiguous()
+        strides = tuple(0 if m.shape[d] == 1 else m.stride(d) for d in (0, 1)) + (m.stride(2),)
+    W = nb * (nb + 1) // 2 + 1
+    ptr = torch.zeros(B, HQ, nb + 1, dtype=torch.int32, device=m.device)
+    idx = torch.full((B, HQ, W), -1, dtype=_index_dtype(nb), device=m.device)
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else ptr
+    block_c = min(1024, triton.next_power_of_2(nb))
+    for count in (True, False):
+        _csr_lists_kernel[(nb, B * HQ)](m, ptr, idx, cu, *strides, HQ, nb, W, block_size,
+                                       COUNT=count, VARLEN=varlen, BLOCK_C=block_c)
+        if count:
+            ptr.cumsum_(-1)
+    return ptr, idx
+
+
+def build_csc_lists(block_mask: torch.Tensor, B: int, HQ: int, HKV: int, nb: int, key_blocks: int = 1,
+                    cu_seqlens=None, block_size: int = 64):
+    """The backward's lists (see :func:`block_sparse_csr_lists`) in two kernel launches and a cumsum;
+    PyTorch twin: `_csc_lists(_causal_mask(...))`."""
+    m = block_mask.view(torch.uint8) if block_mask.dtype == torch.bool else block_mask
+    if m.stride(3) != 1:
+        m = m.contiguous()
+    strides = tuple(0 if m.shape[d] == 1 else m.stride(d) for d in (0, 1)) + (m.stride(2),)
+    G = HQ // HKV
+    NT = triton.cdiv(nb, key_blocks)
+    W = G * (nb * (nb + 1) // 2) + 1
+    ptr = torch.zeros(B, HKV, NT + 1, dtype=torch.int32, device=m.device)
+    idx = torch.full((B, HKV, W), -1, dtype=_index_dtype(G * nb), device=m.device)
+    flags = torch.zeros(B, HKV, W, dtype=torch.int8, device=m.device) if key_blocks == 2 else idx
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else ptr
+    block_r = min(1024, triton.next_power_of_2(nb))
+    for count in (True, False):
+        _csc_lists_kernel[(NT, B * HKV)](m, ptr, idx, flags, cu, *strides, HQ, HKV, G, nb, NT, W, block_size,
+                                        KB=key_blocks, COUNT=count, VARLEN=varlen, BLOCK_R=block_r)
+        if count:
+            ptr.cumsum_(-1)
+    return (ptr, idx, flags) if key_blocks == 2 else (ptr, idx)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs (tests) get full-precision dots instead of TF32
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -531,7 +662,9 @@ class BlockSparseAttnCSRFunction(torch.autograd.Function):
         csc = tuple(rest[: ctx.n_csc])
         if not csc:
             # CSC is built only when a backward happens, so inference pays nothing for it
-            csc = _csc_lists(block_mask, k.shape[1], _default_key_blocks(q.shape[-1], ctx.block_size))
+            B, HQ, nb = crow.shape[0], crow.shape[1], crow.shape[2] - 1
+            key_blocks = _default_key_blocks(q.shape[-1], ctx.block_size)
+            csc = build_csc_lists(block_mask, B, HQ, k.shape[1], nb, key_blocks, cu_seqlens, ctx.block_size)
         dq, dk, dv = block_sparse_attn_csr_bwd(
             q, k, v, o, lse, do, (crow, col), csc, ctx.sm_scale, ctx.block_size, cu_seqlens
         )
@@ -544,7 +677,8 @@ def _default_key_blocks(D: int, block_size: int) -> int:
 
 
 def _lists_from_mask(mask: torch.Tensor, values: torch.Tensor | None = None, width: int | None = None):
-    """Bool `[B, H, R, C]` mask -> `(ptr [B, H, R + 1] int32, idx [B, H, W + 1] int16/int32)`.
+    """Bool `[B, H, R, C]` mask -> `(ptr [B, H, R + 1] int32, idx [B, H, W + 1] int16/int32)`: the
+    PyTorch twin of the list-building kernels (:func:`build_csr_lists`, :func:`build_csc_lists`).
 
     The same lists as :func:`seer_attn.kernels.block_mask.mask_to_csr` (ascending, `-1` padded), built
     with a cumsum and a scatter instead of a sort, and sized `W` = `width`, by default `nb (nb + 1) / 2`
@@ -628,6 +762,8 @@ def block_sparse_csr_lists(
         cu_seqlens (torch.Tensor, Optional): packed sequences (see :func:`block_sparse_attn_csr`):
             rows past each sequence's last block are dropped. Needs `block_size`.
 
+    Built by Triton kernels (CUDA tensors, or CPU under `TRITON_INTERPRET=1`), without a host sync.
+
     Returns:
         csr: `(crow [B, Hq, nb + 1] int32, col [B, Hq, W])`, `col` int16 (int32 when nb > 32767),
             ascending within a row, `-1` padded, `W = nb (nb + 1) / 2 + 1`. The int32 lists of
@@ -644,9 +780,8 @@ def block_sparse_csr_lists(
     if HQ % num_kv_heads:
         raise ValueError(f"query heads ({HQ}) must be a multiple of num_kv_heads ({num_kv_heads})")
     nb = block_mask.shape[-1]
-    nb_seq = varlen_block_counts(cu_seqlens, block_size) if cu_seqlens is not None else None
-    mask = _causal_mask(block_mask, B, HQ, nb, nb_seq)
-    return _lists_from_mask(mask), _csc_lists(mask, num_kv_heads, key_blocks)
+    return (build_csr_lists(block_mask, B, HQ, nb, cu_seqlens, block_size),
+            build_csc_lists(block_mask, B, HQ, num_kv_heads, nb, key_blocks, cu_seqlens, block_size))
 
 
 def _check_mask(block_mask, B: int, HQ: int, nb: int, what: str) -> None:
@@ -768,11 +903,8 @@ def block_sparse_attn_csr(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
 
-    mask = None
-    if block_mask is not None:
-        mask = _causal_mask(block_mask, B, HQ, nb, varlen_block_counts(cu_seqlens, block_size) if packed else None)
     if csr is None:
-        csr = _lists_from_mask(mask)
+        csr = build_csr_lists(block_mask, B, HQ, nb, cu_seqlens, block_size)
     else:
         _check_lists("csr", csr, B, HQ, nb)
     if csc is not None:
@@ -780,10 +912,9 @@ def block_sparse_attn_csr(
         if len(csc) == 3 and block_size != 64:
             raise ValueError("paired (key_blocks=2) csc lists need block_size 64")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and csc is None and mask is None:
+    if needs_grad and csc is None and block_mask is None:
         raise ValueError("backward needs block_mask or csc")
-    if mask is None:
-        mask = torch.empty(0, dtype=torch.bool, device=q.device)
+    mask = block_mask if block_mask is not None else torch.empty(0, dtype=torch.bool, device=q.device)
     csc = None if csc is None else tuple(csc)
     o = BlockSparseAttnCSRFunction.apply(q, k, v, mask, tuple(csr), csc, sm_scale, block_size, cu_seqlens)
     return o[0].transpose(0, 1) if packed else o

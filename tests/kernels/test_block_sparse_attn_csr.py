@@ -395,3 +395,30 @@ def test_csr_gpu_varlen_bf16(bwd_variant, HQ, HKV, D):
                    v.double(), do.double())
     for name in ("o", "dq", "dk", "dv"):
         assert_close_earned(name, tri[name], ref[name], low[name])
+
+
+@pytest.mark.parametrize("key_blocks", [1, 2])
+@pytest.mark.parametrize("packed", [False, True])
+def test_list_kernels_match_twin(key_blocks, packed):
+    # the Triton list builders against their PyTorch twin: broadcast masks, GQA groups, odd block
+    # counts, rows past a packed sequence's end
+    from seer_attn.kernels import block_sparse_attn_csr as mod
+
+    B, HQ, HKV, nb = 3, 6, 2, 7
+    for shape in ((B, HQ, nb, nb), (1, HQ, nb, nb), (B, 1, nb, nb)):
+        mask = make_mask(*shape, 0.4, seed=sum(shape))
+        cu = torch.tensor([0, 400, 401, 600], dtype=torch.int32, device=DEVICE) if packed else None
+        nb_seq = mod.varlen_block_counts(cu, 64) if packed else None
+        full = mod._causal_mask(mask, B, HQ, nb, nb_seq)
+        ref_csr = mod._lists_from_mask(full)
+        ref_csc = mod._csc_lists(full, HKV, key_blocks)
+        got_csr = mod.build_csr_lists(mask, B, HQ, nb, cu, 64)
+        got_csc = mod.build_csc_lists(mask, B, HQ, HKV, nb, key_blocks, cu, 64)
+        for got, ref in zip((*got_csr, *got_csc), (*ref_csr, *ref_csc)):
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            if got.dtype == torch.int8:  # flags: only the listed entries are defined
+                n = ref_csc[0][..., -1:]
+                listed = torch.arange(got.shape[-1], device=DEVICE) < n
+                assert torch.equal(got[listed], ref[listed])
+            else:
+                assert torch.equal(got, ref)
