@@ -1,4 +1,4 @@
-"""End-to-end prefill latency (time to first token) of a SeerLlama: dense SDPA vs SeerAttention.
+"""End-to-end prefill latency (time to first token) of a Seer model (any family): dense SDPA vs SeerAttention.
 
 Kernel speedups alone overstate what a user gets: this times the whole model forward (embeddings,
 MLPs, gates, block selection, LM head on the last position) at one length, batch 1, on the GPU.
@@ -6,7 +6,8 @@ MLPs, gates, block selection, LM head on the last position) at one length, batch
     python benchmarks/bench_prefill.py --model smollm2-135m --yarn-factor 4 --length 32768 \
         --nz-ratios 0.5,0.1 --out benchmarks/results/prefill.json
 
-`--model` may be a fine-tuned or gated checkpoint, or `--config-json` a Llama config whose
+`--model` may be a plain model of any supported family, a fine-tuned or gated checkpoint, or
+`--config-json` a config (plain or Seer, any supported family, e.g. a Qwen2.5-7B `config.json`) whose
 architecture is timed with random weights (timings do not depend on the weights; no model file is
 needed). Medians of CUDA-event timings; ratios are against the dense forward of the same run.
 
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+from transformers import AutoConfig
+
+from seer_attn import AutoSeerForCausalLM
 from seer_attn.models import apply_yarn
 
 
@@ -70,7 +73,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--nz-ratios", default="0.5,0.1")
     p.add_argument("--kernel", default="TopK", help="seerattn_kernel_implementation for the sparse runs")
-    p.add_argument("--config-json", default=None, help="time this Llama architecture with random weights")
+    p.add_argument("--config-json", default=None, help="time this architecture (config.json of any supported family) with random weights")
     p.add_argument("--train", action="store_true", help="also time a fine-tuning step (fwd + bwd)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the sparse forward at the last nz_ratio")
     p.add_argument("--out", default="benchmarks/results/prefill.json")
@@ -79,10 +82,11 @@ def main() -> None:
         raise SystemExit("bench_prefill.py needs a CUDA GPU")
 
     if args.config_json:
-        config = SeerLlamaConfig.from_json_file(args.config_json)
+        fields = json.loads(Path(args.config_json).read_text())
+        config = AutoSeerForCausalLM.seer_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
         args.model = f"{args.config_json} (random weights)"
     else:
-        config = SeerLlamaForCausalLM.config_from(args.model)
+        config = AutoSeerForCausalLM.config_from(args.model)
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
     if args.length > config.max_position_embeddings:
@@ -90,9 +94,9 @@ def main() -> None:
     config.seerattn_min_sparse_length = 0
     if args.config_json:
         torch.manual_seed(0)
-        model = SeerLlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+        model = AutoSeerForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
     else:
-        model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=torch.bfloat16).cuda().eval()
+        model = AutoSeerForCausalLM.from_pretrained(args.model, config=config, dtype=torch.bfloat16).cuda().eval()
     ids = torch.randint(100, config.vocab_size - 1, (1, args.length), device="cuda")
 
     rows = []
