@@ -49,24 +49,33 @@ class AutoSeerForCausalLM:
     @classmethod
     def family_class(cls, model: str | os.PathLike | PreTrainedConfig) -> type:
         """The Seer `ForCausalLM` class for a model name/path/`.gguf`, a gated checkpoint, or a config."""
+        return cls._pick(model)[0]
+
+    @classmethod
+    def _pick(cls, model, config: PreTrainedConfig | None = None) -> tuple[type, PreTrainedConfig | None]:
+        """`(family class, config to pass on)`: a plain source's config is read once and handed on
+        (reading a `.gguf` config costs seconds)."""
+        if isinstance(config, PreTrainedConfig):
+            return _family(config.model_type, type(config).__name__), config
         if isinstance(model, PreTrainedConfig):
-            return _family(model.model_type, type(model).__name__)
+            return _family(model.model_type, type(model).__name__), model
         source = resolve_model_source(model)
         if source.kind in ("seer_gates", "seer_full"):
-            return _family(_seer_model_type(source.path), str(model))
-        return _family(AutoConfig.from_pretrained(source.path, **source.hf_kwargs()).model_type, str(model))
+            return _family(_seer_model_type(source.path), str(model)), config
+        base = AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
+        return _family(base.model_type, str(model)), base
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """`Seer<Family>ForCausalLM.from_pretrained` of the family of `config` (when a Seer config is
-        given) or of the source; `seerattn_*` keywords override the config."""
-        picked = cls.family_class(config if isinstance(config, SeerAttnConfigMixin) else pretrained_model_name_or_path)
+        """`Seer<Family>ForCausalLM.from_pretrained` of the family of `config` (a Seer config, or a
+        plain one of the source's family) or of the source; `seerattn_*` keywords override the config."""
+        picked, config = cls._pick(pretrained_model_name_or_path, config)
         return picked.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     @classmethod
     def config_from(cls, pretrained_model_name_or_path, base_config: PreTrainedConfig | None = None, **overrides):
         """The Seer config `from_pretrained` would build (edit it, then pass `config=`)."""
-        picked = cls.family_class(base_config if base_config is not None else pretrained_model_name_or_path)
+        picked, base_config = cls._pick(pretrained_model_name_or_path, base_config)
         return picked.config_from(pretrained_model_name_or_path, base_config=base_config, **overrides)
 
     @classmethod
@@ -81,5 +90,6 @@ class AutoSeerForCausalLM:
     @classmethod
     def from_config(cls, config: PreTrainedConfig, **overrides):
         """A model with random weights (benchmarks): a Seer config, or a plain one converted first."""
-        config = cls.seer_config(config, **overrides) if overrides or not isinstance(config, SeerAttnConfigMixin) else config
+        if overrides or not isinstance(config, SeerAttnConfigMixin):
+            config = cls.seer_config(config, **overrides)
         return cls.family_class(config)(config)

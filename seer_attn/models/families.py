@@ -91,7 +91,7 @@ class SeerPhi3Attention(SeerAttentionMixin, phi3.Phi3Attention):
     def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # one fused projection, laid out [q heads | k heads | v heads]
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        nq, nkv = self.config.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        nq, nkv = self.config.num_attention_heads * self.head_dim, self.config.num_key_value_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden_states).split([nq, nkv, nkv], dim=-1)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 

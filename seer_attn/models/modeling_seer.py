@@ -313,7 +313,6 @@ class SeerAttentionMixin:
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        kwargs.pop("sliding_window", None)
         attn_output, attn_weights = seer_attention_forward(
             self, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
             q_pre=q_pre, k_pre=k_pre, sliding_window=self.seer_sliding_window, **kwargs,
