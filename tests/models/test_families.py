@@ -228,3 +228,15 @@ def test_sparse_with_a_sliding_window_is_refused(family, tmp_path):
             model(ids(S=300))
     with torch.no_grad():
         assert torch.isfinite(model(ids(S=96)).logits).all()  # within the window it is exact
+
+
+def test_gate_designs_reach_every_family(family_dir):
+    # the config's gate fields reach each family's gates (one shared attention mixin builds them)
+    family, path = family_dir
+    model = seer(path, seerattn_gate_q_summaries=2, seerattn_gate_k_summaries=2, seerattn_gate_init="pooled",
+                 seerattn_nz_ratio=0.3)
+    gate = model.gate_modules()[0]
+    assert gate.rope_stride == 32
+    with torch.no_grad():
+        out = model(ids(S=300))
+    assert torch.isfinite(out.logits).all() and out.density < 0.8
