@@ -10,7 +10,9 @@ Integration by subclassing, not copying:
   so padding arrives as a 2-D `[B, S_k]` mask (or `None` when nothing is padded).
 - Padding: each sequence of a padded batch runs on its real tokens only (gate blocks start at the
   first real token), so a padded row gives the same result as that sequence alone.
-- Decoding with a KV cache (fewer queries than keys) is dense: the gate only scores prefill.
+- Decoding with a KV cache (fewer queries than keys) is dense, unless the model has a decode gate
+  (`seerattn_decode_gate_type`) or a reference decode selector: then `seer_attn.modules.decode`
+  handles it (and `decode_eval` / the decode gate's distillation loss), wrapping the attention call.
 
 `SeerLlamaForCausalLM.save_pretrained` writes the gate weights and the config (with `base_model`);
 `from_pretrained` accepts such a gate-only folder, a full SeerLlama folder, a plain Llama (folder,
@@ -43,6 +45,8 @@ from seer_attn.models.configuration_seer_llama import SEERATTN_FIELDS, SeerLlama
 from seer_attn.kernels.block_mask import indices_to_mask
 from seer_attn.models.loading import resolve_model_source
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
+from seer_attn.modules.decode import attach_decode_gate, decode_aware_attention
+from seer_attn.modules.decode_gate import DecodeGate
 from seer_attn.modules.seer_attention import (
     SeerAttentionSettings,
     SeerAttentionStats,
@@ -210,6 +214,8 @@ class SeerLlamaAttention(LlamaAttention):
             hidden_size=config.seerattn_gate_hidden_size,
             block_size=config.seerattn_gate_block_size,
         )
+        # the decode gate (if configured) lives under attn_gate: same checkpoint, freezing and init
+        attach_decode_gate(self.attn_gate, config, self.head_dim)
         gate_config = copy.copy(config)
         gate_config.head_dim = self.attn_gate.hidden_size
         self.gate_rotary_emb = LlamaRotaryEmbedding(gate_config)
@@ -228,9 +234,9 @@ class SeerLlamaAttention(LlamaAttention):
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attn_output, attn_weights = seer_attention_forward(
-            self, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
-            q_pre=q_pre, k_pre=k_pre, **kwargs,
+        attn_output, attn_weights = decode_aware_attention(
+            self, seer_attention_forward, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
+            q_pre=q_pre, k_pre=k_pre, past_key_values=past_key_values, **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -328,6 +334,8 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         std = self.config.initializer_range if std is None else std
         for module in self.modules():
             if isinstance(module, MultiHeadLinear):
+                module.reset_parameters(std)
+            elif isinstance(module, DecodeGate):
                 module.reset_parameters(std)
 
     def gate_modules(self) -> list[AttnGate]:

@@ -74,6 +74,9 @@ class ModelArguments:
         metadata={"help": "base model: 'smollm2-135m' (embedded), a local Llama folder, a hub id, a .gguf, or a gate-only checkpoint to continue from"},
     )
     seerattn_gate_type: str | None = field(default=None, metadata={"help": "gate pooling recipe, e.g. Qavg_Kmaxminavg (default: the config's)"})
+    seerattn_decode_gate_type: str | None = field(
+        default=None, metadata={"help": "also distill a decode gate, e.g. Kmaxminavg (default: the config's; None = none)"}
+    )
     seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
     seerattn_distill_target: str = field(default="max", metadata={"help": "ground truth: max (2D max-pool, upstream) or mass (block attention mass)"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = scale * sum of per-layer gate losses"})
@@ -201,6 +204,8 @@ def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
     }
     if margs.seerattn_gate_type:
         overrides["seerattn_gate_type"] = margs.seerattn_gate_type
+    if margs.seerattn_decode_gate_type:
+        overrides["seerattn_decode_gate_type"] = margs.seerattn_decode_gate_type
     model = SeerLlamaForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
     model.config.use_cache = False
     n = model.freeze_base()
