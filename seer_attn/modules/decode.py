@@ -47,6 +47,7 @@ __all__ = [
     "attach_decode_gate",
     "decode_aware_attention",
     "select_decode_blocks",
+    "sparse_decode_step",
     "token_block_scores",
     "decode_gate_loss",
     "decode_states",
@@ -234,7 +235,7 @@ def token_block_scores(
         selector (str): one of :data:`DECODE_SELECTORS`.
         q (torch.Tensor): post-RoPE queries `[B, Hq, n, D]` (tokens `L - n .. L - 1`).
         k, v (torch.Tensor): post-RoPE keys and values `[B, Hkv, L, D]`.
-        gate_logits: for `gate`: `nc -> [B, Hkv, n, nc]` logits of the decode gate.
+        gate_logits: for `gate`: `nc -> [B, Hkv, n, nc]` logits of the decode gate, non-candidates `-inf`.
         kernel (str): `naive`, or a Triton kernel name (the oracle then uses `attn_with_token_pooling`
             when it scores a whole sequence).
 
@@ -248,8 +249,9 @@ def token_block_scores(
     if selector == "gate":
         if gate_logits is None:
             raise ValueError("seerattn_decode_selector='gate' needs a decode gate: set seerattn_decode_gate_type")
-        scores = gate_logits(nc)
-    elif selector == "oracle":
+        # the gate masks its non-candidates itself
+        return gate_logits(nc)
+    if selector == "oracle":
         with torch.no_grad():
             if kernel != "naive" and n == L and D in (64, 128):
                 from seer_attn.kernels.attn_token_pooling_kernel import attn_with_token_pooling
@@ -286,32 +288,66 @@ def _rope_fn(module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tenso
     return tables
 
 
-def _sparse_decode(module, gate, s: DecodeSettings, q, k, v, q_pre, k_pre, positions, sm_scale, state=None):
-    """Selection + block-sparse attention for the last `n` of `L` tokens; returns `(o [B, Hq, n, D], stats)`."""
+def _causal_blocks_before(m: int, bs: int) -> int:
+    # sum over tokens t < m of (t // bs + 1): blocks up to and including each token's own block
+    q, r = divmod(m, bs)
+    return bs * q * (q + 1) // 2 + r * (q + 1)
+
+
+def sparse_decode_step(
+    gate: DecodeGate | None,
+    s: DecodeSettings,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    positions: torch.Tensor,
+    sm_scale: float,
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    state: CompressedKeyCache | None = None,
+) -> tuple[torch.Tensor, SeerAttentionStats]:
+    """Block selection + block-sparse attention for the last `n` of `L` tokens (no host sync).
+
+    Args:
+        gate: the decode gate (needed by the `gate` selector).
+        s (DecodeSettings): selector, budget / threshold, block size, kernel.
+        q (torch.Tensor): post-RoPE queries `[B, Hq, n, D]`; k, v: `[B, Hkv, L, D]` (cache included).
+        q_pre (torch.Tensor): pre-RoPE queries `[B, Hq, n, D]`.
+        k_pre (torch.Tensor): pre-RoPE keys `[B, Hkv, L, D]`; read only without `state` (teacher forcing).
+        positions (torch.Tensor): position ids `[B or 1, L]` without `state`, `[B or 1, n]` with it.
+        rope: the gate's RoPE tables, `positions [B, m] -> (cos, sin) [B, m, Dg]`.
+        state (CompressedKeyCache, Optional): compressed keys of the completed blocks (generation).
+
+    Returns:
+        o `[B, Hq, n, D]`, and stats counting attended and causal blocks per KV head.
+    """
     B, Hq, n, _ = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     bs = s.block_size
     kernel = resolve_kernel(s.kernel, q.device, needs_grad=False)
-    rope = _rope_fn(module)
+    gate_logits = None
+    if gate is not None:
 
-    def gate_logits(nc: int) -> torch.Tensor:
-        with torch.no_grad():
-            qg = gate.queries(q_pre, *rope(positions.expand(B, n)))
-            if state is not None:
-                kc = state.keys
-            else:
-                kc = gate.compress_keys(k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : bs]))
-            if kc is None:
-                return qg.new_empty(B, Hkv, n, 0)
-            return torch.matmul(qg, kc[:, :, :nc].transpose(-1, -2)) / math.sqrt(gate.hidden_size)
+        def gate_logits(nc: int) -> torch.Tensor:
+            rows = torch.arange(L - n, L, device=q.device)
+            with torch.no_grad():
+                qg = gate.queries(q_pre, *rope(positions[:, -n:].expand(B, n)))
+                if state is not None:
+                    kc = state.keys
+                else:
+                    kc = gate.compress_keys(k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : bs]))
+                if kc is None:
+                    return qg.new_empty(B, Hkv, n, 0)
+                return gate.score(qg, kc[:, :, :nc], rows)
 
-    scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits if gate is not None else None)
+    scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits)
     index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
     o = _attend(q, k, v, index, sm_scale, bs, kernel)
     own = torch.arange(L - n, L, device=q.device) // bs
     kept = ((index >= 0) & (index < own[:, None])).sum() + B * Hkv * n
-    stats = SeerAttentionStats(kept_blocks=kept, causal_blocks=B * Hkv * int((own + 1).sum()), sparse=True)
-    return o, stats
+    causal = B * Hkv * (_causal_blocks_before(L, bs) - _causal_blocks_before(L - n, bs))
+    return o, SeerAttentionStats(kept_blocks=kept, causal_blocks=causal, sparse=True)
 
 
 def _unpadded(attention_mask) -> bool:
@@ -416,7 +452,9 @@ def decode_aware_attention(
         if not (enabled and layer_on):
             module.seer_stats = SeerAttentionStats()
             return dense_attention(query, key, value, scaling).transpose(1, 2), None
-        o, module.seer_stats = _sparse_decode(module, gate, s, query, key, value, q_pre, k_pre, positions, scaling)
+        o, module.seer_stats = sparse_decode_step(
+            gate, s, query, key, value, q_pre, k_pre, positions, scaling, _rope_fn(module)
+        )
         return o.transpose(1, 2), None
 
     if s.mode == "sparse" and enabled and layer_on and past_key_values is not None:
@@ -435,8 +473,8 @@ def decode_aware_attention(
                 state.append(gate, k_pre, positions, _rope_fn(module))
             if Sq < Sk and Sk >= s.min_context:
                 dtype = value.dtype
-                o, module.seer_stats = _sparse_decode(
-                    module, gate, s, query.to(dtype), key.to(dtype), value, q_pre, k_pre, positions, scaling, state
+                o, module.seer_stats = sparse_decode_step(
+                    gate, s, query.to(dtype), key.to(dtype), value, q_pre, k_pre, positions, scaling, _rope_fn(module), state
                 )
                 return o.transpose(1, 2), None
 

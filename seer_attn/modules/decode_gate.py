@@ -228,20 +228,27 @@ class CompressedKeyCache:
 
     Holds `keys` `[B, Hkv, nc, Dg]` (fp32, compressed and rotated at each block's first position)
     and the pre-RoPE keys of the partial block being filled (`pending`, fewer than `block_size`
-    tokens) with the position of its first token. A block is compressed when its last token
-    arrives, by :meth:`DecodeGate.compress_keys` on exactly the tokens and start position prefill
-    would use, so the cache equals compressing the whole prefix at once.
+    tokens) with their positions. A block is compressed when its last token arrives, by
+    :meth:`DecodeGate.compress_keys` on exactly the tokens and start position prefill would use, so
+    the cache equals compressing the whole prefix at once. A one-token step is one small copy into a
+    preallocated block buffer (plus the compression, once per block).
     """
 
     def __init__(self):
         self.keys: torch.Tensor | None = None
-        self.pending: torch.Tensor | None = None
-        self.pending_pos: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None  # [B, Hkv, block_size, D] pre-RoPE keys of the partial block
+        self._pos: torch.Tensor | None = None  # [B, block_size] their positions
+        self._fill = 0
         self.num_tokens = 0
 
     @property
     def num_blocks(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def pending(self) -> torch.Tensor | None:
+        """Pre-RoPE keys of the partial block, `[B, Hkv, p, D]` (`p < block_size`)."""
+        return None if self._buf is None else self._buf[:, :, : self._fill]
 
     @torch.no_grad()
     def append(self, gate: DecodeGate, k: torch.Tensor, positions: torch.Tensor, rope: RopeFn) -> None:
@@ -253,25 +260,33 @@ class CompressedKeyCache:
             positions (torch.Tensor): int `[B or 1, n]` position ids of the new tokens.
             rope: `positions [B, m] -> (cos, sin) [B, m, Dg]`, the gate's RoPE tables.
         """
-        B, n = k.shape[0], k.shape[2]
-        if self.pending is not None and self.pending.shape[0] != B:
-            raise ValueError(f"decode gate cache holds batch {self.pending.shape[0]}, got keys for batch {B}")
-        positions = positions.to(k.device).expand(B, n)
-        buf = k if self.pending is None else torch.cat([self.pending, k.to(self.pending.dtype)], dim=2)
-        pos = positions if self.pending_pos is None else torch.cat([self.pending_pos, positions], dim=1)
+        B, H, n, D = k.shape
         bs = gate.block_size
-        full = (buf.shape[2] // bs) * bs
-        if full:
+        if self._buf is None:
+            self._buf = k.new_empty(B, H, bs, D)
+            self._pos = torch.empty(B, bs, dtype=torch.long, device=k.device)
+        elif self._buf.shape[0] != B:
+            raise ValueError(f"decode gate cache holds batch {self._buf.shape[0]}, got keys for batch {B}")
+        positions = positions.to(k.device).expand(B, n)
+        if self._fill + n < bs:
+            self._buf[:, :, self._fill : self._fill + n] = k
+            self._pos[:, self._fill : self._fill + n] = positions
+            self._fill += n
+        else:
+            # the partial block, then the new tokens: compress every whole block among them
+            buf = torch.cat([self._buf[:, :, : self._fill], k.to(self._buf.dtype)], dim=2)
+            pos = torch.cat([self._pos[:, : self._fill], positions], dim=1)
+            full = (buf.shape[2] // bs) * bs
             new = gate.compress_keys(buf[:, :, :full], *rope(pos[:, 0:full:bs]))
             self.keys = new if self.keys is None else torch.cat([self.keys, new], dim=2)
-        # copies: a slice would keep the whole prompt's keys alive
-        self.pending = buf[:, :, full:].clone()
-        self.pending_pos = pos[:, full:].clone()
+            self._fill = buf.shape[2] - full
+            self._buf[:, :, : self._fill] = buf[:, :, full:]
+            self._pos[:, : self._fill] = pos[:, full:]
         self.num_tokens += n
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select / reorder batch rows (beam search), as the KV cache does."""
-        for name in ("keys", "pending", "pending_pos"):
+        for name in ("keys", "_buf", "_pos"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index.to(t.device)))
