@@ -86,11 +86,12 @@ def test_unlimited_budget_generation_equals_dense(tiny_dir):
     torch.testing.assert_close(scores, dscores, atol=1e-4, rtol=0)
 
 
-def test_sparse_generation_equals_teacher_forced_decode_mode(tiny_dir):
+@pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=48), dict(seerattn_decode_threshold=0.3)])
+def test_sparse_generation_equals_teacher_forced_decode_mode(tiny_dir, fields):
     """Budget 48 = own block + 2 blocks: the 20-token prompt is dense either way, every later token is
     truly sparse. Teacher-forced decode mode compresses the whole prefix at once; generation grows the
-    compressed cache block by block: the logits must agree at every step."""
-    model = load(tiny_dir, seerattn_decode_token_budget=48)
+    compressed cache block by block: the logits must agree at every step (also with a threshold)."""
+    model = load(tiny_dir, **fields)
     x = prompt()
     seq, scores, _ = greedy(model, x, n=60)
     model.set_seerattn(seerattn_mode="decode_eval")
@@ -103,6 +104,20 @@ def test_sparse_generation_equals_teacher_forced_decode_mode(tiny_dir):
     with torch.no_grad():
         dense = model(seq[:, :-1], use_cache=False).logits
     assert (dense[:, -20:] - out.logits[:, -20:]).abs().max() > 1e-3
+
+
+def test_multi_token_step_equals_teacher_forced_decode_mode(tiny_dir):
+    # a 30-token step over a 40-token cache (speculative decoding): per-token selection, blocks
+    # completed inside the step are compressed before they are scored
+    model = load(tiny_dir, seerattn_decode_token_budget=48)
+    x = prompt(S=70)
+    with torch.no_grad():
+        cache = model(x[:, :40], use_cache=True).past_key_values
+        step = model(x[:, 40:], past_key_values=cache, use_cache=True).logits
+        model.set_seerattn(seerattn_mode="decode_eval")
+        tf = model(x, use_cache=False).logits
+    torch.testing.assert_close(step, tf[:, 40:], atol=1e-4, rtol=0)
+    assert decode_states(cache)[1].num_blocks == 70 // BS
 
 
 @pytest.mark.parametrize("selector", ["oracle", "quest", "static"])
