@@ -145,7 +145,9 @@ def evaluate(
                             "token_budget": p.target if p.method != "dense" else None,
                             "density": round(density, 6), "ppl": ppl, "num_docs": n,
                         })
-                        logger.info("%s L=%d %s budget=%s: ppl %.4f density %.4f", label, length, p.method, p.target, ppl, density)
+                        logger.info(
+                            "%s L=%d %s budget=%s: ppl %.4f density %.4f", label, length, p.method, p.target, ppl, density
+                        )
     finally:
         model.set_seerattn(**saved)
         model.train(was_training)

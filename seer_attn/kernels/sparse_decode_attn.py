@@ -211,7 +211,8 @@ def _check_inputs(q, k, v, block_index, block_size) -> None:
     if block_size not in (16, 32, 64, 128):
         raise ValueError(f"{name}: block_size must be 16, 32, 64 or 128, got {block_size}")
     if not isinstance(block_index, torch.Tensor) or block_index.dtype.is_floating_point or block_index.dtype == torch.bool:
-        raise TypeError(f"{name}: block_index must be an integer tensor, got {getattr(block_index, 'dtype', type(block_index))}")
+        got = getattr(block_index, "dtype", type(block_index))
+        raise TypeError(f"{name}: block_index must be an integer tensor, got {got}")
     if block_index.dim() != 4 or tuple(block_index.shape[:3]) != (B, Hkv, n):
         raise ValueError(f"{name}: block_index must be [B, Hkv, n, K] = [{B}, {Hkv}, {n}, K], got {tuple(block_index.shape)}")
     if not (q.device == k.device == v.device == block_index.device):

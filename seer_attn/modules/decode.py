@@ -29,7 +29,6 @@ optional `decode_gate` child, see :func:`attach_decode_gate`), `gate_rotary_emb`
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,7 +104,9 @@ def validate_decode_config(config) -> None:
     if config.seerattn_decode_q_pooling not in Q_POOLINGS:
         raise ValueError(f"seerattn_decode_q_pooling must be one of {Q_POOLINGS}, got {config.seerattn_decode_q_pooling!r}")
     if config.seerattn_decode_selector not in DECODE_SELECTORS:
-        raise ValueError(f"seerattn_decode_selector must be one of {DECODE_SELECTORS}, got {config.seerattn_decode_selector!r}")
+        raise ValueError(
+            f"seerattn_decode_selector must be one of {DECODE_SELECTORS}, got {config.seerattn_decode_selector!r}"
+        )
     for name in ("seerattn_decode_token_budget", "seerattn_decode_start_layer", "seerattn_decode_min_context"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -216,7 +216,8 @@ def test_smollm2_unlimited_budget_generation_equals_dense(smollm2, eval_text):
 
     model, tok = smollm2
     x = tok(eval_text, return_tensors="pt").input_ids[:, :186]
-    saved = {k: getattr(model.config, k) for k in ("seerattn_mode", "seerattn_decode_gate_type", "seerattn_decode_token_budget", "seerattn_decode_min_context")}
+    fields = ("seerattn_mode", "seerattn_decode_gate_type", "seerattn_decode_token_budget", "seerattn_decode_min_context")
+    saved = {k: getattr(model.config, k) for k in fields}
     model.set_seerattn(seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_token_budget=10**6, seerattn_decode_min_context=0)
     for layer in model.model.layers:
         attach_decode_gate(layer.self_attn.attn_gate, model.config, layer.self_attn.head_dim).reset_parameters()
