@@ -104,6 +104,9 @@ def attention_rows(args, flex) -> list[dict]:
                     r[f"{m}_ms"] = bench(fn, graph=False)
                     if m != "flex":
                         r[f"{m}_graph_ms"] = bench(fn, graph=True)
+                if flex is not None and r["flex_ms"] is None:
+                    print("  FlexAttention failed: skipped from here on", flush=True)
+                    flex = None
                 for m in ("seer", "kernel", "flex"):
                     for mode in ("", "_graph"):
                         a, b = r.get(f"sdpa{mode}_ms"), r.get(f"{m}{mode}_ms")
