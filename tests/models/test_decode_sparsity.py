@@ -233,3 +233,28 @@ def test_smollm2_unlimited_budget_generation_equals_dense(smollm2, eval_text):
         for layer in model.model.layers:
             del layer.self_attn.attn_gate.decode_gate
         model.set_seerattn(**saved)
+
+
+@pytest.mark.gpu
+def test_smollm2_triton_decoding_gpu(eval_text):
+    """On CUDA the Triton kernels run (decode kernel, token-pooling oracle): unlimited budget == dense
+    token for token, and budget-256 generation == teacher-forced decode mode."""
+    from seer_attn import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    model = SeerLlamaForCausalLM.from_pretrained(
+        "smollm2-135m", dtype=torch.float32, seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_min_context=0,
+        seerattn_decode_token_budget=10**6,
+    ).cuda().eval()
+    x = tok(eval_text, return_tensors="pt").input_ids[:, :200].cuda()
+    seq, scores, _ = greedy(model, x, n=150)
+    model.set_seerattn(seerattn_mode="dense")
+    dseq, dscores, _ = greedy(model, x, n=150)
+    assert torch.equal(seq, dseq)
+    for selector in ("gate", "oracle"):
+        model.set_seerattn(seerattn_mode="sparse", seerattn_decode_token_budget=256, seerattn_decode_selector=selector)
+        seq, scores, _ = greedy(model, x, n=150)
+        model.set_seerattn(seerattn_mode="decode_eval")
+        with torch.no_grad():
+            tf = model(seq[:, :-1], use_cache=False).logits
+        torch.testing.assert_close(tf[:, x.shape[1] - 1 :], scores, atol=2e-3, rtol=0)
