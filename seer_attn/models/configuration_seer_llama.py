@@ -19,7 +19,7 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 | `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
 | `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
-| `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, sink + recent window, random) at the same budget. |
+| `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `pooled`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, the gate's scoring without learned weights, sink + recent window, random) at the same budget. `pooled` needs `seerattn_gate_hidden_size` = head_dim. |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
 """
 
@@ -37,7 +37,7 @@ _CHOICES = {
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
     "seerattn_loss": ("kl", "mse"),
     "seerattn_distill_target": ("max", "mass"),
-    "seerattn_selector": ("gate", "oracle", "oracle_mass", "static", "random"),
+    "seerattn_selector": ("gate", "oracle", "oracle_mass", "pooled", "static", "random"),
 }
 
 
