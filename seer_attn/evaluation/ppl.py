@@ -360,14 +360,17 @@ def plot_results(records: list[dict], path: str | Path) -> None:
 
 
 def plot_recall(records: list[dict], path: str | Path) -> None:
-    """Attention recall per layer (mean over heads): one panel per (dataset, length, budget), one line per
-    method; dashed: overlap with oracle_mass's blocks."""
+    """Attention recall per layer (mean over heads): one panel per (dataset, length, budget below 1), one
+    line per method; dashed: overlap with oracle_mass's blocks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r.get("layers")]
+    # nz_ratio 1.0 keeps every block (recall 1): no panel
+    rows = [r for r in records if r.get("layers") and not (r["sparsity_method"] == "nz_ratio" and r["target"] >= 1.0)]
+    if not rows:
+        return
     panels = list(dict.fromkeys((r["dataset"], r["context_length"]) for r in rows))
     budgets = list(dict.fromkeys((r["sparsity_method"], r["target"]) for r in rows))
     fig, axes = plt.subplots(len(panels), len(budgets), figsize=(4.2 * len(budgets), 3.4 * len(panels)), squeeze=False)
@@ -420,7 +423,7 @@ def write_results(records: list[dict], output_dir: str | Path, plot: bool = True
     if plot:
         paths["png"] = out / "ppl_vs_density.png"
         plot_results(rows, paths["png"])
-        if with_layers:
+        if any(not (r["sparsity_method"] == "nz_ratio" and r["target"] >= 1.0) for r in with_layers):
             paths["recall_png"] = out / "recall_per_layer.png"
             plot_recall(with_layers, paths["recall_png"])
     return paths
