@@ -29,7 +29,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
 | `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
-| `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, sink + recent window, random) at the same budget. |
+| `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `pooled`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, the gate's scoring without learned weights, sink + recent window, random) at the same budget. `pooled` needs `seerattn_gate_hidden_size` = head_dim. |
 | `seerattn_decode_gate_type` | None or `K<pools>` | None | decode gate (per-token scores over compressed key blocks, `seer_attn.modules.decode_gate`); None: no decode gate. Upstream's: `Kmaxminavg`. |
 | `seerattn_decode_q_pooling` | `proj`, `avg` | `proj` | how a GQA group's query heads become one gate query: learned projection (upstream's default) or mean. |
 | `seerattn_decode_gate_norm` | bool | True | RMSNorm on the decode gate's queries and keys. |
@@ -60,7 +60,7 @@ _CHOICES = {
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
     "seerattn_loss": ("kl", "mse"),
     "seerattn_distill_target": ("max", "mass"),
-    "seerattn_selector": ("gate", "oracle", "oracle_mass", "static", "random"),
+    "seerattn_selector": ("gate", "oracle", "oracle_mass", "pooled", "static", "random"),
 }
 
 

@@ -217,9 +217,12 @@ def seer_attention_forward(
     if train_gate and not in_backward():
         module.seer_target_cache = []
     cache = module.seer_target_cache if train_gate else None
+    record = getattr(module, "seer_record_masks", False)  # diagnostics (seer_attn.evaluation.recall): masks and mass maps in seer_stats
     run = lambda q, k, v, qp, kp, pos: seer_attention(  # noqa: E731
-        q, k, v, qp, kp, module.attn_gate, *_block_rope(module, pos, q.device), scaling, settings, train_gate, cache
+        q, k, v, qp, kp, module.attn_gate, *_block_rope(module, pos, q.device), scaling, settings, train_gate, cache, record
     )
+    if record and attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("recording block masks (seer_record_masks) needs unpadded inputs: pass one sequence at a time")
     if attention_mask is None or bool(attention_mask.all()):
         o, stats = run(query, key, value, q_pre, k_pre, position_ids)
     else:
@@ -293,6 +296,7 @@ class SeerAttentionMixin:
         self.gate_rotary_emb = self.rotary_class(gate_config)
         self.seer_stats: SeerAttentionStats | None = None
         self.seer_target_cache: list = []
+        self.seer_record_masks = False  # set by seer_attn.evaluation.recall to keep masks and mass maps in seer_stats
 
     @property
     def seer_sliding_window(self) -> int | None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from seer_attn.kernels.block_mask import causal_block_mask
 
-__all__ = ["AttnGate", "MultiHeadLinear", "parse_gate_type", "valid_gate_types", "pool_blocks", "apply_rope"]
+__all__ = ["AttnGate", "MultiHeadLinear", "parse_gate_type", "valid_gate_types", "pool_blocks", "apply_rope", "pooled_block_scores"]
 
 POOL_TYPES = ("max", "min", "avg")
 SUMMARY_COUNTS = (1, 2, 4, 8)
@@ -292,3 +292,49 @@ class AttnGate(nn.Module):
             `[B, Hq, nb, nb]` fp32.
         """
         return self.score(*self.pool_inputs(q, k), cos, sin, output)
+
+
+def pooled_block_scores(
+    q_pre: torch.Tensor, k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int = 64
+) -> torch.Tensor:
+    """The gate's scoring with no learned weights: the training-free `pooled` selector.
+
+    Average-pool pre-RoPE queries and keys over non-overlapping blocks (:func:`pool_blocks`),
+    rotate both with RoPE at each block's first-token position (:func:`apply_rope`, the gate's own
+    tables), and score every causal pair by the scaled dot product:
+
+        logits[b, h, i, j] = rope(avg q[b, h, block i], i) . rope(avg k[b, h // g, block j], j) / sqrt(D)
+
+    with `g = Hq // Hkv`, and `-inf` above the diagonal (`j > i`). An `AttnGate` whose query side
+    is the avg-pooled Q unchanged (`Qavg_*`, width `D`) and whose K projection passes the avg-pooled
+    K through unchanged computes exactly these logits (its scale is `1 / sqrt(hidden_size)` and
+    `hidden_size == D`): a gate initialised that way starts from this selector.
+
+    Args:
+        q_pre (torch.Tensor): pre-RoPE queries `[B, Hq, S, D]`.
+        k_pre (torch.Tensor): pre-RoPE keys `[B, Hkv, S, D]`, `Hkv` divides `Hq`.
+        cos, sin (torch.Tensor): RoPE tables of width `D` at each block's first-token position,
+            `[B, nb, D]`, `nb = ceil(S / block_size)` (what `seer_attention` passes to the gate).
+        block_size (int): tokens per block. Default: `64`.
+
+    Returns:
+        logits `[B, Hq, nb, nb]` fp32, `-inf` above the diagonal.
+    """
+    if q_pre.dim() != 4 or k_pre.dim() != 4 or q_pre.shape[-1] != k_pre.shape[-1]:
+        raise ValueError(f"pooled scores need [B, H, S, D] q and k; got {tuple(q_pre.shape)} and {tuple(k_pre.shape)}")
+    if q_pre.shape[1] % k_pre.shape[1] != 0:
+        raise ValueError(f"query heads ({q_pre.shape[1]}) must be a multiple of key heads ({k_pre.shape[1]})")
+    D = q_pre.shape[-1]
+    qb, kb = pool_blocks(q_pre, block_size, "avg"), pool_blocks(k_pre, block_size, "avg")
+    nb = qb.shape[2]
+    if tuple(cos.shape[-2:]) != (nb, D) or cos.shape != sin.shape:
+        raise ValueError(
+            f"pooled scores need RoPE tables [B, {nb}, {D}] (width head_dim: a gate hidden size other than "
+            f"head_dim gives tables of another width); got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
+    qb = apply_rope(qb, cos.float(), sin.float())
+    kb = apply_rope(kb, cos.float(), sin.float())
+    if kb.shape[1] != qb.shape[1]:
+        kb = kb.repeat_interleave(qb.shape[1] // kb.shape[1], dim=1)
+    logits = torch.matmul(qb, kb.transpose(-1, -2)) / math.sqrt(D)
+    return logits.masked_fill(~causal_block_mask(nb, nb, qb.device), float("-inf"))

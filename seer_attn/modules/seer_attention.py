@@ -30,6 +30,7 @@ from seer_attn.kernels.block_mask import (
     topk_block_index,
 )
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
+from seer_attn.modules.attn_gate import pooled_block_scores
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
 
@@ -86,6 +87,10 @@ class SeerAttentionStats:
     causal_blocks: int = 0  # available causal blocks, same sum
     sparse: bool = False  # whether the block-sparse path ran
     kept_index: torch.Tensor | None = None  # TopK path: the block indices; counted lazily (see `kept`)
+    # diagnostics, filled only when `seer_attention(..., record=True)` (sparse mode), else None:
+    mask: torch.Tensor | None = None  # bool [B, H, nb, nb]: the blocks this layer attended to
+    mass: torch.Tensor | None = None  # fp32 [B, H, nb, nb]: block mass of its exact attention (rows sum to 1)
+    oracle_mask: torch.Tensor | None = None  # bool [B, H, nb, nb]: what `oracle_mass` keeps from `mass`, same settings
 
     @property
     def kept(self) -> int | torch.Tensor:
@@ -173,20 +178,32 @@ def _gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, causal: to
     raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
 
 
-def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
+def baseline_scores(
+    selector: str, q, k, v, sm_scale: float, block_size: int, kernel: str,
+    q_pre=None, k_pre=None, cos=None, sin=None, output: str = "logits",
+) -> torch.Tensor:
     """Block scores `[B, Hq, nb, nb]` of the reference selectors (higher = keep first).
 
     - `oracle`: the model's true 2D max-pooled attention map (a strong selector, not a bound);
     - `oracle_mass`: the block attention mass map;
+    - `pooled`: the gate's scoring without learned weights (`pooled_block_scores` of the pre-RoPE
+      `q_pre`, `k_pre` with the gate's RoPE tables `cos`, `sin`): the floor a trained gate must clear;
+      logits, or their block-causal softmax with `output="probs"`;
     - `static`: the attention-sink block, then the most recent blocks (a sliding window);
     - `random`: uniform random scores.
-    Rows are probabilities for the oracles, so a threshold also applies to them.
+    Rows are probabilities for the oracles (and `pooled` with `output="probs"`), so a threshold
+    also applies to them.
     """
     B, Hq, S, _ = q.shape
     nb = math.ceil(S / block_size)
     if selector in ("oracle", "oracle_mass"):
         target = "max" if selector == "oracle" else "mass"
         return _pooling_attention(q, k, v, sm_scale, block_size, target, kernel)[1]
+    if selector == "pooled":
+        if any(t is None for t in (q_pre, k_pre, cos, sin)):
+            raise ValueError("the pooled selector needs q_pre, k_pre, cos and sin")
+        logits = pooled_block_scores(q_pre, k_pre, cos, sin, block_size)
+        return torch.softmax(logits, dim=-1) if output == "probs" else logits
     if selector == "static":
         i = torch.arange(nb, device=q.device)
         recency = -(i[:, None] - i[None, :]).float()  # 0 on the diagonal, more negative further back
@@ -195,6 +212,37 @@ def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, ke
     if selector == "random":
         return torch.rand(B, Hq, nb, nb, device=q.device)
     raise ValueError(f"unknown selector {selector!r}")
+
+
+def _reference_mask(mass: torch.Tensor, settings: SeerAttentionSettings) -> torch.Tensor:
+    """The blocks the `oracle_mass` selector keeps from `mass` under `settings` (diagnostics).
+
+    The same call as the selection in :func:`seer_attention` (keep the two in step: the test
+    `test_record_oracle_mass_mask_is_reference` compares them).
+    """
+    return select_blocks(
+        mass,
+        method=settings.sparsity_method,
+        nz_ratio=settings.nz_ratio,
+        threshold=settings.threshold,
+        keep_sink=settings.keep_sink,
+        keep_diagonal=settings.keep_diagonal,
+        dense_last_rows=settings.dense_last_rows,
+        top_p=settings.top_p,
+        adaptive_row_floor=settings.adaptive_row_floor,
+    )
+
+
+@torch.no_grad()
+def _record(stats, q, k, v, sm_scale, settings, kernel, mask=None, mass=None) -> None:
+    """Fill the diagnostics of `stats`; `mask=None` is the full causal mask, `mass=None` is computed."""
+    nb = math.ceil(q.shape[2] / settings.block_size)
+    if mass is None:
+        kernel = kernel or resolve_kernel(settings.kernel, q.device, needs_grad=False)
+        mass = _pooling_attention(q, k, v, sm_scale, settings.block_size, "mass", kernel)[1]
+    if mask is None:
+        mask = causal_block_mask(nb, nb, q.device).expand(mass.shape)
+    stats.mask, stats.mass, stats.oracle_mask = mask, mass, _reference_mask(mass, settings)
 
 
 def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> torch.Tensor:
@@ -225,6 +273,7 @@ def seer_attention(
     settings: SeerAttentionSettings,
     train_gate: bool = False,
     target_cache: list | None = None,
+    record: bool = False,
 ) -> tuple[torch.Tensor, SeerAttentionStats]:
     """SeerAttention for one layer on unpadded, cache-free (prefill) inputs.
 
@@ -240,6 +289,10 @@ def seer_attention(
         target_cache (list, Optional): ground truths of this forward, appended in order; when the
             layer is recomputed inside backward (activation checkpointing) they are popped instead
             of recomputed.
+        record (bool): in `sparse` mode, also keep the block mask used, the block mass of the exact
+            attention (one more dense attention pass, no gradients) and the `oracle_mass` mask at
+            the same settings in `stats.mask`, `stats.mass`, `stats.oracle_mask` (diagnostics:
+            `seer_attn.evaluation.recall`). The output is unchanged. Default: `False`.
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]`.
@@ -267,13 +320,16 @@ def seer_attention(
 
     dense_by_rule = (settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0) or S < settings.min_sparse_length
     if dense_by_rule and not train_gate:
+        if record:
+            _record(stats, q, k, v, sm_scale, settings, None)
         return dense_attention(q, k, v, sm_scale), stats
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
     output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
-            scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel)
+            scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel,
+                                     q_pre=q_pre, k_pre=k_pre, cos=cos, sin=sin, output=output)
     elif train_gate:
         if in_backward() and target_cache:
             # activation-checkpoint recomputation: the dense ground truth of this very forward is
@@ -291,6 +347,8 @@ def seer_attention(
         with torch.no_grad():
             scores = gate(q_pre, k_pre, cos, sin, output=output)
     if dense_by_rule:
+        if record:
+            _record(stats, q, k, v, sm_scale, settings, kernel)
         return dense_attention(q, k, v, sm_scale), stats
 
     index = None
@@ -316,6 +374,9 @@ def seer_attention(
     else:
         stats.kept_blocks = mask.sum()
     stats.sparse = True
+    if record:
+        _record(stats, q, k, v, sm_scale, settings, kernel, mask if index is None else indices_to_mask(index, nb),
+                scores if settings.selector == "oracle_mass" else None)
     if kernel == "naive":
         o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
     elif kernel == "TopK":

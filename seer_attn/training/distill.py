@@ -42,15 +42,8 @@ import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
+from seer_attn.data import build_sequences, check_context_length
 from seer_attn.models import AutoSeerForCausalLM, load_tokenizer
-from seer_attn.training.data import (
-    boundary_token_ids,
-    check_context_length,
-    filter_min_tokens,
-    load_documents,
-    pack_sequences,
-    tokenize_documents,
-)
 
 __all__ = [
     "ModelArguments",
@@ -100,14 +93,26 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(
         default="builtin:python-stdlib",
-        metadata={"help": "hub dataset, local .jsonl/.txt file or folder, or builtin:python-stdlib / builtin:pydoc-topics"},
+        metadata={"help": "comma-separated sources: hub dataset, local .jsonl/.jsonl.gz/.txt file, folder of shards, glob, "
+                          "or builtin:python-stdlib / builtin:pydoc-topics"},
     )
+    dataset_weights: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated mixture weights, one per --dataset source (shares of training tokens); "
+                          "default: concatenate the sources"},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "read the data lazily (datasets streaming: no cache, no up-front tokenisation) for corpora "
+                          "larger than memory; needs --max_steps"},
+    )
+    shuffle_buffer: int = field(default=256, metadata={"help": "with --streaming: sequences in the shuffle buffer"})
     dataset_subset: str | None = field(default=None, metadata={"help": "hub dataset config name"})
     dataset_split: str = field(default="train", metadata={"help": "hub dataset split"})
     text_field: str = field(default="text", metadata={"help": "field holding the document text"})
     train_length: int = field(default=8192, metadata={"help": "tokens per training sequence (BOS + train_length-1 stream tokens)"})
     min_doc_tokens: int = field(default=0, metadata={"help": "drop documents shorter than this many tokens before packing"})
-    max_documents: int | None = field(default=None, metadata={"help": "use at most this many (shuffled) documents"})
+    max_documents: int | None = field(default=None, metadata={"help": "use at most this many (shuffled) documents of each source"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenisation (datasets.map num_proc)"})
 
 
@@ -230,17 +235,32 @@ def load_distill_model(margs: ModelArguments):
     return model
 
 
-def build_train_dataset(dargs: DataArguments, tokenizer, seed: int):
-    """Tokenised, packed training sequences `[N, train_length]` (see `seer_attn.training.data`)."""
-    docs = load_documents(
-        dargs.dataset, dargs.dataset_split, dargs.text_field, dargs.dataset_subset, dargs.max_documents, seed=seed
+def build_train_dataset(dargs: DataArguments, tokenizer, seed: int, max_steps: int | None = None):
+    """Tokenised, packed training sequences `[N, train_length]`, one source or a weighted mixture.
+
+    See `seer_attn.data.build_sequences`. With `--streaming` the result has no length, so the
+    Trainer cannot count epochs: `max_steps` (the run's `--max_steps`) must be > 0.
+    """
+    if dargs.streaming and max_steps is not None and max_steps <= 0:
+        raise ValueError(
+            "--streaming needs --max_steps > 0: a streamed dataset has no length, so the number of steps "
+            "cannot be derived from --num_train_epochs"
+        )
+    return build_sequences(
+        dargs.dataset,
+        tokenizer,
+        dargs.train_length,
+        weights=dargs.dataset_weights,
+        split=dargs.dataset_split,
+        text_field=dargs.text_field,
+        subset=dargs.dataset_subset,
+        max_documents=dargs.max_documents,
+        min_doc_tokens=dargs.min_doc_tokens,
+        seed=seed,
+        streaming=dargs.streaming,
+        num_proc=dargs.preprocessing_num_workers,
+        shuffle_buffer=dargs.shuffle_buffer,
     )
-    tokens = tokenize_documents(docs, tokenizer, dargs.preprocessing_num_workers)
-    tokens = filter_min_tokens(tokens, dargs.min_doc_tokens, dargs.dataset, f"--min_doc_tokens {dargs.min_doc_tokens}")
-    start, end = boundary_token_ids(tokenizer)
-    packed = pack_sequences(tokens, dargs.train_length, start, end, dargs.preprocessing_num_workers)
-    logger.info("%s: %d documents -> %d sequences of %d tokens", dargs.dataset, len(tokens), len(packed), dargs.train_length)
-    return packed.with_format("torch")
 
 
 def parse_with_config(classes: tuple, argv: list[str] | None = None, **defaults):
@@ -280,7 +300,7 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer = load_tokenizer(margs.model)
     model = load_distill_model(margs)
     check_context_length(model.config, dargs.train_length)
-    train = build_train_dataset(dargs, tokenizer, targs.seed)
+    train = build_train_dataset(dargs, tokenizer, targs.seed, targs.max_steps)
 
     resume = targs.resume_from_checkpoint
     if resume == "last":

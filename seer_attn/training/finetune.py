@@ -36,9 +36,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
+from seer_attn.data import check_context_length
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config
-from seer_attn.training.data import check_context_length
 
 __all__ = ["FinetuneModelArguments", "FinetuneTrainingArguments", "FinetuneTrainer", "load_finetune_model", "main"]
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> str:
     check_context_length(model.config, dargs.train_length)
     if dargs.min_doc_tokens == 0:
         dargs.min_doc_tokens = dargs.train_length  # train on documents that really are long
-    train = build_train_dataset(dargs, tokenizer, targs.seed)
+    train = build_train_dataset(dargs, tokenizer, targs.seed, targs.max_steps)
 
     resume = targs.resume_from_checkpoint
     if resume == "last":
