@@ -1,0 +1,541 @@
+"""The AttnGate's inference path in three Triton kernels: summaries, block scores, block selection.
+
+The PyTorch gate (`seer_attn.modules.attn_gate.AttnGate` with `topk_block_index` / the threshold
+rule) is the twin and defines the meaning; it runs dozens of small fp32 launches and copies of
+``[B, H, S, D]``. Here:
+
+1. ``gate_pool_fwd_kernel`` (launched once for Q, once for K): reads each pre-RoPE block of
+   ``BS`` tokens once in its own dtype, keeps the max / min / sum pools in fp32 registers, applies
+   the per-head projection (a ``[BN, D] x [D, Dg]`` product per pool for ``BN`` blocks at once, so
+   the weights are read once per ``BN`` blocks) and RoPE at the block's first-token position, and
+   writes the fp32 summary ``[B, H, nb, Dg]``. RoPE works on the two halves of the vector, so the
+   pools, the projection and the rotation are all done half by half (no register shuffles).
+2. ``gate_score_fwd_kernel``: scaled block logits ``q . k / sqrt(Dg)`` tile by tile, lower triangle
+   only (the ``[B, Hq, nb, nb]`` fp32 logits are the only ``nb^2`` buffer; the twin holds the same).
+3. ``gate_select_fwd_kernel``: a few query-block rows per program, the whole causal row in
+   registers. Top-k: the k-th largest logit is found *exactly* by bisection on the order-preserving
+   int32 image of the fp32 logits (32 steps at most, no sort); blocks above it are kept, ties at it
+   go to the lowest block indices. Threshold: the row softmax is computed in registers and blocks
+   with probability ``> threshold`` are kept. The kept indices are written compacted and in
+   ascending order, right-aligned and ``-1`` padded on the left, with the sink (block 0) in front
+   and the diagonal at the end, so rows are already sorted the way ``block_sparse_attn_topk``
+   reads them (``sorted_index=True`` skips its sort).
+
+No host syncs anywhere: every size is known from the shapes.
+
+Exactness against the twin: the pools, projections and RoPE are the same fp32 operations in another
+summation order, and the dots use ``tf32x3`` on the GPU (about fp32 accuracy; ``ieee`` is one
+argument away), so logits agree to ~1e-6 relative. The selection itself is exact on the logits it
+is given, so selected sets differ from the twin's only where two logits of a row are within that
+rounding of each other at the k-th place (near ties).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from seer_attn.kernels._triton import is_interpreter, prune_configs
+
+__all__ = ["gate_summaries", "gate_scores", "gate_select", "fused_gate_index", "GATE_DOT_PRECISION"]
+
+# dot input precision of the gate's products on the GPU: tf32x3 is ~fp32 accurate (the twin is fp32)
+# at tensor-core speed; "tf32" is faster and ranks near-ties differently, "ieee" is exact fp32 FMA
+GATE_DOT_PRECISION = "tf32x3"
+
+_POOL_ORDER = ("max", "min", "avg")
+
+
+def _dot_prec(precision: str | None) -> str:
+    # the interpreter multiplies in numpy fp32 whatever is asked
+    return "ieee" if is_interpreter() else (precision or GATE_DOT_PRECISION)
+
+
+@triton.jit
+def _project_half(
+    b_lo, b_hi, w_base, row0, stride_wi, stride_wo, o_i, o_g, H2: tl.constexpr, DG2: tl.constexpr, DOT_PREC: tl.constexpr
+):
+    # the pool's two halves [BN, D/2] times the weight rows row0 .. row0 + D of one head: both output halves
+    p_w = w_base + (row0 + o_i[:, None]) * stride_wi + o_g[None, :] * stride_wo
+    b_w_ll = tl.load(p_w).to(tl.float32)
+    b_w_lh = tl.load(p_w + DG2 * stride_wo).to(tl.float32)
+    b_w_hl = tl.load(p_w + H2 * stride_wi).to(tl.float32)
+    b_w_hh = tl.load(p_w + H2 * stride_wi + DG2 * stride_wo).to(tl.float32)
+    y_lo = tl.dot(b_lo, b_w_ll, input_precision=DOT_PREC) + tl.dot(b_hi, b_w_hl, input_precision=DOT_PREC)
+    y_hi = tl.dot(b_lo, b_w_lh, input_precision=DOT_PREC) + tl.dot(b_hi, b_w_hh, input_precision=DOT_PREC)
+    return y_lo, y_hi
+
+
+@triton.autotune(
+    configs=prune_configs(
+        [
+            triton.Config({"BN": bn, "TC": tc}, num_warps=w)
+            for bn in (16, 32)
+            for tc in (8, 4)
+            for w in (4, 8)
+        ]
+    ),
+    key=["D", "DG", "BS", "POOL_MAX", "POOL_MIN", "POOL_AVG", "PROJ", "G_OUT"],
+)
+@triton.jit
+def gate_pool_fwd_kernel(
+    x,
+    w,
+    cos,
+    sin,
+    out,
+    stride_xb,
+    stride_xh,
+    stride_xt,
+    stride_xd,
+    stride_wh,
+    stride_wi,
+    stride_wo,
+    stride_cb,
+    stride_cn,
+    stride_cd,
+    stride_sb,
+    stride_sn,
+    stride_sd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    T,
+    NB,
+    H_IN: tl.constexpr,
+    D: tl.constexpr,
+    DG: tl.constexpr,
+    BS: tl.constexpr,
+    POOL_MAX: tl.constexpr,
+    POOL_MIN: tl.constexpr,
+    POOL_AVG: tl.constexpr,
+    PROJ: tl.constexpr,
+    G_OUT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BN: tl.constexpr,
+    TC: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H_IN, i_bh % H_IN
+    H2: tl.constexpr = D // 2
+    DG2: tl.constexpr = DG // 2
+
+    # [BN] block ids, [TC] token offsets inside a step, [H2] half-vector lanes
+    o_n = i_c * BN + tl.arange(0, BN)
+    o_t = tl.arange(0, TC)
+    o_i = tl.arange(0, H2)
+    m_n = o_n < NB
+    x_base = x + i_b * stride_xb + i_h * stride_xh
+
+    b_max_lo = tl.full([BN, H2], float("-inf"), dtype=tl.float32)
+    b_max_hi = tl.full([BN, H2], float("-inf"), dtype=tl.float32)
+    b_min_lo = tl.full([BN, H2], float("inf"), dtype=tl.float32)
+    b_min_hi = tl.full([BN, H2], float("inf"), dtype=tl.float32)
+    b_sum_lo = tl.zeros([BN, H2], dtype=tl.float32)
+    b_sum_hi = tl.zeros([BN, H2], dtype=tl.float32)
+    for t0 in range(0, BS, TC):
+        # [BN, TC] token positions of this step in each of the BN blocks
+        o_tok = o_n[:, None] * BS + t0 + o_t[None, :]
+        m_tok = (o_tok < T)[:, :, None]
+        p_x = x_base + o_tok[:, :, None] * stride_xt + o_i[None, None, :] * stride_xd
+        # [BN, TC, H2]
+        b_lo = tl.load(p_x, mask=m_tok, other=0.0).to(tl.float32)
+        b_hi = tl.load(p_x + H2 * stride_xd, mask=m_tok, other=0.0).to(tl.float32)
+        if POOL_MAX:
+            b_max_lo = tl.maximum(b_max_lo, tl.max(tl.where(m_tok, b_lo, float("-inf")), 1))
+            b_max_hi = tl.maximum(b_max_hi, tl.max(tl.where(m_tok, b_hi, float("-inf")), 1))
+        if POOL_MIN:
+            b_min_lo = tl.minimum(b_min_lo, tl.min(tl.where(m_tok, b_lo, float("inf")), 1))
+            b_min_hi = tl.minimum(b_min_hi, tl.min(tl.where(m_tok, b_hi, float("inf")), 1))
+        if POOL_AVG:
+            b_sum_lo += tl.sum(b_lo, 1)
+            b_sum_hi += tl.sum(b_hi, 1)
+    # blocks past the end pool nothing: keep them finite (they are not stored)
+    m_pool = m_n[:, None]
+    b_max_lo = tl.where(m_pool, b_max_lo, 0.0)
+    b_max_hi = tl.where(m_pool, b_max_hi, 0.0)
+    b_min_lo = tl.where(m_pool, b_min_lo, 0.0)
+    b_min_hi = tl.where(m_pool, b_min_hi, 0.0)
+    # a partial last block averages over the tokens it has
+    b_cnt = tl.maximum(tl.minimum(T - o_n * BS, BS), 1).to(tl.float32)
+    b_avg_lo = b_sum_lo / b_cnt[:, None]
+    b_avg_hi = b_sum_hi / b_cnt[:, None]
+
+    # RoPE tables at each block's first token, the two halves of [BN, DG]
+    o_g = tl.arange(0, DG2)
+    m_c = m_n[:, None]
+    p_c = cos + i_b * stride_cb + o_n[:, None] * stride_cn + o_g[None, :] * stride_cd
+    p_s = sin + i_b * stride_sb + o_n[:, None] * stride_sn + o_g[None, :] * stride_sd
+    b_cos_lo = tl.load(p_c, mask=m_c, other=0.0).to(tl.float32)
+    b_cos_hi = tl.load(p_c + DG2 * stride_cd, mask=m_c, other=0.0).to(tl.float32)
+    b_sin_lo = tl.load(p_s, mask=m_c, other=0.0).to(tl.float32)
+    b_sin_hi = tl.load(p_s + DG2 * stride_sd, mask=m_c, other=0.0).to(tl.float32)
+
+    for g in range(G_OUT):
+        i_ho = i_h * G_OUT + g
+        if PROJ:
+            # weight rows: the pools in the fixed order max, min, avg, D rows each
+            w_base = w + i_ho * stride_wh
+            y_lo = tl.zeros([BN, DG2], dtype=tl.float32)
+            y_hi = tl.zeros([BN, DG2], dtype=tl.float32)
+            if POOL_MAX:
+                a_lo, a_hi = _project_half(b_max_lo, b_max_hi, w_base, 0, stride_wi, stride_wo, o_i, o_g, H2, DG2, DOT_PREC)
+                y_lo += a_lo
+                y_hi += a_hi
+            if POOL_MIN:
+                a_lo, a_hi = _project_half(
+                    b_min_lo, b_min_hi, w_base, POOL_MAX * D, stride_wi, stride_wo, o_i, o_g, H2, DG2, DOT_PREC
+                )
+                y_lo += a_lo
+                y_hi += a_hi
+            if POOL_AVG:
+                a_lo, a_hi = _project_half(
+                    b_avg_lo, b_avg_hi, w_base, (POOL_MAX + POOL_MIN) * D, stride_wi, stride_wo, o_i, o_g, H2, DG2, DOT_PREC
+                )
+                y_lo += a_lo
+                y_hi += a_hi
+        else:
+            # a single pool used as is (D == DG)
+            if POOL_MAX:
+                y_lo, y_hi = b_max_lo, b_max_hi
+            elif POOL_MIN:
+                y_lo, y_hi = b_min_lo, b_min_hi
+            else:
+                y_lo, y_hi = b_avg_lo, b_avg_hi
+        # rotate-half RoPE: [x1, x2] -> [x1 cos1 - x2 sin1, x2 cos2 + x1 sin2]
+        r_lo = y_lo * b_cos_lo - y_hi * b_sin_lo
+        r_hi = y_hi * b_cos_hi + y_lo * b_sin_hi
+        p_o = out + i_b * stride_ob + i_ho * stride_oh + o_n[:, None] * stride_on + o_g[None, :] * stride_od
+        tl.store(p_o, r_lo, mask=m_c)
+        tl.store(p_o + DG2 * stride_od, r_hi, mask=m_c)
+
+
+@triton.autotune(
+    configs=prune_configs([triton.Config({"BM": 64, "BN": 64}, num_warps=w) for w in (4, 8)]),
+    key=["DG", "FILL"],
+)
+@triton.jit
+def gate_score_fwd_kernel(
+    qg,
+    kg,
+    s,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_sb,
+    stride_sh,
+    stride_sm,
+    stride_sn,
+    scale,
+    NB,
+    HQ: tl.constexpr,
+    G_K: tl.constexpr,
+    DG: tl.constexpr,
+    FILL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_st = (o_m[:, None] < NB) & (o_n[None, :] < NB)
+    p_s = s + i_b * stride_sb + i_h * stride_sh + o_m[:, None] * stride_sm + o_n[None, :] * stride_sn
+    if i_n * BN <= i_m * BM + BM - 1:
+        o_d = tl.arange(0, DG)
+        p_q = qg + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :] * stride_qd
+        p_k = kg + i_b * stride_kb + (i_h // G_K) * stride_kh + o_n[:, None] * stride_kn + o_d[None, :] * stride_kd
+        # [BM, DG], [BN, DG]
+        b_q = tl.load(p_q, mask=(o_m < NB)[:, None], other=0.0)
+        b_k = tl.load(p_k, mask=(o_n < NB)[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        b_s = tl.where(o_n[None, :] <= o_m[:, None], b_s, float("-inf"))
+        tl.store(p_s, b_s, mask=m_st)
+    elif FILL:
+        tl.store(p_s, tl.full([BM, BN], float("-inf"), dtype=tl.float32), mask=m_st)
+
+
+@triton.jit
+def _sortable_key(b_s):
+    # fp32 -> int32 with the same order (negative floats have their magnitude bits flipped)
+    b_i = b_s.to(tl.int32, bitcast=True)
+    return tl.where(b_i >= 0, b_i, b_i ^ 0x7FFFFFFF)
+
+
+@triton.autotune(configs=prune_configs([triton.Config({}, num_warps=w) for w in (4, 8)]), key=["NBP", "R", "METHOD"])
+@triton.jit
+def gate_select_fwd_kernel(
+    s,
+    idx,
+    stride_sb,
+    stride_sh,
+    stride_sm,
+    stride_sn,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    stride_iw,
+    NB,
+    W,
+    K_SEL,
+    threshold,
+    DENSE_FROM,
+    HQ: tl.constexpr,
+    METHOD: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
+    KEEP_DIAG: tl.constexpr,
+    NBP: tl.constexpr,
+    WP: tl.constexpr,
+    R: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    # [R] rows, [NBP] columns
+    o_r = i_m * R + tl.arange(0, R)
+    o_j = tl.arange(0, NBP)
+    m_r = o_r < NB
+    m_v = (o_j[None, :] <= o_r[:, None]) & m_r[:, None]
+    p_s = s + i_b * stride_sb + i_h * stride_sh + o_r[:, None] * stride_sm + o_j[None, :] * stride_sn
+    b_s = tl.load(p_s, mask=m_v, other=float("-inf"))
+    n_valid = tl.where(m_r, o_r + 1, 0)
+    dense = o_r >= DENSE_FROM
+
+    if METHOD == 0:
+        # exact top-k: the largest key t with #{key >= t} >= kk, by bisection on int32 keys
+        kk = tl.minimum(n_valid, K_SEL)
+        b_key = _sortable_key(b_s)
+        lo = tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1).to(tl.int64)
+        hi = tl.max(tl.where(m_v, b_key, -0x7FFFFFFF - 1), 1).to(tl.int64)
+        lo = tl.where(m_r, lo, 0)
+        hi = tl.where(m_r, hi, 0)
+        while tl.max(hi - lo) > 0:
+            mid = lo + (hi - lo + 1) // 2
+            cnt = tl.sum((m_v & (b_key.to(tl.int64) >= mid[:, None])).to(tl.int32), 1)
+            ok = cnt >= kk
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        t_key = lo[:, None]
+        b_gt = m_v & (b_key.to(tl.int64) > t_key)
+        b_eq = m_v & (b_key.to(tl.int64) == t_key)
+        need = kk - tl.sum(b_gt.to(tl.int32), 1)
+        # ties at the k-th value go to the lowest block indices
+        b_sel = b_gt | (b_eq & (tl.cumsum(b_eq.to(tl.int32), 1) <= need[:, None]))
+    else:
+        if SOFTMAX:
+            b_mx = tl.max(b_s, 1)
+            b_mx = tl.where(m_r, b_mx, 0.0)
+            b_e = tl.where(m_v, tl.exp(b_s - b_mx[:, None]), 0.0)
+            b_p = b_e / tl.maximum(tl.sum(b_e, 1), 1e-30)[:, None]
+        else:
+            b_p = b_s
+        b_sel = m_v & (b_p > threshold)
+    b_sel = b_sel | (m_v & dense[:, None])
+
+    # right-aligned, ascending: [-1 ... | sink | kept blocks | diagonal]
+    n_sel = tl.sum(b_sel.to(tl.int32), 1)
+    n_all = n_sel + KEEP_SINK + KEEP_DIAG
+    base = W - n_all
+    p_row = idx + i_b * stride_ib + i_h * stride_ih + o_r * stride_im
+    o_w = tl.arange(0, WP)
+    m_pad = m_r[:, None] & (o_w[None, :] < base[:, None])
+    tl.store(p_row[:, None] + o_w[None, :] * stride_iw, tl.full([R, WP], -1, dtype=tl.int32), mask=m_pad)
+    slot = base[:, None] + KEEP_SINK + tl.cumsum(b_sel.to(tl.int32), 1) - 1
+    b_col = tl.broadcast_to(o_j[None, :], (R, NBP)).to(tl.int32)
+    tl.store(p_row[:, None] + slot * stride_iw, b_col, mask=b_sel)
+    if KEEP_SINK:
+        tl.store(p_row + base * stride_iw, tl.zeros([R], dtype=tl.int32), mask=m_r)
+    if KEEP_DIAG:
+        tl.store(p_row + (W - 1) * stride_iw, o_r.to(tl.int32), mask=m_r)
+
+
+def _check_summaries_inputs(x, weight, cos, sin, pools, block_size, g_out):
+    if x.dim() != 4:
+        raise ValueError(f"gate_summaries: x must be [B, H, S, D], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"gate_summaries: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if not pools or any(p not in _POOL_ORDER for p in pools) or tuple(p for p in _POOL_ORDER if p in pools) != tuple(pools):
+        raise ValueError(f"gate_summaries: pools must be a non-empty ordered subset of {_POOL_ORDER}, got {pools}")
+    B, H, S, D = x.shape
+    if D < 32 or D & (D - 1):
+        raise ValueError(f"gate_summaries: head_dim must be a power of two >= 32, got {D}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"gate_summaries: block_size must be 16, 32, 64 or 128, got {block_size}")
+    dg = cos.shape[-1]
+    if dg < 32 or dg & (dg - 1):
+        raise ValueError(f"gate_summaries: gate width must be a power of two >= 32, got {dg}")
+    nb = math.ceil(S / block_size)
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] != B or cos.shape[1] != nb:
+        raise ValueError(f"gate_summaries: cos/sin must be [B, nb, Dg] = [{B}, {nb}, Dg], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if weight is None:
+        if len(pools) != 1 or dg != D or g_out != 1:
+            raise ValueError("gate_summaries: without a weight the summary is a single pool of width D (one output per head)")
+    elif tuple(weight.shape) != (H * g_out, len(pools) * D, dg):
+        raise ValueError(
+            f"gate_summaries: weight must be [H * g_out, len(pools) * D, Dg] = [{H * g_out}, {len(pools) * D}, {dg}], "
+            f"got {tuple(weight.shape)}"
+        )
+    for name, t in (("weight", weight), ("cos", cos), ("sin", sin)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"gate_summaries: {name} on {t.device}, x on {x.device}")
+
+
+def gate_summaries(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pools: tuple[str, ...],
+    block_size: int = 64,
+    g_out: int = 1,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """Pool, project and rotate one side of the gate: `[B, H, S, D]` -> fp32 `[B, H * g_out, nb, Dg]`.
+
+    Args:
+        x (torch.Tensor): pre-RoPE queries or keys `[B, H, S, D]`, any strides, fp16/bf16/fp32.
+        weight (torch.Tensor, Optional): per-output-head projection `[H * g_out, len(pools) * D, Dg]`
+            (`MultiHeadLinear.weight`); None uses the single pool as is (then `Dg == D`).
+        cos, sin (torch.Tensor): RoPE tables `[B, nb, Dg]` at each block's first-token position.
+        pools (tuple[str, ...]): ordered subset of `("max", "min", "avg")`, concatenated in that order.
+        block_size (int): tokens per block. Default: `64`.
+        g_out (int): outputs per input head; output head `h * g_out + g` uses `weight[h * g_out + g]`
+            (the default gate's K side: pooled KV head `h` projected for each query head of its group).
+        precision (str, Optional): `tl.dot` input precision. Default: :data:`GATE_DOT_PRECISION`.
+    """
+    _check_summaries_inputs(x, weight, cos, sin, pools, block_size, g_out)
+    B, H, S, D = x.shape
+    nb, dg = math.ceil(S / block_size), cos.shape[-1]
+    out = torch.empty(B, H * g_out, nb, dg, device=x.device, dtype=torch.float32)
+    w = weight if weight is not None else out  # unused pointer when there is no projection
+    w_strides = weight.stride() if weight is not None else (0, 0, 0)
+    grid = lambda meta: (triton.cdiv(nb, meta["BN"]), B * H)  # noqa: E731
+    gate_pool_fwd_kernel[grid](
+        x, w, cos, sin, out,
+        *x.stride(), *w_strides, *cos.stride(), *sin.stride(), *out.stride(),
+        S, nb,
+        H_IN=H, D=D, DG=dg, BS=block_size,
+        POOL_MAX=int("max" in pools), POOL_MIN=int("min" in pools), POOL_AVG=int("avg" in pools),
+        PROJ=weight is not None, G_OUT=g_out, DOT_PREC=_dot_prec(precision),
+    )  # fmt: skip
+    return out
+
+
+def gate_scores(
+    qg: torch.Tensor, kg: torch.Tensor, fill_upper: bool = False, precision: str | None = None
+) -> torch.Tensor:
+    """Scaled causal block logits `qg . kg / sqrt(Dg)`: fp32 `[B, Hq, nb, nb]`.
+
+    Args:
+        qg (torch.Tensor): fp32 `[B, Hq, nb, Dg]` (from :func:`gate_summaries`).
+        kg (torch.Tensor): fp32 `[B, Hk, nb, Dg]`, `Hk` divides `Hq` (query head `h` reads `h // (Hq // Hk)`).
+        fill_upper (bool): write `-inf` above the diagonal (as `AttnGate` returns logits); otherwise
+            tiles wholly above it are left unwritten (the selection never reads them). Default: `False`.
+    """
+    if qg.dim() != 4 or kg.dim() != 4 or qg.dtype != torch.float32 or kg.dtype != torch.float32:
+        raise ValueError(f"gate_scores: fp32 [B, H, nb, Dg] summaries expected, got {qg.dtype} {tuple(qg.shape)}, {kg.dtype} {tuple(kg.shape)}")
+    B, Hq, nb, dg = qg.shape
+    if kg.shape[0] != B or kg.shape[2:] != qg.shape[2:] or Hq % kg.shape[1]:
+        raise ValueError(f"gate_scores: qg {tuple(qg.shape)} and kg {tuple(kg.shape)} do not match")
+    s = torch.empty(B, Hq, nb, nb, device=qg.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(nb, meta["BM"]), triton.cdiv(nb, meta["BN"]), B * Hq)  # noqa: E731
+    gate_score_fwd_kernel[grid](
+        qg, kg, s, *qg.stride(), *kg.stride(), *s.stride(), 1.0 / math.sqrt(dg), nb,
+        HQ=Hq, G_K=Hq // kg.shape[1], DG=dg, FILL=fill_upper, DOT_PREC=_dot_prec(precision),
+    )  # fmt: skip
+    return s
+
+
+def gate_select(
+    scores: torch.Tensor,
+    method: str = "nz_ratio",
+    k: int = 1,
+    threshold: float = 0.0,
+    scores_are_probs: bool = False,
+    keep_sink: bool = False,
+    keep_diagonal: bool = True,
+    dense_last_rows: int = 0,
+) -> torch.Tensor:
+    """Block scores -> kept key blocks per query block, int32 `[B, H, nb, W]`, rows ascending, `-1` padded in front.
+
+    Args:
+        scores (torch.Tensor): fp32 `[B, H, nb, nb]`; only the causal lower triangle is read.
+        method (str): `"nz_ratio"`: the `k` best causal blocks of each row (all of them in rows with
+            fewer), exact, ties to the lowest index; `"threshold"`: blocks whose row-softmax
+            probability is `> threshold` (`scores_are_probs`: the scores already are probabilities).
+        keep_sink, keep_diagonal (bool): also list block 0 / the diagonal block (a repeat when it
+            was selected anyway: `block_sparse_attn_topk` and `indices_to_mask` count it once).
+        dense_last_rows (int): the last n rows keep every causal block.
+
+    Returns:
+        `W = min(k, nb)` (top-k) or `nb` (threshold, or any dense rows), plus one column per keep rule.
+        Rows are sorted ascending, so `block_sparse_attn_topk(..., sorted_index=True)` takes them as they are.
+    """
+    if scores.dim() != 4 or scores.dtype != torch.float32 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(f"gate_select: scores must be fp32 [B, H, nb, nb], got {scores.dtype} {tuple(scores.shape)}")
+    if method not in ("nz_ratio", "threshold"):
+        raise ValueError(f"gate_select: method must be 'nz_ratio' or 'threshold', got {method!r}")
+    B, H, nb, _ = scores.shape
+    k = max(1, min(int(k), nb))
+    width = nb if (method == "threshold" or dense_last_rows > 0) else k
+    W = width + int(keep_sink) + int(keep_diagonal)
+    idx = torch.empty(B, H, nb, W, device=scores.device, dtype=torch.int32)
+    nbp = triton.next_power_of_2(nb)
+    # about 4k scores per program in registers
+    R = max(1, min(16, 4096 // nbp))
+    gate_select_fwd_kernel[(triton.cdiv(nb, R), B * H)](
+        scores, idx, *scores.stride(), *idx.stride(),
+        nb, W, k, float(threshold), nb - dense_last_rows if dense_last_rows > 0 else nb,
+        HQ=H, METHOD=0 if method == "nz_ratio" else 1, SOFTMAX=not scores_are_probs,
+        KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal),
+        NBP=nbp, WP=triton.next_power_of_2(W), R=R,
+    )  # fmt: skip
+    return idx
+
+
+def fused_gate_index(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w_q: torch.Tensor | None,
+    w_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_pools: tuple[str, ...],
+    k_pools: tuple[str, ...],
+    block_size: int = 64,
+    method: str = "nz_ratio",
+    k_blocks: int = 1,
+    threshold: float = 0.0,
+    keep_sink: bool = False,
+    keep_diagonal: bool = True,
+    dense_last_rows: int = 0,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """The whole gate at inference: pre-RoPE `q` `[B, Hq, S, D]`, `k` `[B, Hkv, S, D]` -> block index.
+
+    `w_q` None (the default gate: one Q pool, `Dg == D`): `w_k` is `[Hq, len(k_pools) * D, Dg]`, one
+    K projection per query head. Otherwise `w_q` `[Hq, ., Dg]` and `w_k` `[Hkv, ., Dg]`. Selection
+    arguments as :func:`gate_select`; returns its int32 `[B, Hq, nb, W]` index. Four launches.
+    """
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"fused_gate_index: query heads ({Hq}) must be a multiple of key heads ({Hkv})")
+    qg = gate_summaries(q, w_q, cos, sin, q_pools, block_size, 1, precision)
+    g_out = Hq // Hkv if w_q is None else 1
+    kg = gate_summaries(k, w_k, cos, sin, k_pools, block_size, g_out, precision)
+    scores = gate_scores(qg, kg, precision=precision)
+    return gate_select(scores, method, k_blocks, threshold, False, keep_sink, keep_diagonal, dense_last_rows)
