@@ -19,6 +19,10 @@ One loaded model serves every row, switched with `set_seerattn`:
   max-pooled attention map), `oracle_mass` (of the true block mass), `static` (sink block + most
   recent blocks) and `random`, each at every `nz_ratio` budget (the same per-row block count for
   every method, hence about the same realised density);
+- with `--budget_methods nz_ratio,adaptive` every method also runs `adaptive` selection at each
+  `nz_ratio` budget (the per-row top-k budget spent over all rows and heads of a layer);
+- with `--top_ps`, `seer`, `oracle` and `oracle_mass` keep each row's most probable blocks up to that
+  cumulative probability;
 - with `--thresholds`, `seer`, `oracle` and `oracle_mass` keep blocks whose probability exceeds the
   threshold. `static` and `random` are skipped there: their scores are not probabilities, and the
   figure compares all methods at their realised densities anyway.
@@ -77,7 +81,7 @@ METHODS = ("dense", "seer", "oracle", "oracle_mass", "static", "random")
 THRESHOLD_METHODS = ("seer", "oracle", "oracle_mass")
 _RESET_FIELDS = (
     "seerattn_mode", "seerattn_selector", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_threshold",
-    "seerattn_min_sparse_length",
+    "seerattn_top_p", "seerattn_min_sparse_length",
 )
 
 
@@ -109,6 +113,10 @@ class PPLArguments:
     lengths: str = field(default="8192", metadata={"help": "comma-separated context lengths L (tokens, BOS included)"})
     nz_ratios: str = field(default="1.0,0.5,0.3,0.1", metadata={"help": "comma-separated nz_ratio budgets (target causal density)"})
     thresholds: str = field(default="", metadata={"help": "comma-separated gate-probability thresholds (seer, oracle, oracle_mass only)"})
+    budget_methods: str = field(
+        default="nz_ratio", metadata={"help": "sparsity methods run at every nz_ratio budget: nz_ratio (per-row top-k) and/or adaptive"}
+    )
+    top_ps: str = field(default="", metadata={"help": "comma-separated top-p values (seer, oracle, oracle_mass only)"})
     methods: str = field(default=",".join(METHODS), metadata={"help": f"comma-separated subset of {', '.join(METHODS)}"})
     max_docs: int | None = field(default=None, metadata={"help": "score the first n long-enough documents of each dataset"})
     min_doc_tokens: int | None = field(default=None, metadata={"help": "skip shorter documents (default: max(lengths) - 1)"})
@@ -127,16 +135,28 @@ class SweepPoint:
     """One row of the sweep: a method at a budget, and the `seerattn_*` fields that realise it."""
 
     method: str
-    sparsity_method: str  # dense | nz_ratio | threshold
-    target: float  # nz_ratio or threshold; 1.0 for dense
+    sparsity_method: str  # dense | nz_ratio | adaptive | threshold | top_p
+    target: float  # nz_ratio, threshold or top_p; 1.0 for dense
     fields: dict
 
 
-def sweep_points(methods: list[str], nz_ratios: list[float], thresholds: list[float]) -> list[SweepPoint]:
+def sweep_points(
+    methods: list[str],
+    nz_ratios: list[float],
+    thresholds: list[float],
+    budget_methods: tuple[str, ...] = ("nz_ratio",),
+    top_ps: tuple[float, ...] = (),
+) -> list[SweepPoint]:
     """The rows to evaluate, dense first (see the module docstring for which method runs where)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    bad = sorted(set(budget_methods) - {"nz_ratio", "adaptive"})
+    if bad:
+        raise ValueError(f"budget methods must be nz_ratio and/or adaptive, got {bad}")
+    for p in top_ps:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {p}")
     for nz in nz_ratios:
         if not 0.0 < nz <= 1.0:
             raise ValueError(f"nz_ratio must be in (0, 1], got {nz}")
@@ -146,12 +166,19 @@ def sweep_points(methods: list[str], nz_ratios: list[float], thresholds: list[fl
     points = []
     if "dense" in methods:
         points.append(SweepPoint("dense", "dense", 1.0, {"seerattn_mode": "dense"}))
-    for nz in nz_ratios:
+    for bm in budget_methods:
+        for nz in nz_ratios:
+            for m in methods:
+                if m != "dense" and not (bm == "adaptive" and nz >= 1.0):
+                    selector = "gate" if m == "seer" else m
+                    points.append(SweepPoint(m, bm, nz, {"seerattn_mode": "sparse", "seerattn_selector": selector,
+                                                         "seerattn_sparsity_method": bm, "seerattn_nz_ratio": nz}))
+    for p in top_ps:
         for m in methods:
-            if m != "dense":
+            if m in THRESHOLD_METHODS:
                 selector = "gate" if m == "seer" else m
-                points.append(SweepPoint(m, "nz_ratio", nz, {"seerattn_mode": "sparse", "seerattn_selector": selector,
-                                                             "seerattn_sparsity_method": "nz_ratio", "seerattn_nz_ratio": nz}))
+                points.append(SweepPoint(m, "top_p", p, {"seerattn_mode": "sparse", "seerattn_selector": selector,
+                                                         "seerattn_sparsity_method": "top_p", "seerattn_top_p": p}))
     for t in thresholds:
         for m in methods:
             if m in THRESHOLD_METHODS:
@@ -293,11 +320,17 @@ def plot_results(records: list[dict], path: str | Path) -> None:
                             ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"dense ({r['ppl']:.3g})")
                     continue
                 nz = sorted((r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "nz_ratio")
+                ad = sorted((r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "adaptive")
                 th = [(r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "threshold"]
+                tp = [(r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "top_p"]
                 if nz:
                     ax.plot(*zip(*nz), marker="o", color=colors[m], label=m)
+                if ad:
+                    ax.plot(*zip(*ad), marker="s", ls=":", color=colors[m], label=f"{m} (adaptive)")
                 if th:
                     ax.scatter(*zip(*th), marker="D", facecolors="none", edgecolors=colors[m], label=f"{m} (threshold)")
+                if tp:
+                    ax.scatter(*zip(*tp), marker="^", facecolors="none", edgecolors=colors[m], label=f"{m} (top-p)")
             ax.set_yscale("log")
             ax.set_xlabel("realised density")
             ax.set_ylabel("perplexity")
@@ -350,7 +383,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lengths, sources = _ints(args.lengths), _names(args.datasets)
     if not lengths or not sources:
         raise ValueError("give at least one length (--lengths) and one dataset (--datasets)")
-    points = sweep_points(_names(args.methods), _floats(args.nz_ratios), _floats(args.thresholds))
+    points = sweep_points(
+        _names(args.methods), _floats(args.nz_ratios), _floats(args.thresholds), tuple(_names(args.budget_methods)), tuple(_floats(args.top_ps))
+    )
     min_tokens = args.min_doc_tokens if args.min_doc_tokens is not None else max(lengths) - 1
     if min_tokens < max(lengths) - 1:
         raise ValueError(f"--min_doc_tokens {min_tokens} is below max(lengths) - 1 = {max(lengths) - 1}")

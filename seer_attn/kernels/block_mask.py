@@ -16,7 +16,11 @@ Selection rules:
 
 - :func:`nz_ratio_to_k`: upstream's per-row budget ``k = floor((1 - sqrt(1 - nz_ratio)) * nb)``,
   which makes the density over the causal triangle about ``nz_ratio`` (method-spec §3.1).
-- :func:`select_blocks`: top-k or threshold on gate scores, plus the always-keep rules.
+- :func:`select_blocks`: top-k, threshold, top-p or adaptive selection on gate scores, plus the
+  always-keep rules.
+- :func:`adaptive_block_mask`: one budget per layer (what per-row top-k would keep), spent on the
+  highest block probabilities of *all* rows and heads, so rows and heads whose attention is spread out
+  get more blocks and peaked ones give theirs up.
 - :func:`block_density`: the *realised* density over the causal block triangle. Reports quote it.
 """
 
@@ -34,6 +38,10 @@ __all__ = [
     "topk_block_index",
     "topk_block_mask",
     "threshold_block_mask",
+    "top_p_block_mask",
+    "adaptive_block_mask",
+    "topk_budget",
+    "SPARSITY_METHODS",
     "apply_keep_rules",
     "select_blocks",
     "indices_to_mask",
@@ -42,6 +50,9 @@ __all__ = [
     "block_density",
     "expand_block_mask",
 ]
+
+
+SPARSITY_METHODS = ("nz_ratio", "threshold", "top_p", "adaptive")
 
 
 def nz_ratio_to_k(nz_ratio: float, nb: int) -> int:
@@ -112,6 +123,64 @@ def threshold_block_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return (probs > threshold) & causal
 
 
+def top_p_block_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep, per row, the fewest highest-probability causal blocks whose probabilities sum to `top_p`.
+
+    Args:
+        probs (torch.Tensor): `[B, H, nb, nb]` row-softmaxed gate output.
+        top_p (float): in (0, 1]; the block that crosses `top_p` is kept.
+    """
+    causal = causal_block_mask(probs.shape[-2], probs.shape[-1], probs.device)
+    p = probs.float().masked_fill(~causal, 0.0)
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    # keep a block while the mass strictly before it is below top_p
+    before = torch.nn.functional.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))
+    keep_sorted = before < top_p
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return mask & causal
+
+
+def topk_budget(nz_ratio: float, nb: int) -> int:
+    """Blocks that per-row top-k at `nz_ratio` keeps in one `[nb, nb]` causal map: `sum_i min(i + 1, k)`."""
+    k = nz_ratio_to_k(nz_ratio, nb)
+    return k * (k + 1) // 2 + (nb - k) * k
+
+
+def adaptive_block_mask(
+    probs: torch.Tensor, nz_ratio: float, keep_sink: bool = False, keep_diagonal: bool = True
+) -> torch.Tensor:
+    """Spend one block budget per batch element over all heads and rows, on the highest probabilities.
+
+    The budget is what per-row top-k at `nz_ratio` keeps (:func:`topk_budget` per head), so the
+    realised density never exceeds top-k's; the always-kept blocks (diagonal, sink) count inside it.
+    Choosing the largest row-normalised probabilities maximises the summed attention recall the gate
+    predicts: a row whose attention sits in two blocks keeps about two, a diffuse row keeps many.
+
+    Args:
+        probs (torch.Tensor): `[B, H, nb, nb]` row-softmaxed gate output (any row-normalised scores).
+        nz_ratio (float): requested density in (0, 1].
+
+    Returns:
+        bool `[B, H, nb, nb]`, lower-triangular.
+    """
+    B, H, nb, nb_k = probs.shape
+    causal = causal_block_mask(nb, nb_k, probs.device)
+    forced = torch.zeros(nb, nb_k, dtype=torch.bool, device=probs.device)
+    if keep_diagonal:
+        forced |= torch.eye(nb, nb_k, dtype=torch.bool, device=probs.device)
+    if keep_sink:
+        forced[:, 0] = True
+    forced &= causal
+    if nz_ratio >= 1.0:
+        return causal.expand(B, H, nb, nb_k).clone()
+    budget = max(H * topk_budget(nz_ratio, nb), H * int(forced.sum()))
+    # forced blocks first (+inf), then probabilities; non-causal entries can never be picked (-inf)
+    s = probs.float().masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf")).reshape(B, -1)
+    idx = s.topk(min(budget, s.shape[-1]), dim=-1).indices
+    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).view(B, H, nb, nb_k)
+    return mask & causal
+
+
 def apply_keep_rules(
     mask: torch.Tensor, keep_sink: bool = False, keep_diagonal: bool = True, dense_last_rows: int = 0
 ) -> torch.Tensor:
@@ -143,13 +212,16 @@ def select_blocks(
     keep_sink: bool = False,
     keep_diagonal: bool = True,
     dense_last_rows: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Gate scores -> block mask.
 
     Args:
         scores (torch.Tensor): `[B, H, nb, nb]`. For `"nz_ratio"` any monotone score (logits); for
-            `"threshold"` row-softmaxed probabilities.
-        method (str): `"nz_ratio"` (per-row top-k, :func:`nz_ratio_to_k`) or `"threshold"`.
+            `"threshold"`, `"top_p"` and `"adaptive"` row-softmaxed probabilities.
+        method (str): one of :data:`SPARSITY_METHODS`: `"nz_ratio"` (per-row top-k,
+            :func:`nz_ratio_to_k`), `"threshold"`, `"top_p"` (:func:`top_p_block_mask`) or
+            `"adaptive"` (:func:`adaptive_block_mask`, budget from `nz_ratio`).
 
     Returns:
         bool `[B, H, nb, nb]`.
@@ -162,8 +234,13 @@ def select_blocks(
             mask = topk_block_mask(scores, nz_ratio_to_k(nz_ratio, nb))
     elif method == "threshold":
         mask = threshold_block_mask(scores, threshold)
+    elif method == "top_p":
+        mask = top_p_block_mask(scores, top_p)
+    elif method == "adaptive":
+        # the keep rules count inside the budget here (applied again below: a no-op but for dense rows)
+        mask = adaptive_block_mask(scores, nz_ratio, keep_sink, keep_diagonal)
     else:
-        raise ValueError(f"sparsity method must be 'nz_ratio' or 'threshold', got {method!r}")
+        raise ValueError(f"sparsity method must be one of {SPARSITY_METHODS}, got {method!r}")
     return apply_keep_rules(mask, keep_sink, keep_diagonal, dense_last_rows)
 
 

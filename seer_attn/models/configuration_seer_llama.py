@@ -8,9 +8,13 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 | `seerattn_gate_type` | `Q<pools>_K<pools>` | `Qavg_Kmaxminavg` | pooling recipe (see `seer_attn.modules.attn_gate.valid_gate_types`). |
 | `seerattn_gate_block_size` | 64 (or 128) | 64 | tokens per block. |
 | `seerattn_gate_hidden_size` | int or None | None = head_dim | gate width. |
-| `seerattn_sparsity_method` | `nz_ratio`, `threshold` | `nz_ratio` | per-row top-k for a target density, or a probability threshold. |
-| `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle; 1.0 is exactly dense. |
+| `seerattn_gate_q_summaries` | 1, 2, 4, 8 | 1 | query summaries per block (sub-block averages; block probability = mixture of their softmaxes). |
+| `seerattn_gate_k_summaries` | 1, 2, 4, 8 | 1 | key summaries per block (block probability = sum over them). |
+| `seerattn_gate_init` | `random`, `pooled` | `random` | fresh gates: small random weights, or the training-free pooled-attention scores (avg-pooled Q . K). |
+| `seerattn_sparsity_method` | `nz_ratio`, `threshold`, `top_p`, `adaptive` | `nz_ratio` | per-row top-k for a target density; a probability threshold; per-row top-p; or `adaptive`: the per-row top-k budget of `nz_ratio` spent on the highest gate probabilities over all rows and heads of a layer. |
+| `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
 | `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
+| `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
 | `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
@@ -19,6 +23,7 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 | `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
 | `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
+| `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
 | `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, sink + recent window, random) at the same budget. |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
 """
@@ -27,13 +32,15 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from seer_attn.modules.attn_gate import parse_gate_type
+from seer_attn.kernels.block_mask import SPARSITY_METHODS
+from seer_attn.modules.attn_gate import SUMMARY_COUNTS, parse_gate_type
 
 __all__ = ["SeerLlamaConfig", "SEERATTN_FIELDS", "apply_yarn"]
 
 _CHOICES = {
     "seerattn_mode": ("dense", "distill", "sparse"),
-    "seerattn_sparsity_method": ("nz_ratio", "threshold"),
+    "seerattn_sparsity_method": SPARSITY_METHODS,
+    "seerattn_gate_init": ("random", "pooled"),
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
     "seerattn_loss": ("kl", "mse"),
     "seerattn_distill_target": ("max", "mass"),
@@ -48,9 +55,13 @@ class SeerLlamaConfig(LlamaConfig):
     seerattn_gate_type: str = "Qavg_Kmaxminavg"
     seerattn_gate_block_size: int = 64
     seerattn_gate_hidden_size: int | None = None
+    seerattn_gate_q_summaries: int = 1
+    seerattn_gate_k_summaries: int = 1
+    seerattn_gate_init: str = "random"
     seerattn_sparsity_method: str = "nz_ratio"
     seerattn_nz_ratio: float = 0.5
     seerattn_threshold: float = 5e-3
+    seerattn_top_p: float = 0.9
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
@@ -59,6 +70,7 @@ class SeerLlamaConfig(LlamaConfig):
     seerattn_loss: str = "kl"
     seerattn_distill_target: str = "max"
     seerattn_gate_loss_scale: float = 10.0
+    seerattn_gate_loss_row_start: float = 0.0
     seerattn_selector: str = "gate"
     base_model: str | None = None
 
@@ -76,6 +88,14 @@ class SeerLlamaConfig(LlamaConfig):
             raise ValueError(f"seerattn_gate_block_size must be 16, 32, 64 or 128, got {self.seerattn_gate_block_size}")
         if not (0.0 < float(self.seerattn_nz_ratio) <= 1.0):
             raise ValueError(f"seerattn_nz_ratio must be in (0, 1], got {self.seerattn_nz_ratio}")
+        for name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries"):
+            n = getattr(self, name)
+            if n not in SUMMARY_COUNTS or self.seerattn_gate_block_size % n:
+                raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {n}")
+        if not (0.0 < float(self.seerattn_top_p) <= 1.0):
+            raise ValueError(f"seerattn_top_p must be in (0, 1], got {self.seerattn_top_p}")
+        if not (0.0 <= float(self.seerattn_gate_loss_row_start) < 1.0):
+            raise ValueError(f"seerattn_gate_loss_row_start must be in [0, 1), got {self.seerattn_gate_loss_row_start}")
         if float(self.seerattn_threshold) < 0:
             raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
         if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:

@@ -99,13 +99,14 @@ def _block_rope(module: "SeerLlamaAttention", position_ids: torch.Tensor, device
     key = (
         position_ids.data_ptr(), tuple(position_ids.shape), position_ids.stride(), position_ids._version,
         # every layer's gate rotary is built from the same config: key on it, not on its buffers
-        id(module.config), module.attn_gate.hidden_size, module.config.seerattn_gate_block_size,
+        id(module.config), module.attn_gate.hidden_size, module.attn_gate.rope_stride,
         rope.rope_type, rope.attention_scaling, str(device),
     )
     hit = _rope_cache.get("entry")
     if hit is not None and hit[1] == key:
         return hit[2]
-    block_pos = position_ids[:, :: module.config.seerattn_gate_block_size]
+    # one entry per gate summary start (each block's first token when the gate has one summary per side)
+    block_pos = position_ids[:, :: module.attn_gate.rope_stride]
     tables = rope(torch.zeros((), device=device, dtype=torch.float32), block_pos)
     _rope_cache["entry"] = (position_ids, key, tables)
     return tables
@@ -209,6 +210,8 @@ class SeerLlamaAttention(LlamaAttention):
             gate_type=config.seerattn_gate_type,
             hidden_size=config.seerattn_gate_hidden_size,
             block_size=config.seerattn_gate_block_size,
+            q_summaries=config.seerattn_gate_q_summaries,
+            k_summaries=config.seerattn_gate_k_summaries,
         )
         gate_config = copy.copy(config)
         gate_config.head_dim = self.attn_gate.hidden_size
@@ -324,11 +327,15 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
 
     @torch.no_grad()
     def reset_gates(self, std: float | None = None) -> None:
-        """Fresh gate weights, N(0, std) with std = `initializer_range` by default."""
+        """Fresh gate weights: N(0, std) with std = `initializer_range` by default, or with
+        `seerattn_gate_init="pooled"` the training-free pooled-attention scores (`AttnGate.init_from_pooled`)."""
         std = self.config.initializer_range if std is None else std
         for module in self.modules():
             if isinstance(module, MultiHeadLinear):
                 module.reset_parameters(std)
+        if getattr(self.config, "seerattn_gate_init", "random") == "pooled":
+            for gate in self.gate_modules():
+                gate.init_from_pooled()
 
     def gate_modules(self) -> list[AttnGate]:
         return [layer.self_attn.attn_gate for layer in self.model.layers]

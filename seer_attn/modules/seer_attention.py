@@ -43,6 +43,7 @@ class SeerAttentionSettings:
     sparsity_method: str = "nz_ratio"
     nz_ratio: float = 0.5
     threshold: float = 5e-3
+    top_p: float = 0.9
     keep_sink: bool = False
     keep_diagonal: bool = True
     dense_last_rows: int = 0
@@ -51,6 +52,7 @@ class SeerAttentionSettings:
     loss: str = "kl"
     distill_target: str = "max"
     selector: str = "gate"
+    loss_row_start: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> "SeerAttentionSettings":
@@ -60,6 +62,7 @@ class SeerAttentionSettings:
             sparsity_method=config.seerattn_sparsity_method,
             nz_ratio=float(config.seerattn_nz_ratio),
             threshold=float(config.seerattn_threshold),
+            top_p=float(getattr(config, "seerattn_top_p", 0.9)),
             keep_sink=config.seerattn_keep_sink,
             keep_diagonal=config.seerattn_keep_diagonal,
             dense_last_rows=config.seerattn_dense_last_rows,
@@ -68,6 +71,7 @@ class SeerAttentionSettings:
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
             selector=config.seerattn_selector,
+            loss_row_start=float(getattr(config, "seerattn_gate_loss_row_start", 0.0)),
         )
 
 
@@ -135,7 +139,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=sm_scale)
 
 
-def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl", row_start: float = 0.0) -> torch.Tensor:
     """Distance between the gate and the pooled ground truth, averaged over batch, heads and rows.
 
     Args:
@@ -143,9 +147,19 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> t
         target (torch.Tensor): pooled map `[B, H, nb, nb]`, rows summing to 1, zero above the diagonal.
         kind (str): `"kl"`: KL(target || softmax(logits)) per row; `"mse"`: mean squared error of the
             probabilities over the whole `nb x nb` map (upstream 2024).
+        row_start (float): only rows `i >= floor(row_start * nb)` count (early rows have few blocks
+            to choose from and nothing to learn there).
     """
     nb = logits.shape[-1]
-    causal = causal_block_mask(logits.shape[-2], nb, logits.device)
+    first = min(int(row_start * logits.shape[-2]), logits.shape[-2] - 1)
+    if first > 0:
+        logits, target = logits[..., first:, :], target[..., first:, :]
+        causal = causal_block_mask(logits.shape[-2] + first, nb, logits.device)[first:]
+        return _gate_loss(logits, target, kind, causal)
+    return _gate_loss(logits, target, kind, causal_block_mask(logits.shape[-2], nb, logits.device))
+
+
+def _gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, causal: torch.Tensor) -> torch.Tensor:
     # a large finite fill keeps 0 * log(0) terms and their gradients finite
     logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
     t = target.float()
@@ -243,7 +257,7 @@ def seer_attention(
         with torch.no_grad():
             o, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
-        stats.gate_loss = gate_loss(logits, target, settings.loss)
+        stats.gate_loss = gate_loss(logits, target, settings.loss, settings.loss_row_start)
         return o, stats
 
     if settings.mode != "sparse":
@@ -254,7 +268,7 @@ def seer_attention(
         return dense_attention(q, k, v, sm_scale), stats
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
-    output = "probs" if settings.sparsity_method == "threshold" else "logits"
+    output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
             scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel)
@@ -269,7 +283,7 @@ def seer_attention(
             if target_cache is not None:
                 target_cache.append(target)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
-        stats.gate_loss = gate_loss(logits, target, settings.loss)
+        stats.gate_loss = gate_loss(logits, target, settings.loss, settings.loss_row_start)
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
     else:
         with torch.no_grad():
@@ -288,6 +302,7 @@ def seer_attention(
             method=settings.sparsity_method,
             nz_ratio=settings.nz_ratio,
             threshold=settings.threshold,
+            top_p=settings.top_p,
             keep_sink=settings.keep_sink,
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,

@@ -88,6 +88,12 @@ def test_sweep_points_methods_and_thresholds():
         sweep_points(["seer", "h2o"], [0.5], [])
     with pytest.raises(ValueError, match="nz_ratio"):
         sweep_points(["seer"], [1.5], [])
+    pts = sweep_points(["dense", "seer", "static"], [1.0, 0.3], [], budget_methods=("nz_ratio", "adaptive"), top_ps=(0.9,))
+    assert [(p.method, p.sparsity_method, p.target) for p in pts if p.sparsity_method in ("adaptive", "top_p")] == [
+        ("seer", "adaptive", 0.3), ("static", "adaptive", 0.3), ("seer", "top_p", 0.9)
+    ]
+    with pytest.raises(ValueError, match="budget methods"):
+        sweep_points(["seer"], [0.5], [], budget_methods=("threshold",))
 
 
 def test_bad_inputs_raise(smollm2, tmp_path):

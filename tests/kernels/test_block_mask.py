@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from seer_attn.kernels.block_mask import (
+    adaptive_block_mask,
     apply_keep_rules,
+    causal_block_mask,
+    top_p_block_mask,
+    topk_budget,
     block_density,
     indices_to_mask,
     mask_to_csr,
@@ -77,3 +81,34 @@ def test_block_density_counts_causal_triangle_only():
     assert block_density(full) == 1.0
     diag = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4)
     assert block_density(diag) == pytest.approx(4 / 10)
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    probs = torch.tensor([[0.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.5, 0.1, 0.4]])[None, None]
+    mask = top_p_block_mask(probs, 0.8)
+    assert mask[0, 0].tolist() == [[True, False, False], [True, True, False], [True, False, True]]
+    assert top_p_block_mask(probs, 0.5)[0, 0, 2].tolist() == [True, False, False]
+
+
+def test_adaptive_budget_and_allocation():
+    torch.manual_seed(0)
+    nb, H = 16, 3
+    logits = torch.randn(2, H, nb, nb) * 3
+    probs = logits.masked_fill(~causal_block_mask(nb), float("-inf")).softmax(-1)
+    for nz in (0.1, 0.3, 0.5):
+        mask = select_blocks(probs, method="adaptive", nz_ratio=nz)
+        budget = H * topk_budget(nz, nb)
+        assert (mask.sum((1, 2, 3)) == budget).all()  # exactly the top-k budget per batch element
+        assert mask[..., torch.arange(nb), torch.arange(nb)].all()  # the diagonal, inside the budget
+        assert block_density(mask) <= block_density(select_blocks(probs, method="nz_ratio", nz_ratio=nz)) + 1e-9
+        # every dropped off-diagonal block has a probability no higher than any kept one
+        off = ~torch.eye(nb, dtype=torch.bool) & causal_block_mask(nb)
+        for b in range(2):
+            kept, dropped = probs[b][mask[b] & off], probs[b][~mask[b] & off]
+            assert kept.numel() == 0 or kept.min() >= dropped.max()
+    # a peaked head gives its budget to a diffuse one
+    peaked = torch.eye(nb)[None].expand(1, nb, nb) * 50
+    flat = torch.zeros(1, nb, nb)
+    p2 = torch.stack([peaked, flat], 1).masked_fill(~causal_block_mask(nb), float("-inf")).softmax(-1)
+    m2 = adaptive_block_mask(p2, 0.3)
+    assert m2[0, 0].sum() == nb and m2[0, 1].sum() > topk_budget(0.3, nb)

@@ -248,3 +248,28 @@ def test_triton_kernels_through_the_model(kernel, tmp_path):
         outs[impl] = (out.logits, out.density)
     torch.testing.assert_close(outs[kernel][0], outs["naive"][0], atol=1e-3, rtol=1e-3)
     assert outs[kernel][1] == pytest.approx(outs["naive"][1])
+
+
+def test_gate_designs_and_sparsity_methods_through_the_model(tiny_dir, tmp_path):
+    """Summary gates, pooled init, row-trimmed loss: a distill step, a save/reload, every method."""
+    model = load(
+        tiny_dir, seerattn_mode="distill", seerattn_gate_q_summaries=4, seerattn_gate_k_summaries=2,
+        seerattn_gate_init="pooled", seerattn_gate_loss_row_start=0.25,
+    )
+    model.freeze_base()
+    out = model(ids(S=300))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g.mask_linear_k.weight.grad).all() for g in model.gate_modules())
+    model.set_seerattn(seerattn_mode="sparse")
+    model.save_pretrained(tmp_path)
+    again = SeerLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, seerattn_min_sparse_length=0).eval()
+    x = ids(S=700)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model.eval()(x).logits)
+        densities = {}
+        for method in ("nz_ratio", "adaptive", "threshold", "top_p"):
+            again.set_seerattn(seerattn_sparsity_method=method, seerattn_nz_ratio=0.3, seerattn_threshold=0.05, seerattn_top_p=0.8)
+            o = again(x, labels=x)
+            assert torch.isfinite(o.loss), method
+            densities[method] = o.density
+    assert densities["adaptive"] <= densities["nz_ratio"] + 1e-9 < 1, densities
