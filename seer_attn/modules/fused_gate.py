@@ -31,6 +31,7 @@ __all__ = [
     "gate_logits",
     "gate_block_index",
     "gate_block_index_twin",
+    "select_index",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,13 @@ def unsupported_reason(gate, method: str | None = None) -> str | None:
     return None
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
 def use_fused(gate, q: torch.Tensor, method: str | None = None) -> bool:
     """Whether this call should take the fused path: enabled, CUDA, no autograd needed, design supported."""
-    if not _state["enabled"] or q.device.type != "cuda":
+    if not _state["enabled"] or not _on_cuda(q):
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in gate.parameters()):
         return False
@@ -96,9 +101,17 @@ def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tens
     """Rotated gate vectors: fp32 `[B, Hq, nb, Dg]` and `[B, Hk, nb, Dg]` (`Hk` = Hq for the default gate)."""
     from seer_attn.kernels.gate_kernel import gate_summaries
 
-    if q.dim() != 4 or k.dim() != 4 or q.shape[1] != gate.num_heads or k.shape[1] != gate.num_kv_heads:
+    if (
+        q.dim() != 4
+        or k.dim() != 4
+        or q.shape[1] != gate.num_heads
+        or k.shape[1] != gate.num_kv_heads
+        or q.shape[-1] != gate.head_dim
+        or k.shape[-1] != gate.head_dim
+    ):
         raise ValueError(
-            f"gate built for Hq={gate.num_heads}, Hkv={gate.num_kv_heads}; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"gate built for Hq={gate.num_heads}, Hkv={gate.num_kv_heads}, D={gate.head_dim}; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     w_q, w_k = _weights(gate)
     qg = gate_summaries(q, w_q, cos, sin, gate.q_pools, gate.block_size, 1)
@@ -139,6 +152,14 @@ def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
         settings.keep_diagonal,
         settings.dense_last_rows,
     )
+
+
+def select_index(gate, q, k, cos, sin, settings, kernel: str) -> torch.Tensor | None:
+    """The sparse branch's hook: :func:`gate_block_index` when the TopK kernel runs and the fused
+    path applies (:func:`use_fused`), else None (the caller runs the twin)."""
+    if kernel != "TopK" or not use_fused(gate, q, settings.sparsity_method):
+        return None
+    return gate_block_index(gate, q, k, cos, sin, settings)
 
 
 def gate_block_index_twin(gate, q, k, cos, sin, settings) -> torch.Tensor:

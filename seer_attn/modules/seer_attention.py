@@ -30,6 +30,7 @@ from seer_attn.kernels.block_mask import (
     topk_block_index,
 )
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
+from seer_attn.modules import fused_gate
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
 
@@ -268,6 +269,7 @@ def seer_attention(
         return dense_attention(q, k, v, sm_scale), stats
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
+    index = None
     output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
@@ -287,16 +289,18 @@ def seer_attention(
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
     else:
         with torch.no_grad():
-            scores = gate(q_pre, k_pre, cos, sin, output=output)
+            # fused gate + selection (CUDA, supported designs): sorted indices straight for the TopK kernel
+            index = fused_gate.select_index(gate, q_pre, k_pre, cos, sin, settings, kernel)
+            scores = gate(q_pre, k_pre, cos, sin, output=output) if index is None else None
     if dense_by_rule:
         return dense_attention(q, k, v, sm_scale), stats
 
-    index = None
-    if kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
+    index_sorted = index is not None
+    if index is None and kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
         # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
         # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
         index = _topk_index(scores, settings)
-    else:
+    elif index is None:
         mask = select_blocks(
             scores,
             method=settings.sparsity_method,
@@ -318,7 +322,9 @@ def seer_attention(
     elif kernel == "TopK":
         from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
-        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size)
+        o = block_sparse_attn_topk(
+            q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size, sorted_index=index_sorted
+        )
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
 
