@@ -31,6 +31,7 @@ from seer_attn.kernels.block_mask import (
 )
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
 from seer_attn.modules import fused_gate
+from seer_attn.modules.crossover import resolve_min_sparse_length
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
 
@@ -67,7 +68,7 @@ class SeerAttentionSettings:
             keep_sink=config.seerattn_keep_sink,
             keep_diagonal=config.seerattn_keep_diagonal,
             dense_last_rows=config.seerattn_dense_last_rows,
-            min_sparse_length=config.seerattn_min_sparse_length,
+            min_sparse_length=resolve_min_sparse_length(config),
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
