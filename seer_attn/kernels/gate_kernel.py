@@ -72,9 +72,8 @@ def _project_half(
 @triton.autotune(
     configs=prune_configs(
         [
-            triton.Config({"BN": bn, "TC": tc}, num_warps=w)
+            triton.Config({"BN": bn, "TC": 8}, num_warps=w)
             for bn in (16, 32)
-            for tc in (8, 4)
             for w in (4, 8)
         ]
     ),

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 _state = {"enabled": os.environ.get("SEER_ATTN_FUSED_GATE", "1") not in ("0", "false", "False")}
 _logged: set[str] = set()
 _METHODS = ("nz_ratio", "threshold")
+# tl.dot input precision of the gate kernels (None: gate_kernel.GATE_DOT_PRECISION); benchmarks compare
+GATE_PRECISION_OVERRIDE: str | None = None
 
 
 def set_fused_gate(enabled: bool) -> None:
@@ -114,9 +116,10 @@ def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tens
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     w_q, w_k = _weights(gate)
-    qg = gate_summaries(q, w_q, cos, sin, gate.q_pools, gate.block_size, 1)
+    prec = GATE_PRECISION_OVERRIDE
+    qg = gate_summaries(q, w_q, cos, sin, gate.q_pools, gate.block_size, 1, prec)
     g_out = gate.num_heads // gate.num_kv_heads if w_q is None else 1
-    kg = gate_summaries(k, w_k, cos, sin, gate.k_pools, gate.block_size, g_out)
+    kg = gate_summaries(k, w_k, cos, sin, gate.k_pools, gate.block_size, g_out, prec)
     return qg, kg
 
 
@@ -124,7 +127,7 @@ def gate_logits(gate, q, k, cos, sin, output: str) -> torch.Tensor:
     """What `AttnGate.forward` returns (`output` "logits" or "probs"), through the kernels."""
     from seer_attn.kernels.gate_kernel import gate_scores
 
-    s = gate_scores(*gate_summaries_fused(gate, q, k, cos, sin), fill_upper=True)
+    s = gate_scores(*gate_summaries_fused(gate, q, k, cos, sin), fill_upper=True, precision=GATE_PRECISION_OVERRIDE)
     return torch.softmax(s, dim=-1) if output == "probs" else s
 
 
@@ -140,7 +143,7 @@ def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
     reason = unsupported_reason(gate, settings.sparsity_method)
     if reason is not None:
         raise ValueError(f"gate_block_index: the fused gate does not support {reason}")
-    scores = gate_scores(*gate_summaries_fused(gate, q, k, cos, sin))
+    scores = gate_scores(*gate_summaries_fused(gate, q, k, cos, sin), precision=GATE_PRECISION_OVERRIDE)
     nb = scores.shape[-1]
     return gate_select(
         scores,
