@@ -40,7 +40,7 @@ import triton.language as tl
 
 from seer_attn.kernels._triton import is_interpreter, prune_configs
 
-__all__ = ["gate_summaries", "gate_scores", "gate_select", "fused_gate_index", "GATE_DOT_PRECISION"]
+__all__ = ["gate_summaries", "gate_scores", "gate_mixture_scores", "gate_select", "fused_gate_index", "GATE_DOT_PRECISION"]
 
 # dot input precision of the gate's products on the GPU: tf32x3 is ~fp32 accurate (the twin is fp32)
 # at tensor-core speed; "tf32" is faster and ranks near-ties differently, "ieee" is exact fp32 FMA
@@ -140,7 +140,8 @@ def gate_pool_fwd_kernel(
     for t0 in range(0, BS, TC):
         # [BN, TC] token positions of this step in each of the BN blocks
         o_tok = o_n[:, None] * BS + t0 + o_t[None, :]
-        m_tok = (o_tok < T)[:, :, None]
+        # (a step of TC tokens may be longer than a small block)
+        m_tok = ((o_tok < T) & (t0 + o_t < BS)[None, :])[:, :, None]
         p_x = x_base + o_tok[:, :, None] * stride_xt + o_i[None, None, :] * stride_xd
         # [BN, TC, H2]
         b_lo = tl.load(p_x, mask=m_tok, other=0.0).to(tl.float32)
@@ -267,11 +268,138 @@ def gate_score_fwd_kernel(
         tl.store(p_s, tl.full([BM, BN], float("-inf"), dtype=tl.float32), mask=m_st)
 
 
+@triton.autotune(configs=prune_configs([triton.Config({}, num_warps=w) for w in (4, 8)]), key=["DG", "NQ", "NK", "FILL"])
+@triton.jit
+def gate_mixture_fwd_kernel(
+    qg,
+    kg,
+    s,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_sb,
+    stride_sh,
+    stride_sm,
+    stride_sn,
+    scale,
+    NB,
+    N_Q,
+    N_K,
+    HQ: tl.constexpr,
+    G_K: tl.constexpr,
+    DG: tl.constexpr,
+    NQ: tl.constexpr,
+    NK: tl.constexpr,
+    BMB: tl.constexpr,
+    BNB: tl.constexpr,
+    FILL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # rows: the NQ query summaries of BMB blocks; columns: the NK key summaries of BNB blocks
+    BMQ: tl.constexpr = BMB * NQ
+    BNK: tl.constexpr = BNB * NK
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_r = i_m * BMQ + tl.arange(0, BMQ)
+    o_d = tl.arange(0, DG)
+    m_r = o_r < N_Q
+    p_q = qg + i_b * stride_qb + i_h * stride_qh + o_r[:, None] * stride_qn + o_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    k_base = kg + i_b * stride_kb + (i_h // G_K) * stride_kh
+    o_c = tl.arange(0, BNK)
+    # key summaries up to the end of this row tile's last block are causal for some row
+    n_cols = tl.minimum(N_K, (i_m + 1) * BMB * NK)
+
+    # pass 1: every query summary's softmax statistics over its causal key summaries
+    b_m = tl.full([BMQ], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BMQ], dtype=tl.float32)
+    for c0 in range(0, n_cols, BNK):
+        o_k = c0 + o_c
+        b_k = tl.load(k_base + o_k[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=(o_k < N_K)[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        m_v = ((o_k[None, :] // NK) <= (o_r[:, None] // NQ)) & (o_k < N_K)[None, :] & m_r[:, None]
+        b_s = tl.where(m_v, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mn_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_l = b_l * tl.exp(b_m - b_mn_safe) + tl.sum(tl.exp(b_s - b_mn_safe[:, None]), 1)
+        b_m = b_mn
+    b_lse = tl.where(m_r, b_m + tl.log(tl.where(m_r, b_l, 1.0)), 0.0)
+
+    # pass 2: block log-probabilities, log of (mean over the block's real query summaries of
+    # the summed probabilities of the key block's summaries), in the log domain
+    o_i = i_m * BMB + tl.arange(0, BMB)
+    n_real = tl.maximum(tl.minimum(N_Q - o_i * NQ, NQ), 1).to(tl.float32)
+    p_s = s + i_b * stride_sb + i_h * stride_sh + o_i[:, None] * stride_sm
+    for c0 in range(0, n_cols, BNK):
+        o_k = c0 + o_c
+        b_k = tl.load(k_base + o_k[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=(o_k < N_K)[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        m_v = ((o_k[None, :] // NK) <= (o_r[:, None] // NQ)) & (o_k < N_K)[None, :] & m_r[:, None]
+        b_v = tl.where(m_v, b_s - b_lse[:, None], float("-inf"))
+        # [BMB, NQ, BNB, NK] -> [BMB, BNB]
+        b_v = tl.reshape(b_v, [BMB, NQ, BNB, NK])
+        b_mx = tl.max(tl.max(b_v, 3), 1)
+        b_mx_safe = tl.where(b_mx == float("-inf"), 0.0, b_mx)
+        b_e = tl.exp(b_v - b_mx_safe[:, None, :, None])
+        b_sum = tl.sum(tl.sum(b_e, 3), 1)
+        # a pair with no visible summary (above the diagonal) has probability 0: -inf
+        b_lp = tl.where(b_sum > 0, tl.log(tl.where(b_sum > 0, b_sum, 1.0)), float("-inf")) + b_mx_safe
+        b_lp = b_lp - tl.log(n_real)[:, None]
+        o_j = c0 // NK + tl.arange(0, BNB)
+        b_lp = tl.where(o_j[None, :] <= o_i[:, None], b_lp, float("-inf"))
+        tl.store(p_s + o_j[None, :] * stride_sn, b_lp, mask=(o_i < NB)[:, None] & (o_j < NB)[None, :])
+    if FILL:
+        for j0 in range((n_cols + NK - 1) // NK, NB, BNB):
+            o_j = j0 + tl.arange(0, BNB)
+            b_fill = tl.full([BMB, BNB], float("-inf"), dtype=tl.float32)
+            tl.store(p_s + o_j[None, :] * stride_sn, b_fill, mask=(o_i < NB)[:, None] & (o_j < NB)[None, :])
+
+
 @triton.jit
 def _sortable_key(b_s):
     # fp32 -> int32 with the same order (negative floats have their magnitude bits flipped)
     b_i = b_s.to(tl.int32, bitcast=True)
     return tl.where(b_i >= 0, b_i, b_i ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB):
+    # [R, NBP] causal scores of rows o_r (-inf elsewhere), the row mask and the causal mask
+    m_r = o_r < NB
+    m_v = (o_j[None, :] <= o_r[:, None]) & m_r[:, None]
+    p_s = s + i_b * stride_sb + i_h * stride_sh + o_r[:, None] * stride_sm + o_j[None, :] * stride_sn
+    return tl.load(p_s, mask=m_v, other=float("-inf")), m_r, m_v
+
+
+@triton.jit
+def _row_probs(b_s, m_r, m_v):
+    b_mx = tl.where(m_r, tl.max(b_s, 1), 0.0)
+    b_e = tl.where(m_v, tl.exp(b_s - b_mx[:, None]), 0.0)
+    return b_e / tl.maximum(tl.sum(b_e, 1), 1e-30)[:, None]
+
+
+@triton.jit
+def _write_rows(p_row, b_sel, o_r, o_j, m_r, W, stride_iw, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+                R: tl.constexpr, NBP: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # right-aligned, ascending: [-1 ... | sink | kept blocks | diagonal]
+    n_all = tl.sum(b_sel.to(tl.int32), 1) + KEEP_SINK + KEEP_DIAG
+    base = W - n_all
+    o_w = tl.arange(0, WP)
+    m_pad = m_r[:, None] & (o_w[None, :] < base[:, None])
+    tl.store(p_row[:, None] + o_w[None, :] * stride_iw, tl.full([R, WP], -1, dtype=tl.int32), mask=m_pad)
+    slot = base[:, None] + KEEP_SINK + tl.cumsum(b_sel.to(tl.int32), 1) - 1
+    b_col = tl.broadcast_to(o_j[None, :], (R, NBP)).to(tl.int32)
+    tl.store(p_row[:, None] + slot * stride_iw, b_col, mask=b_sel)
+    if KEEP_SINK:
+        tl.store(p_row + base * stride_iw, tl.zeros([R], dtype=tl.int32), mask=m_r)
+    if KEEP_DIAG:
+        tl.store(p_row + (W - 1) * stride_iw, o_r.to(tl.int32), mask=m_r)
 
 
 @triton.autotune(configs=prune_configs([triton.Config({}, num_warps=w) for w in (4, 8)]), key=["NBP", "R", "METHOD"])
@@ -294,7 +422,6 @@ def gate_select_fwd_kernel(
     DENSE_FROM,
     HQ: tl.constexpr,
     METHOD: tl.constexpr,
-    SOFTMAX: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
     NBP: tl.constexpr,
@@ -307,59 +434,133 @@ def gate_select_fwd_kernel(
     # [R] rows, [NBP] columns
     o_r = i_m * R + tl.arange(0, R)
     o_j = tl.arange(0, NBP)
-    m_r = o_r < NB
-    m_v = (o_j[None, :] <= o_r[:, None]) & m_r[:, None]
-    p_s = s + i_b * stride_sb + i_h * stride_sh + o_r[:, None] * stride_sm + o_j[None, :] * stride_sn
-    b_s = tl.load(p_s, mask=m_v, other=float("-inf"))
-    n_valid = tl.where(m_r, o_r + 1, 0)
-    dense = o_r >= DENSE_FROM
+    b_s, m_r, m_v = _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB)
 
     if METHOD == 0:
         # exact top-k: the largest key t with #{key >= t} >= kk, by bisection on int32 keys
-        kk = tl.minimum(n_valid, K_SEL)
-        b_key = _sortable_key(b_s)
-        lo = tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1).to(tl.int64)
-        hi = tl.max(tl.where(m_v, b_key, -0x7FFFFFFF - 1), 1).to(tl.int64)
-        lo = tl.where(m_r, lo, 0)
-        hi = tl.where(m_r, hi, 0)
+        kk = tl.minimum(tl.where(m_r, o_r + 1, 0), K_SEL)
+        b_key = _sortable_key(b_s).to(tl.int64)
+        lo = tl.where(m_r, tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1), 0)
+        hi = tl.where(m_r, tl.max(tl.where(m_v, b_key, -0x7FFFFFFF - 1), 1), 0)
         while tl.max(hi - lo) > 0:
             mid = lo + (hi - lo + 1) // 2
-            cnt = tl.sum((m_v & (b_key.to(tl.int64) >= mid[:, None])).to(tl.int32), 1)
-            ok = cnt >= kk
+            ok = tl.sum((m_v & (b_key >= mid[:, None])).to(tl.int32), 1) >= kk
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-        t_key = lo[:, None]
-        b_gt = m_v & (b_key.to(tl.int64) > t_key)
-        b_eq = m_v & (b_key.to(tl.int64) == t_key)
+        b_gt = m_v & (b_key > lo[:, None])
+        b_eq = m_v & (b_key == lo[:, None])
         need = kk - tl.sum(b_gt.to(tl.int32), 1)
         # ties at the k-th value go to the lowest block indices
         b_sel = b_gt | (b_eq & (tl.cumsum(b_eq.to(tl.int32), 1) <= need[:, None]))
+    elif METHOD == 1:
+        b_sel = m_v & (_row_probs(b_s, m_r, m_v) > threshold)
     else:
-        if SOFTMAX:
-            b_mx = tl.max(b_s, 1)
-            b_mx = tl.where(m_r, b_mx, 0.0)
-            b_e = tl.where(m_v, tl.exp(b_s - b_mx[:, None]), 0.0)
-            b_p = b_e / tl.maximum(tl.sum(b_e, 1), 1e-30)[:, None]
-        else:
-            b_p = b_s
-        b_sel = m_v & (b_p > threshold)
-    b_sel = b_sel | (m_v & dense[:, None])
-
-    # right-aligned, ascending: [-1 ... | sink | kept blocks | diagonal]
-    n_sel = tl.sum(b_sel.to(tl.int32), 1)
-    n_all = n_sel + KEEP_SINK + KEEP_DIAG
-    base = W - n_all
+        # top-p: the fewest most probable blocks whose mass reaches `threshold` (the crossing one kept):
+        # the largest key t with mass(key >= t) >= top_p, by bisection; ties at t in index order
+        b_p = _row_probs(b_s, m_r, m_v)
+        b_key = _sortable_key(b_p).to(tl.int64)
+        lo = tl.where(m_r, tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1), 0)
+        hi = tl.where(m_r, tl.max(tl.where(m_v, b_key, 0), 1), 0)
+        while tl.max(hi - lo) > 0:
+            mid = lo + (hi - lo + 1) // 2
+            ok = tl.sum(tl.where(m_v & (b_key >= mid[:, None]), b_p, 0.0), 1) >= threshold
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        b_gt = m_v & (b_key > lo[:, None])
+        b_eq = m_v & (b_key == lo[:, None])
+        mass_gt = tl.sum(tl.where(b_gt, b_p, 0.0), 1)
+        p_t = tl.max(tl.where(b_eq, b_p, 0.0), 1)
+        rank = tl.cumsum(b_eq.to(tl.int32), 1) - 1
+        b_sel = b_gt | (b_eq & (mass_gt[:, None] + rank.to(tl.float32) * p_t[:, None] < threshold))
+    b_sel = b_sel | (m_v & (o_r >= DENSE_FROM)[:, None])
     p_row = idx + i_b * stride_ib + i_h * stride_ih + o_r * stride_im
-    o_w = tl.arange(0, WP)
-    m_pad = m_r[:, None] & (o_w[None, :] < base[:, None])
-    tl.store(p_row[:, None] + o_w[None, :] * stride_iw, tl.full([R, WP], -1, dtype=tl.int32), mask=m_pad)
-    slot = base[:, None] + KEEP_SINK + tl.cumsum(b_sel.to(tl.int32), 1) - 1
-    b_col = tl.broadcast_to(o_j[None, :], (R, NBP)).to(tl.int32)
-    tl.store(p_row[:, None] + slot * stride_iw, b_col, mask=b_sel)
-    if KEEP_SINK:
-        tl.store(p_row + base * stride_iw, tl.zeros([R], dtype=tl.int32), mask=m_r)
+    _write_rows(p_row, b_sel, o_r, o_j, m_r, W, stride_iw, KEEP_SINK, KEEP_DIAG, R, NBP, WP)
+
+
+# adaptive selection: radix select of one threshold per batch element over all heads and rows,
+# ADAPTIVE_PASSES digits of ADAPTIVE_BITS bits of the probability's int32 image (probabilities are
+# in [0, 1], so their images are below 2^30 and three 10-bit digits determine them exactly)
+ADAPTIVE_BITS = 10
+ADAPTIVE_PASSES = 3
+
+
+@triton.jit
+def gate_adaptive_fwd_kernel(
+    s,
+    idx,
+    hist,
+    state,
+    counter,
+    stride_sb,
+    stride_sh,
+    stride_sm,
+    stride_sn,
+    stride_ib,
+    stride_ih,
+    stride_im,
+    stride_iw,
+    NB,
+    DENSE_FROM,
+    HQ: tl.constexpr,
+    PHASE: tl.constexpr,
+    SHIFT: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
+    KEEP_DIAG: tl.constexpr,
+    NBP: tl.constexpr,
+    R: tl.constexpr,
+    NBINS: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    # PHASE 0: histogram of the next digit of the non-forced probabilities that match the digits found
+    # so far; PHASE 1: keep forced blocks, probabilities above the threshold, and the first `need` ties
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HQ, i_bh % HQ
+    o_r = i_m * R + tl.arange(0, R)
+    o_j = tl.arange(0, NBP)
+    b_s, m_r, m_v = _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB)
+    b_key = _sortable_key(_row_probs(b_s, m_r, m_v))
+    b_forced = m_v & (o_j[None, :] < 0)
     if KEEP_DIAG:
-        tl.store(p_row + (W - 1) * stride_iw, o_r.to(tl.int32), mask=m_r)
+        b_forced = b_forced | (m_v & (o_j[None, :] == o_r[:, None]))
+    if KEEP_SINK:
+        b_forced = b_forced | (m_v & (o_j[None, :] == 0))
+    m_free = m_v & ~b_forced
+    prefix = tl.load(state + i_b * 2)
+    if PHASE == 0:
+        m_h = m_free & ((b_key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
+        b_digit = tl.where(m_h, (b_key >> SHIFT) & (NBINS - 1), 0)
+        b_h = tl.histogram(tl.reshape(b_digit, [R * NBP]), NBINS)
+        # elements outside the histogram were counted in bin 0
+        o_bin = tl.arange(0, NBINS)
+        b_h = b_h - tl.where(o_bin == 0, tl.sum(tl.sum((~m_h).to(tl.int32), 1), 0), 0)
+        tl.atomic_add(hist + i_b * NBINS + o_bin, b_h, mask=b_h != 0)
+    else:
+        need = tl.load(state + i_b * 2 + 1)
+        b_gt = m_free & (b_key > prefix)
+        b_eq = m_free & (b_key == prefix)
+        # ties at the threshold: a global rank (block order within a program, programs in atomic order)
+        n_row = tl.sum(b_eq.to(tl.int32), 1)
+        first = tl.atomic_add(counter + i_b, tl.sum(n_row, 0))
+        rank = first + tl.cumsum(n_row, 0)[:, None] - n_row[:, None] + tl.cumsum(b_eq.to(tl.int32), 1) - 1
+        b_sel = b_forced | b_gt | (b_eq & (rank < need)) | (m_v & (o_r >= DENSE_FROM)[:, None])
+        p_row = idx + i_b * stride_ib + i_h * stride_ih + o_r * stride_im
+        _write_rows(p_row, b_sel, o_r, o_j, m_r, NB, stride_iw, 0, 0, R, NBP, NBP)
+
+
+@triton.jit
+def gate_adaptive_find_kernel(hist, state, SHIFT: tl.constexpr, NBINS: tl.constexpr):
+    # the digit d* of the need-th largest remaining probability: #{digit >= d*} >= need > #{digit > d*}
+    i_b = tl.program_id(0).to(tl.int64)
+    o_bin = tl.arange(0, NBINS)
+    b_h = tl.load(hist + i_b * NBINS + o_bin)
+    prefix = tl.load(state + i_b * 2)
+    need = tl.load(state + i_b * 2 + 1)
+    c_ge = tl.sum(b_h, 0) - tl.cumsum(b_h, 0) + b_h
+    d = tl.maximum(tl.sum((c_ge >= need).to(tl.int32), 0) - 1, 0)
+    c_gt = tl.sum(tl.where(o_bin == d, c_ge - b_h, 0), 0)
+    tl.store(state + i_b * 2, prefix | (d << SHIFT))
+    tl.store(state + i_b * 2 + 1, need - c_gt)
 
 
 def _check_summaries_inputs(x, weight, cos, sin, pools, block_size, g_out):
@@ -372,8 +573,8 @@ def _check_summaries_inputs(x, weight, cos, sin, pools, block_size, g_out):
     B, H, S, D = x.shape
     if D < 32 or D & (D - 1):
         raise ValueError(f"gate_summaries: head_dim must be a power of two >= 32, got {D}")
-    if block_size not in (16, 32, 64, 128):
-        raise ValueError(f"gate_summaries: block_size must be 16, 32, 64 or 128, got {block_size}")
+    if block_size not in (2, 4, 8, 16, 32, 64, 128):
+        raise ValueError(f"gate_summaries: block_size (tokens per summary) must be a power of two in [2, 128], got {block_size}")
     dg = cos.shape[-1]
     if dg < 32 or dg & (dg - 1):
         raise ValueError(f"gate_summaries: gate width must be a power of two >= 32, got {dg}")
@@ -411,7 +612,8 @@ def gate_summaries(
             (`MultiHeadLinear.weight`); None uses the single pool as is (then `Dg == D`).
         cos, sin (torch.Tensor): RoPE tables `[B, nb, Dg]` at each block's first-token position.
         pools (tuple[str, ...]): ordered subset of `("max", "min", "avg")`, concatenated in that order.
-        block_size (int): tokens per block. Default: `64`.
+        block_size (int): tokens pooled per summary (a gate block, or a sub-block with several
+            summaries per block). Default: `64`.
         g_out (int): outputs per input head; output head `h * g_out + g` uses `weight[h * g_out + g]`
             (the default gate's K side: pooled KV head `h` projected for each query head of its group).
         precision (str, Optional): `tl.dot` input precision. Default: :data:`GATE_DOT_PRECISION`.
@@ -459,49 +661,124 @@ def gate_scores(
     return s
 
 
+def gate_mixture_scores(
+    qg: torch.Tensor, kg: torch.Tensor, n_q: int, n_k: int, nb: int, fill_upper: bool = False, precision: str | None = None
+) -> torch.Tensor:
+    """Block log-probabilities of a gate with several summaries per block: fp32 `[B, Hq, nb, nb]`.
+
+    Query summary `a` (of block `i`) takes a softmax of `qg[a] . kg[c] / sqrt(Dg)` over every key
+    summary `c` of the causal blocks `j <= i`; block `(i, j)` gets the mean over `i`'s real summaries
+    of the summed probabilities of `j`'s summaries (`AttnGate` with `q_summaries` / `k_summaries`).
+    Two passes over the key summaries per row tile (statistics, then log-probabilities), all in
+    the log domain, so no probability underflows to 0 where the twin keeps it finite.
+
+    Args:
+        qg (torch.Tensor): fp32 `[B, Hq, nq, Dg]`, summary `a` belongs to block `a // n_q`.
+        kg (torch.Tensor): fp32 `[B, Hk, nk, Dg]`, summary `c` belongs to block `c // n_k`.
+    """
+    if qg.dim() != 4 or kg.dim() != 4 or qg.dtype != torch.float32 or kg.dtype != torch.float32:
+        raise ValueError("gate_mixture_scores: fp32 [B, H, n, Dg] summaries expected")
+    B, Hq, nq, dg = qg.shape
+    nk = kg.shape[2]
+    if n_q not in (1, 2, 4, 8) or n_k not in (1, 2, 4, 8):
+        raise ValueError(f"gate_mixture_scores: summaries per block must be 1, 2, 4 or 8, got {n_q}, {n_k}")
+    if math.ceil(nq / n_q) != nb or math.ceil(nk / n_k) != nb or kg.shape[0] != B or kg.shape[3] != dg or Hq % kg.shape[1]:
+        raise ValueError(f"gate_mixture_scores: qg {tuple(qg.shape)}, kg {tuple(kg.shape)} do not make {nb} blocks of {n_q}, {n_k}")
+    s = torch.empty(B, Hq, nb, nb, device=qg.device, dtype=torch.float32)
+    # 32 query summaries and 64 key summaries per tile
+    bmb, bnb = max(1, 32 // n_q), max(1, 64 // n_k)
+    gate_mixture_fwd_kernel[(triton.cdiv(nb, bmb), B * Hq)](
+        qg, kg, s, *qg.stride(), *kg.stride(), *s.stride(), 1.0 / math.sqrt(dg), nb, nq, nk,
+        HQ=Hq, G_K=Hq // kg.shape[1], DG=dg, NQ=n_q, NK=n_k, BMB=bmb, BNB=bnb, FILL=fill_upper,
+        DOT_PREC=_dot_prec(precision),
+    )  # fmt: skip
+    return s
+
+
 def gate_select(
     scores: torch.Tensor,
     method: str = "nz_ratio",
     k: int = 1,
     threshold: float = 0.0,
-    scores_are_probs: bool = False,
     keep_sink: bool = False,
     keep_diagonal: bool = True,
     dense_last_rows: int = 0,
+    top_p: float = 1.0,
+    budget: int = 0,
 ) -> torch.Tensor:
     """Block scores -> kept key blocks per query block, int32 `[B, H, nb, W]`, rows ascending, `-1` padded in front.
 
     Args:
-        scores (torch.Tensor): fp32 `[B, H, nb, nb]`; only the causal lower triangle is read.
+        scores (torch.Tensor): fp32 `[B, H, nb, nb]` logits (or log-probabilities); only the causal
+            lower triangle is read. Probabilities are their row softmax.
         method (str): `"nz_ratio"`: the `k` best causal blocks of each row (all of them in rows with
-            fewer), exact, ties to the lowest index; `"threshold"`: blocks whose row-softmax
-            probability is `> threshold` (`scores_are_probs`: the scores already are probabilities).
-        keep_sink, keep_diagonal (bool): also list block 0 / the diagonal block (a repeat when it
-            was selected anyway: `block_sparse_attn_topk` and `indices_to_mask` count it once).
+            fewer), exact, ties to the lowest index; `"threshold"`: probability `> threshold`;
+            `"top_p"`: per row the fewest most probable blocks whose probabilities sum to `top_p`
+            (the crossing block kept, ties in block order); `"adaptive"`: per batch element, the
+            `budget` most probable blocks over all heads and rows with the keep rules' blocks first
+            (`budget` counts them), found by an exact radix select (three histogram passes, no sort,
+            no host sync); ties at the threshold are taken in an arbitrary order (as `torch.topk`).
+        keep_sink, keep_diagonal (bool): also keep block 0 / the diagonal block. For top-k,
+            threshold and top-p they are listed in extra columns (a repeat when selected anyway:
+            `block_sparse_attn_topk` and `indices_to_mask` count it once); adaptive counts them
+            inside the budget.
         dense_last_rows (int): the last n rows keep every causal block.
 
     Returns:
-        `W = min(k, nb)` (top-k) or `nb` (threshold, or any dense rows), plus one column per keep rule.
+        `W = min(k, nb)` for top-k, else `nb`, plus one column per keep rule except for adaptive.
         Rows are sorted ascending, so `block_sparse_attn_topk(..., sorted_index=True)` takes them as they are.
     """
     if scores.dim() != 4 or scores.dtype != torch.float32 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"gate_select: scores must be fp32 [B, H, nb, nb], got {scores.dtype} {tuple(scores.shape)}")
-    if method not in ("nz_ratio", "threshold"):
-        raise ValueError(f"gate_select: method must be 'nz_ratio' or 'threshold', got {method!r}")
+    methods = ("nz_ratio", "threshold", "top_p", "adaptive")
+    if method not in methods:
+        raise ValueError(f"gate_select: method must be one of {methods}, got {method!r}")
     B, H, nb, _ = scores.shape
-    k = max(1, min(int(k), nb))
-    width = nb if (method == "threshold" or dense_last_rows > 0) else k
-    W = width + int(keep_sink) + int(keep_diagonal)
-    idx = torch.empty(B, H, nb, W, device=scores.device, dtype=torch.int32)
     nbp = triton.next_power_of_2(nb)
     # about 4k scores per program in registers
     R = max(1, min(16, 4096 // nbp))
-    gate_select_fwd_kernel[(triton.cdiv(nb, R), B * H)](
+    dense_from = nb - dense_last_rows if dense_last_rows > 0 else nb
+    grid = (triton.cdiv(nb, R), B * H)
+    if method == "adaptive":
+        return _adaptive_select(scores, budget, keep_sink, keep_diagonal, dense_from, nbp, R, grid)
+    k = max(1, min(int(k), nb))
+    width = k if (method == "nz_ratio" and dense_last_rows == 0) else nb
+    W = width + int(keep_sink) + int(keep_diagonal)
+    idx = torch.empty(B, H, nb, W, device=scores.device, dtype=torch.int32)
+    gate_select_fwd_kernel[grid](
         scores, idx, *scores.stride(), *idx.stride(),
-        nb, W, k, float(threshold), nb - dense_last_rows if dense_last_rows > 0 else nb,
-        HQ=H, METHOD=0 if method == "nz_ratio" else 1, SOFTMAX=not scores_are_probs,
-        KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal),
+        nb, W, k, float(top_p if method == "top_p" else threshold), dense_from,
+        HQ=H, METHOD=methods.index(method), KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal),
         NBP=nbp, WP=triton.next_power_of_2(W), R=R,
+    )  # fmt: skip
+    return idx
+
+
+def _adaptive_select(scores, budget, keep_sink, keep_diagonal, dense_from, nbp, R, grid) -> torch.Tensor:
+    B, H, nb, _ = scores.shape
+    forced = (nb if keep_diagonal else 0) + (nb if keep_sink else 0) - (1 if keep_diagonal and keep_sink else 0)
+    # non-forced blocks to pick per batch element
+    free = min(int(budget), H * nb * (nb + 1) // 2) - H * forced
+    nbins = 1 << ADAPTIVE_BITS
+    dev = scores.device
+    hist = torch.zeros(ADAPTIVE_PASSES, B, nbins, device=dev, dtype=torch.int32)
+    # per batch element: [threshold digits found so far, blocks still to pick]
+    state = torch.zeros(B, 2, device=dev, dtype=torch.int32)
+    state[:, 1] = free
+    counter = torch.zeros(B, device=dev, dtype=torch.int32)
+    idx = torch.empty(B, H, nb, nb, device=dev, dtype=torch.int32)
+    common = dict(HQ=H, KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal), NBP=nbp, R=R, NBINS=nbins, BITS=ADAPTIVE_BITS)
+    # one launch configuration for every phase, so all of them compute bit-identical probabilities
+    for p in range(ADAPTIVE_PASSES):
+        shift = ADAPTIVE_BITS * (ADAPTIVE_PASSES - 1 - p)
+        gate_adaptive_fwd_kernel[grid](
+            scores, idx, hist[p], state, counter, *scores.stride(), *idx.stride(), nb, dense_from,
+            PHASE=0, SHIFT=shift, num_warps=4, **common,
+        )  # fmt: skip
+        gate_adaptive_find_kernel[(B,)](hist[p], state, SHIFT=shift, NBINS=nbins)
+    gate_adaptive_fwd_kernel[grid](
+        scores, idx, hist[0], state, counter, *scores.stride(), *idx.stride(), nb, dense_from,
+        PHASE=1, SHIFT=0, num_warps=4, **common,
     )  # fmt: skip
     return idx
 
@@ -537,4 +814,4 @@ def fused_gate_index(
     g_out = Hq // Hkv if w_q is None else 1
     kg = gate_summaries(k, w_k, cos, sin, k_pools, block_size, g_out, precision)
     scores = gate_scores(qg, kg, precision=precision)
-    return gate_select(scores, method, k_blocks, threshold, False, keep_sink, keep_diagonal, dense_last_rows)
+    return gate_select(scores, method, k_blocks, threshold, keep_sink, keep_diagonal, dense_last_rows)

@@ -16,11 +16,12 @@ time the twin.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
 
-from seer_attn.kernels.block_mask import mask_to_indices, nz_ratio_to_k, select_blocks, topk_block_index
+from seer_attn.kernels.block_mask import mask_to_indices, nz_ratio_to_k, select_blocks, topk_block_index, topk_budget
 
 __all__ = [
     "set_fused_gate",
@@ -37,7 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 _state = {"enabled": os.environ.get("SEER_ATTN_FUSED_GATE", "1") not in ("0", "false", "False")}
 _logged: set[str] = set()
-_METHODS = ("nz_ratio", "threshold")
+_METHODS = ("nz_ratio", "threshold", "top_p", "adaptive")
 # tl.dot input precision of the gate kernels (None: gate_kernel.GATE_DOT_PRECISION); benchmarks compare
 GATE_PRECISION_OVERRIDE: str | None = None
 
@@ -63,8 +64,9 @@ def unsupported_reason(gate, method: str | None = None) -> str | None:
         if not hasattr(gate, attr):
             return f"{type(gate).__name__} is not an AttnGate (no {attr!r})"
     for attr in ("q_summaries", "k_summaries"):
-        if getattr(gate, attr, 1) != 1:
-            return f"{attr}={getattr(gate, attr)} (only 1 is fused so far)"
+        n = getattr(gate, attr, 1)
+        if n not in (1, 2, 4, 8) or gate.block_size // n < 2:
+            return f"{attr}={n} with block size {gate.block_size}"
     d, dg = gate.head_dim, gate.hidden_size
     if d < 32 or d & (d - 1):
         return f"head_dim {d} (the kernels need a power of two >= 32)"
@@ -117,18 +119,44 @@ def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tens
         )
     w_q, w_k = _weights(gate)
     prec = GATE_PRECISION_OVERRIDE
-    qg = gate_summaries(q, w_q, cos, sin, gate.q_pools, gate.block_size, 1, prec)
+    n_q, n_k = getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)
+    stride = getattr(gate, "rope_stride", gate.block_size)
+    S = q.shape[2]
+
+    def tables(n):
+        # summary s starts at token s * block_size / n: every r-th entry of the table (a view, no copy)
+        sub = gate.block_size // n
+        r, count = sub // stride, math.ceil(S / sub)
+        return cos[:, ::r][:, :count], sin[:, ::r][:, :count], sub
+
+    cq, sq, sub_q = tables(n_q)
+    qg = gate_summaries(q, w_q, cq, sq, gate.q_pools, sub_q, 1, prec)
     g_out = gate.num_heads // gate.num_kv_heads if w_q is None else 1
-    kg = gate_summaries(k, w_k, cos, sin, gate.k_pools, gate.block_size, g_out, prec)
+    ck, sk, sub_k = tables(n_k)
+    kg = gate_summaries(k, w_k, ck, sk, gate.k_pools, sub_k, g_out, prec)
     return qg, kg
+
+
+def _scores(gate, q, k, cos, sin, fill_upper: bool) -> torch.Tensor:
+    """Logits (one summary per side) or block log-probabilities (several), fp32 `[B, Hq, nb, nb]`."""
+    from seer_attn.kernels.gate_kernel import gate_mixture_scores, gate_scores
+
+    qg, kg = gate_summaries_fused(gate, q, k, cos, sin)
+    n_q, n_k = getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)
+    if n_q == 1 and n_k == 1:
+        return gate_scores(qg, kg, fill_upper=fill_upper, precision=GATE_PRECISION_OVERRIDE)
+    nb = math.ceil(q.shape[2] / gate.block_size)
+    return gate_mixture_scores(qg, kg, n_q, n_k, nb, fill_upper=fill_upper, precision=GATE_PRECISION_OVERRIDE)
 
 
 def gate_logits(gate, q, k, cos, sin, output: str) -> torch.Tensor:
     """What `AttnGate.forward` returns (`output` "logits" or "probs"), through the kernels."""
-    from seer_attn.kernels.gate_kernel import gate_scores
-
-    s = gate_scores(*gate_summaries_fused(gate, q, k, cos, sin), fill_upper=True, precision=GATE_PRECISION_OVERRIDE)
-    return torch.softmax(s, dim=-1) if output == "probs" else s
+    s = _scores(gate, q, k, cos, sin, fill_upper=True)
+    if output != "probs":
+        return s
+    # several summaries: s already holds log-probabilities (as the twin returns them)
+    mixture = getattr(gate, "q_summaries", 1) > 1 or getattr(gate, "k_summaries", 1) > 1
+    return s.exp() if mixture else torch.softmax(s, dim=-1)
 
 
 def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
@@ -138,22 +166,29 @@ def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
     `dense_last_rows` (a `SeerAttentionSettings`). Same blocks as :func:`gate_block_index_twin`
     except at near ties (see `seer_attn.kernels.gate_kernel`).
     """
-    from seer_attn.kernels.gate_kernel import gate_scores, gate_select
+    from seer_attn.kernels.gate_kernel import gate_select
 
     reason = unsupported_reason(gate, settings.sparsity_method)
     if reason is not None:
         raise ValueError(f"gate_block_index: the fused gate does not support {reason}")
-    scores = gate_scores(*gate_summaries_fused(gate, q, k, cos, sin), precision=GATE_PRECISION_OVERRIDE)
-    nb = scores.shape[-1]
+    scores = _scores(gate, q, k, cos, sin, fill_upper=False)
+    nb, H = scores.shape[-1], scores.shape[1]
+    method = settings.sparsity_method
+    budget = 0
+    if method == "adaptive":
+        forced = (nb if settings.keep_diagonal else 0) + (nb if settings.keep_sink else 0)
+        forced -= 1 if settings.keep_diagonal and settings.keep_sink else 0
+        budget = max(H * topk_budget(settings.nz_ratio, nb), H * forced)
     return gate_select(
         scores,
-        settings.sparsity_method,
-        nz_ratio_to_k(settings.nz_ratio, nb) if settings.sparsity_method == "nz_ratio" else 1,
+        method,
+        nz_ratio_to_k(settings.nz_ratio, nb) if method == "nz_ratio" else 1,
         settings.threshold,
-        False,
         settings.keep_sink,
         settings.keep_diagonal,
         settings.dense_last_rows,
+        top_p=getattr(settings, "top_p", 1.0),
+        budget=budget,
     )
 
 
@@ -174,7 +209,7 @@ def gate_block_index_twin(gate, q, k, cos, sin, settings) -> torch.Tensor:
     with torch.no_grad():
         qb, kb = gate.pool_inputs(q, k)
         method = settings.sparsity_method
-        scores = gate.score(qb, kb, cos, sin, output="probs" if method == "threshold" else "logits")
+        scores = gate.score(qb, kb, cos, sin, output="logits" if method == "nz_ratio" else "probs")
         if method == "nz_ratio" and settings.dense_last_rows == 0:
             idx = topk_block_index(scores, nz_ratio_to_k(settings.nz_ratio, scores.shape[-1]))
             rows = torch.arange(scores.shape[-2], device=scores.device).expand(*scores.shape[:-1])[..., None]
@@ -185,6 +220,7 @@ def gate_block_index_twin(gate, q, k, cos, sin, settings) -> torch.Tensor:
             method=method,
             nz_ratio=settings.nz_ratio,
             threshold=settings.threshold,
+            top_p=getattr(settings, "top_p", 1.0),
             keep_sink=settings.keep_sink,
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from seer_attn.kernels.block_mask import indices_to_mask, nz_ratio_to_k, select_blocks
-from seer_attn.kernels.gate_kernel import fused_gate_index, gate_scores, gate_select, gate_summaries
+from seer_attn.kernels.block_mask import indices_to_mask, nz_ratio_to_k, select_blocks, topk_budget
+from seer_attn.kernels.gate_kernel import fused_gate_index, gate_mixture_scores, gate_scores, gate_select, gate_summaries
 from seer_attn.modules.attn_gate import AttnGate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +114,7 @@ def test_gate_select(nb, method, nz, keep_sink, keep_diag, dense_rows):
     # exact ties: the top-k must still keep exactly k blocks (the lowest indices among the tied)
     scores[:, 0, :, ::3] = 1.0
     k = nz_ratio_to_k(nz, nb) if nz else 1
-    idx = gate_select(scores, method, k, 0.05, False, keep_sink, keep_diag, dense_rows)
+    idx = gate_select(scores, method, k, 0.05, keep_sink, keep_diag, dense_rows)
     assert idx.dtype == torch.int32 and idx.shape[:3] == (1, 2, nb)
     # ascending rows, -1 padding in front: what block_sparse_attn_topk(sorted_index=True) reads
     assert torch.equal(idx, idx.sort(-1).values)
@@ -133,11 +133,64 @@ def test_gate_select(nb, method, nz, keep_sink, keep_diag, dense_rows):
         assert torch.equal(bare, torch.clamp(torch.arange(nb, device=DEVICE) + 1, max=k).expand_as(bare))
 
 
+@pytest.mark.parametrize("nb", [1, 33])
+@pytest.mark.parametrize("method,param,keep_sink,keep_diag,dense_rows",
+                         [("top_p", 0.9, False, True, 0), ("top_p", 0.5, True, False, 2), ("top_p", 1.0, False, True, 0),
+                          ("adaptive", 0.3, False, True, 0), ("adaptive", 0.1, True, True, 1), ("adaptive", 0.5, False, False, 0)])  # fmt: skip
+def test_gate_select_top_p_and_adaptive(nb, method, param, keep_sink, keep_diag, dense_rows):
+    torch.manual_seed(nb + 1)
+    B, H = 2, 3
+    scores = torch.randn(B, H, nb, nb, device=DEVICE) * 2
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    forced = (nb if keep_diag else 0) + (nb if keep_sink else 0) - (1 if keep_diag and keep_sink else 0)
+    budget = max(H * topk_budget(param, nb), H * forced)
+    idx = gate_select(scores, method, keep_sink=keep_sink, keep_diagonal=keep_diag, dense_last_rows=dense_rows,
+                      top_p=param, budget=budget)  # fmt: skip
+    assert torch.equal(idx, idx.sort(-1).values)
+    ref = select_blocks(probs, method, nz_ratio=param, keep_sink=keep_sink, keep_diagonal=keep_diag,
+                        dense_last_rows=dense_rows, top_p=param)  # fmt: skip
+    # random scores, identical probabilities up to rounding: the same blocks
+    assert torch.equal(indices_to_mask(idx.long(), nb), ref)
+
+
+def test_gate_select_adaptive_ties_keep_the_exact_budget():
+    # every row uniform: the threshold sits on a huge tie; exactly `budget` blocks must be kept
+    nb, H = 20, 2
+    scores = torch.zeros(2, H, nb, nb, device=DEVICE)
+    scores[1, :, :, 3] = 1.0
+    budget = H * topk_budget(0.3, nb)
+    idx = gate_select(scores, "adaptive", budget=budget)
+    kept = indices_to_mask(idx.long(), nb).sum((1, 2, 3))
+    assert kept.tolist() == [budget, budget]
+
+
+@pytest.mark.parametrize("n_q,n_k,S,gate_type", [(2, 1, 300, "Qavg_Kmaxminavg"), (4, 2, 263, "Qmaxavg_Kmin"), (1, 8, 130, "Qavg_Kavg")])
+def test_gate_mixture_scores(n_q, n_k, S, gate_type):
+    from seer_attn.modules import fused_gate
+
+    torch.manual_seed(0)
+    gate = AttnGate(4, 2, 64, gate_type, q_summaries=n_q, k_summaries=n_k).to(DEVICE).eval()
+    for p in gate.parameters():
+        p.data.normal_(0, 0.2)
+    q = torch.randn(1, 4, S, 64, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(1, 2, S, 64, device=DEVICE, dtype=torch.float16)
+    cos, sin = rope_tables(1, math.ceil(S / gate.rope_stride), 64, stride=gate.rope_stride)
+    ref = gate.score(*gate.pool_inputs(q, k), cos, sin, output="logits")
+    nb = math.ceil(S / 64)
+    out = gate_mixture_scores(*fused_gate.gate_summaries_fused(gate, q, k, cos, sin), n_q, n_k, nb, fill_upper=True)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out))
+    torch.testing.assert_close(out[fin], ref[fin], atol=LOGIT_TOL, rtol=LOGIT_TOL)
+
+
 def test_gate_select_input_errors():
     with pytest.raises(ValueError, match="fp32"):
         gate_select(torch.randn(1, 1, 4, 4, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="method"):
         gate_select(torch.randn(1, 1, 4, 4, device=DEVICE), "top_k")
+    with pytest.raises(ValueError, match="fp32"):
+        gate_select(torch.randn(1, 1, 4, 5, device=DEVICE))
 
 
 def test_gate_summaries_input_errors():

@@ -25,13 +25,14 @@ def rope_tables(B, n, d, stride=64, device=DEVICE):
     return emb.cos().expand(B, n, d), emb.sin().expand(B, n, d)
 
 
-def setup(S=200, Hq=4, Hkv=2, D=64, gate_type="Qavg_Kmaxminavg", dtype=torch.float16, seed=0):
+def setup(S=200, Hq=4, Hkv=2, D=64, gate_type="Qavg_Kmaxminavg", dtype=torch.float16, seed=0, n_q=1):
     torch.manual_seed(seed)
-    gate = AttnGate(Hq, Hkv, D, gate_type).to(DEVICE).eval()
+    gate = AttnGate(Hq, Hkv, D, gate_type, q_summaries=n_q).to(DEVICE).eval()
     for p in gate.parameters():
         p.data.normal_(0, 0.2)
     q, k = torch.randn(1, Hq, S, D, device=DEVICE, dtype=dtype), torch.randn(1, Hkv, S, D, device=DEVICE, dtype=dtype)
-    return gate, q, k, *rope_tables(1, math.ceil(S / 64), gate.hidden_size)
+    stride = gate.rope_stride
+    return gate, q, k, *rope_tables(1, math.ceil(S / stride), gate.hidden_size, stride=stride)
 
 
 @pytest.mark.parametrize("gate_type", ["Qavg_Kmaxminavg", "Qmaxmin_Kavg"])
@@ -46,11 +47,13 @@ def test_gate_logits(gate_type):
 
 
 @pytest.mark.parametrize(
-    "method,keep_sink,dense_rows", [("nz_ratio", False, 0), ("nz_ratio", True, 1), ("threshold", True, 0)]
+    "method,keep_sink,dense_rows,n_q",
+    [("nz_ratio", False, 0, 1), ("nz_ratio", True, 1, 2), ("threshold", True, 0, 1), ("top_p", False, 0, 2), ("adaptive", True, 0, 1)],
 )
-def test_gate_block_index(method, keep_sink, dense_rows):
-    gate, q, k, cos, sin = setup(S=600, seed=3)
-    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.4, threshold=0.08, keep_sink=keep_sink, dense_last_rows=dense_rows)
+def test_gate_block_index(method, keep_sink, dense_rows, n_q):
+    gate, q, k, cos, sin = setup(S=600, seed=3, n_q=n_q)
+    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.4, threshold=0.08, top_p=0.8, keep_sink=keep_sink,
+                               dense_last_rows=dense_rows)  # fmt: skip
     idx = fused_gate.gate_block_index(gate, q, k, cos, sin, st)
     ref = fused_gate.gate_block_index_twin(gate, q, k, cos, sin, st)
     nb = idx.shape[-2]
@@ -62,11 +65,12 @@ def test_gate_block_index(method, keep_sink, dense_rows):
 def test_unsupported_designs_are_named():
     assert fused_gate.unsupported_reason(AttnGate(4, 2, 64)) is None
     assert "hidden size 48" in fused_gate.unsupported_reason(AttnGate(4, 2, 64, "Qavg_Kavg", hidden_size=48))
-    assert "top_p" in fused_gate.unsupported_reason(AttnGate(4, 2, 64), "top_p")
+    assert fused_gate.unsupported_reason(AttnGate(4, 2, 64, q_summaries=4, k_summaries=2), "adaptive") is None
+    assert "bogus" in fused_gate.unsupported_reason(AttnGate(4, 2, 64), "bogus")
     assert "not an AttnGate" in fused_gate.unsupported_reason(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="does not support"):
         gate, q, k, cos, sin = setup()
-        fused_gate.gate_block_index(gate, q, k, cos, sin, SeerAttentionSettings(sparsity_method="top_p"))
+        fused_gate.gate_block_index(gate, q, k, cos, sin, SeerAttentionSettings(sparsity_method="bogus"))
 
 
 def test_use_fused_logs_fallback_once(monkeypatch, caplog):
