@@ -72,9 +72,9 @@ def _project_half(
 @triton.autotune(
     configs=prune_configs(
         [
-            triton.Config({"BN": bn, "TC": 8}, num_warps=w)
-            for bn in (16, 32)
-            for w in (4, 8)
+            # [BN, TC, D / 2] loads and six [BN, D / 2] pools stay in registers
+            triton.Config({"BN": bn, "TC": tc}, num_warps=w)
+            for bn, tc, w in ((16, 4, 4), (16, 8, 8), (32, 4, 8), (16, 2, 4))
         ]
     ),
     key=["D", "DG", "BS", "POOL_MAX", "POOL_MIN", "POOL_AVG", "PROJ", "G_OUT"],

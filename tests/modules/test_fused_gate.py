@@ -110,3 +110,22 @@ def test_seer_attention_through_fused_gate(monkeypatch):
     assert calls and stats.sparse
     assert int(stats.kept) == int(ref_stats.kept)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["nz_ratio", "threshold", "top_p", "adaptive"])
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (2, 2)])
+def test_gate_block_index_gpu(method, n_q, n_k):
+    # bf16 inputs at a realistic size: the fused selection equals the twin's up to near ties
+    torch.manual_seed(0)
+    S, Hq, Hkv, D = 4000, 32, 8, 128
+    gate = AttnGate(Hq, Hkv, D, q_summaries=n_q, k_summaries=n_k).to(DEVICE, torch.bfloat16).eval()
+    q = torch.randn(1, S, Hq, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, S, Hkv, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = rope_tables(1, math.ceil(S / gate.rope_stride), D, stride=gate.rope_stride)
+    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.2, threshold=0.02, top_p=0.7, keep_sink=True)
+    with torch.no_grad():
+        nb = math.ceil(S / 64)
+        m = indices_to_mask(fused_gate.gate_block_index(gate, q, k, cos, sin, st).long(), nb)
+        ref = indices_to_mask(fused_gate.gate_block_index_twin(gate, q, k, cos, sin, st).long(), nb)
+    assert (m != ref).sum() <= 1e-3 * ref.sum()
