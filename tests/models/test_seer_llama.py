@@ -305,9 +305,13 @@ def test_seerattn_fields_validation():
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_replay_equals_eager(tiny_dir):
-    model = load(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_kernel_implementation="TopK")
-    model = model.cuda()
+@pytest.mark.parametrize("method", ["nz_ratio", "adaptive"])
+def test_cuda_graphs_replay_equals_eager(method):
+    # head_dim 64 (the TopK kernel's and the fused gate's), every step free of host syncs
+    torch.manual_seed(0)
+    cfg = SeerLlamaConfig(**tiny_llama_config(hidden_size=256).to_dict(), seerattn_min_sparse_length=0,
+                          seerattn_nz_ratio=0.5, seerattn_kernel_implementation="TopK", seerattn_sparsity_method=method)  # fmt: skip
+    model = SeerLlamaForCausalLM(cfg).cuda().eval()
     x = ids(B=1, S=300).cuda()
     with torch.no_grad():
         eager = model(x, use_cache=False)
