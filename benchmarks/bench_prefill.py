@@ -154,6 +154,16 @@ def build_model(args, config_json: str | None, max_length: int):
     return model, name, factor
 
 
+def attempt(label: str, fn):
+    """`fn()`, or None after logging its error: one failing variant must not end the suite."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported in the log and as a missing row
+        log(f"{label} failed: {type(e).__name__}: {str(e)[:400]}")
+        torch.cuda.empty_cache()
+        return None
+
+
 def prefill_rows(model, length: int, args) -> list[dict]:
     from seer_attn.modules import fused_gate
 
@@ -162,45 +172,48 @@ def prefill_rows(model, length: int, args) -> list[dict]:
     nzs = [float(x) for x in args.nz_ratios.split(",")]
     rows = []
 
-    def add(method, nz, ms, density=None):
+    def add(method, nz, fn, density=None):
+        ms = attempt(f"S={length} {method} nz={nz}", fn)
+        if ms is None:
+            return
         what = "generate" if method.startswith("generate") else "prefill"
         rows.append({"what": what, "S": length, "method": method, "nz_ratio": nz, "density": density, "ms": ms})
         log(f"S={length} {method} nz={nz}: {ms:.1f} ms")
 
-    model.set_seerattn(seerattn_mode="dense", seerattn_cuda_graphs=False)
-    add("dense (SDPA)", 1.0, time_forward(model, ids, w, r), 1.0)
-    if args.graphs:
-        model.set_seerattn(seerattn_cuda_graphs=True)
-        add("dense (SDPA) + graphs", 1.0, time_forward(model, ids, w, r), 1.0)
-        model._cuda_graph = None
-        model.set_seerattn(seerattn_cuda_graphs=False)
-    for nz in nzs:
-        model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz, seerattn_kernel_implementation=args.kernel)
-        ms = time_forward(model, ids, w, r)
-        with torch.no_grad():
-            density = model(ids, logits_to_keep=1, use_cache=False).density
-        add(f"seer ({args.kernel}, fused gate)", nz, ms, density)
-    nz = nzs[-1]
-    if args.graphs:
+    def graphs(fn):
         model.set_seerattn(seerattn_cuda_graphs=True)
         try:
-            add(f"seer ({args.kernel}) + graphs", nz, time_forward(model, ids, w, r))
-        except RuntimeError as e:
-            log(f"graphs failed: {e}")
-        model._cuda_graph = None
-        model.set_seerattn(seerattn_cuda_graphs=False)
+            return fn()
+        finally:
+            model._cuda_graph = None
+            model.set_seerattn(seerattn_cuda_graphs=False)
+
+    def density():
+        with torch.no_grad():
+            return model(ids, logits_to_keep=1, use_cache=False).density
+
+    model.set_seerattn(seerattn_mode="dense", seerattn_cuda_graphs=False)
+    add("dense (SDPA)", 1.0, lambda: time_forward(model, ids, w, r), 1.0)
+    if args.graphs:
+        add("dense (SDPA) + graphs", 1.0, lambda: graphs(lambda: time_forward(model, ids, w, r)), 1.0)
+    for nz in nzs:
+        model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz, seerattn_kernel_implementation=args.kernel)
+        add(f"seer ({args.kernel}, fused gate)", nz, lambda: time_forward(model, ids, w, r), attempt("density", density))
+    nz = nzs[-1]
+    if args.graphs:
+        add(f"seer ({args.kernel}) + graphs", nz, lambda: graphs(lambda: time_forward(model, ids, w, r)))
     if args.twin:
         fused_gate.set_fused_gate(False)
-        add(f"seer ({args.kernel}, PyTorch gate)", nz, time_forward(model, ids, w, r))
+        add(f"seer ({args.kernel}, PyTorch gate)", nz, lambda: time_forward(model, ids, w, r), attempt("density", density))
         fused_gate.set_fused_gate(True)
     if args.generate:
         model.set_seerattn(seerattn_mode="dense")
-        add("generate TTFT, dense", 1.0, time_generate(model, ids, 1, max(2, r - 2)))
+        add("generate TTFT, dense", 1.0, lambda: time_generate(model, ids, 1, max(2, r - 2)))
         model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz)
-        add(f"generate TTFT, seer ({args.kernel})", nz, time_generate(model, ids, 1, max(2, r - 2)))
+        add(f"generate TTFT, seer ({args.kernel})", nz, lambda: time_generate(model, ids, 1, max(2, r - 2)))
     if args.profile:
         model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz)
-        profile_summary(model, ids)
+        attempt("profile", lambda: profile_summary(model, ids))
     torch.cuda.empty_cache()
     return rows
 
@@ -211,28 +224,31 @@ def train_rows(model, length: int, args) -> list[dict]:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = []
 
-    def add(method, nz, ms):
+    def add(method, nz, fn):
+        ms = attempt(f"train S={length} {method} nz={nz}", fn)
+        if ms is None:
+            return
         rows.append({"what": "train step", "S": length, "method": method, "nz_ratio": nz, "density": None, "ms": ms})
         log(f"train S={length} {method} nz={nz}: {ms:.1f} ms")
 
     model.set_seerattn(seerattn_mode="dense")
-    add("dense", 1.0, time_train_step(model, ids))
+    add("dense", 1.0, lambda: time_train_step(model, ids))
     nzs = [float(x) for x in args.nz_ratios.split(",")]
     for nz in nzs:
         model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz, seerattn_kernel_implementation="auto")
-        add("seer (CSR + gate loss, every layer)", nz, time_train_step(model, ids))
+        add("seer (CSR + gate loss, every layer)", nz, lambda: time_train_step(model, ids))
     if args.gt_variants:
         n = model.config.num_hidden_layers
         for every, per in ((1, max(1, n // 4)), (4, 0)):
             model.set_seerattn(seerattn_nz_ratio=nzs[-1], seerattn_gt_every_n_steps=every, seerattn_gt_layers_per_step=per)
             label = f"{per}/{n} layers per step" if per else f"every {every}th step"
-            add(f"seer (CSR, ground truth: {label})", nzs[-1], time_train_step(model, ids))
+            add(f"seer (CSR, ground truth: {label})", nzs[-1], lambda: time_train_step(model, ids))
         model.set_seerattn(seerattn_gt_every_n_steps=1, seerattn_gt_layers_per_step=0)
     model.gradient_checkpointing_disable()
     return rows
 
 
-def profile_summary(model, ids, top: int = 12) -> None:
+def profile_summary(model, ids, top: int = 8) -> None:
     """GPU time of one sparse forward grouped by kernel family, CPU vs GPU time, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -318,9 +334,10 @@ def print_rows(title: str, rows: list[dict]) -> None:
     report("| what | S | method | nz_ratio | realised density | ms | speedup vs dense |")
     report("|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(x for x in rows if x["what"] == r["what"] and x["S"] == r["S"] and x["nz_ratio"] == 1.0)
+        base = next((x for x in rows if x["what"] == r["what"] and x["S"] == r["S"] and x["nz_ratio"] == 1.0), None)
         dens = "-" if r["density"] is None else f"{r['density']:.3f}"
-        report(f"| {r['what']} | {r['S']} | {r['method']} | {r['nz_ratio']} | {dens} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
+        sp = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
+        report(f"| {r['what']} | {r['S']} | {r['method']} | {r['nz_ratio']} | {dens} | {r['ms']:.1f} | {sp} |")
 
 
 def run_model(args, config_json, lengths) -> dict:
@@ -330,8 +347,9 @@ def run_model(args, config_json, lengths) -> dict:
     out = {"model": name, "yarn_factor": factor, "rows": []}
     for length in lengths:
         out["rows"] += prefill_rows(model, length, args)
-    if args.crossover:
-        rows, cross = crossover_rows(cfg, args)
+    crossed = attempt("crossover", lambda: crossover_rows(cfg, args)) if args.crossover else None
+    if crossed is not None:
+        rows, cross = crossed
         out["crossover_rows"], out["crossover"] = rows, cross
         D = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
         key = (cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.hidden_size)
