@@ -194,8 +194,8 @@ def main():
         for S in (int(x) for x in args.seqlens.split(",")):
             t0 = time.time()
             rows.append(run(name, S, args, "cuda"))
-            print(f"[bench_gate] {name} S={S} done in {time.time() - t0:.0f}s: "
-                  + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}), flush=True)  # fmt: skip
+            row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}
+            print(f"[bench_gate] {name} S={S} done in {time.time() - t0:.0f}s: {json.dumps(row)}", flush=True)
             torch.cuda.empty_cache()
     cols = ["twin", "twin_graph", "compiled", "fused", "fused_graph", "fused_ieee", "fused_tf32", "fused_d0.5", "fused_thr",
             "sum", "kg", "score", "select"] + [f"fused_{d}" for d in args.designs] + ["diff", "real_diff"]  # fmt: skip
@@ -209,8 +209,9 @@ def main():
     for (name, S), target in TARGETS.items():
         r = next((r for r in rows if r["shape"] == name and r["S"] == S), None)
         if r is not None and isinstance(r["fused"], float):
-            lines.append(f"  {name} S={S}: fused {r['fused']:.3f} ms (graph {fmt(r['fused_graph'])}) vs target <= {target} ms: "
-                         f"{'met' if r['fused'] <= target else 'missed'}")  # fmt: skip
+            verdict = "met" if r["fused"] <= target else "missed"
+            graph = fmt(r["fused_graph"])
+            lines.append(f"  {name} S={S}: fused {r['fused']:.3f} ms (graph {graph}), target <= {target} ms: {verdict}")
     print("\n" + "\n".join(lines), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

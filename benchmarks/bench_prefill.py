@@ -138,7 +138,9 @@ def build_model(args, config_json: str | None, max_length: int):
     else:
         config = SeerLlamaForCausalLM.config_from(args.model)
         name = args.model
-    factor = args.yarn_factor or (math.ceil(max_length / config.max_position_embeddings) if max_length > config.max_position_embeddings else None)
+    factor = args.yarn_factor
+    if not factor and max_length > config.max_position_embeddings:
+        factor = math.ceil(max_length / config.max_position_embeddings)
     if factor and factor > 1:
         apply_yarn(config, factor)
     if max_length > config.max_position_embeddings:
@@ -376,7 +378,7 @@ def main() -> None:
     p.add_argument("--lengths", "--length", default="32768", help="comma-separated prefill lengths")
     p.add_argument("--nz-ratios", default="0.5,0.1")
     p.add_argument("--kernel", default="TopK", help="seerattn_kernel_implementation for the sparse runs")
-    p.add_argument("--config-json", default=None, help="time this Llama architecture with random weights (comma-separated: several)")
+    p.add_argument("--config-json", default=None, help="time these Llama architectures (comma-separated) with random weights")
     p.add_argument("--graphs", action="store_true", help="also time with seerattn_cuda_graphs")
     p.add_argument("--twin", action="store_true", help="also time the sparse forward with the PyTorch gate")
     p.add_argument("--generate", action="store_true", help="also time generate() to the first token")

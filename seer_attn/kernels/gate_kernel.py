@@ -574,13 +574,17 @@ def _check_summaries_inputs(x, weight, cos, sin, pools, block_size, g_out):
     if D < 32 or D & (D - 1):
         raise ValueError(f"gate_summaries: head_dim must be a power of two >= 32, got {D}")
     if block_size not in (2, 4, 8, 16, 32, 64, 128):
-        raise ValueError(f"gate_summaries: block_size (tokens per summary) must be a power of two in [2, 128], got {block_size}")
+        raise ValueError(
+            f"gate_summaries: block_size (tokens per summary) must be a power of two in [2, 128], got {block_size}"
+        )
     dg = cos.shape[-1]
     if dg < 32 or dg & (dg - 1):
         raise ValueError(f"gate_summaries: gate width must be a power of two >= 32, got {dg}")
     nb = math.ceil(S / block_size)
     if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] != B or cos.shape[1] != nb:
-        raise ValueError(f"gate_summaries: cos/sin must be [B, nb, Dg] = [{B}, {nb}, Dg], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        raise ValueError(
+            f"gate_summaries: cos/sin must be [B, nb, Dg] = [{B}, {nb}, Dg], got {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
     if weight is None:
         if len(pools) != 1 or dg != D or g_out != 1:
             raise ValueError("gate_summaries: without a weight the summary is a single pool of width D (one output per head)")
@@ -648,7 +652,10 @@ def gate_scores(
             tiles wholly above it are left unwritten (the selection never reads them). Default: `False`.
     """
     if qg.dim() != 4 or kg.dim() != 4 or qg.dtype != torch.float32 or kg.dtype != torch.float32:
-        raise ValueError(f"gate_scores: fp32 [B, H, nb, Dg] summaries expected, got {qg.dtype} {tuple(qg.shape)}, {kg.dtype} {tuple(kg.shape)}")
+        raise ValueError(
+            f"gate_scores: fp32 [B, H, nb, Dg] summaries expected, "
+            f"got {qg.dtype} {tuple(qg.shape)}, {kg.dtype} {tuple(kg.shape)}"
+        )
     B, Hq, nb, dg = qg.shape
     if kg.shape[0] != B or kg.shape[2:] != qg.shape[2:] or Hq % kg.shape[1]:
         raise ValueError(f"gate_scores: qg {tuple(qg.shape)} and kg {tuple(kg.shape)} do not match")
@@ -683,7 +690,9 @@ def gate_mixture_scores(
     if n_q not in (1, 2, 4, 8) or n_k not in (1, 2, 4, 8):
         raise ValueError(f"gate_mixture_scores: summaries per block must be 1, 2, 4 or 8, got {n_q}, {n_k}")
     if math.ceil(nq / n_q) != nb or math.ceil(nk / n_k) != nb or kg.shape[0] != B or kg.shape[3] != dg or Hq % kg.shape[1]:
-        raise ValueError(f"gate_mixture_scores: qg {tuple(qg.shape)}, kg {tuple(kg.shape)} do not make {nb} blocks of {n_q}, {n_k}")
+        raise ValueError(
+            f"gate_mixture_scores: qg {tuple(qg.shape)}, kg {tuple(kg.shape)} do not make {nb} blocks of {n_q}, {n_k}"
+        )
     s = torch.empty(B, Hq, nb, nb, device=qg.device, dtype=torch.float32)
     # 32 query summaries and 64 key summaries per tile
     bmb, bnb = max(1, 32 // n_q), max(1, 64 // n_k)

@@ -21,7 +21,9 @@ import torch
 __all__ = ["graphable", "GraphedPrefill"]
 
 
-def graphable(model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache, kwargs) -> bool:
+def graphable(
+    model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache, kwargs
+) -> bool:
     """Whether this forward call qualifies for graph replay (see the module docstring)."""
     return (
         input_ids is not None

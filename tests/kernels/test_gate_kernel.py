@@ -134,9 +134,10 @@ def test_gate_select(nb, method, nz, keep_sink, keep_diag, dense_rows):
 
 
 @pytest.mark.parametrize("nb,method,param,keep_sink,keep_diag,dense_rows",
-                         [(33, "top_p", 0.9, False, True, 0), (33, "top_p", 0.5, True, False, 2), (1, "top_p", 1.0, False, True, 0),
-                          (33, "adaptive", 0.3, False, True, 0), (33, "adaptive", 0.1, True, True, 1),
-                          (1, "adaptive", 0.5, False, False, 0), (20, "adaptive", 1.0, True, False, 0)])  # fmt: skip
+                         [(33, "top_p", 0.9, False, True, 0), (33, "top_p", 0.5, True, False, 2),
+                          (1, "top_p", 1.0, False, True, 0), (33, "adaptive", 0.3, False, True, 0),
+                          (33, "adaptive", 0.1, True, True, 1), (1, "adaptive", 0.5, False, False, 0),
+                          (20, "adaptive", 1.0, True, False, 0)])  # fmt: skip
 def test_gate_select_top_p_and_adaptive(nb, method, param, keep_sink, keep_diag, dense_rows):
     torch.manual_seed(nb + 1)
     B, H = 2, 3
@@ -165,7 +166,9 @@ def test_gate_select_adaptive_ties_keep_the_exact_budget():
     assert kept.tolist() == [budget, budget]
 
 
-@pytest.mark.parametrize("n_q,n_k,S,gate_type", [(2, 1, 300, "Qavg_Kmaxminavg"), (4, 2, 263, "Qmaxavg_Kmin"), (1, 8, 130, "Qavg_Kavg")])
+@pytest.mark.parametrize(
+    "n_q,n_k,S,gate_type", [(2, 1, 300, "Qavg_Kmaxminavg"), (4, 2, 263, "Qmaxavg_Kmin"), (1, 8, 130, "Qavg_Kavg")]
+)
 def test_gate_mixture_scores(n_q, n_k, S, gate_type):
     from seer_attn.modules import fused_gate
 

@@ -48,7 +48,8 @@ def test_gate_logits(gate_type):
 
 @pytest.mark.parametrize(
     "method,keep_sink,dense_rows,n_q",
-    [("nz_ratio", False, 0, 1), ("nz_ratio", True, 1, 2), ("threshold", True, 0, 1), ("top_p", False, 0, 2), ("adaptive", True, 0, 1)],
+    [("nz_ratio", False, 0, 1), ("nz_ratio", True, 1, 2), ("threshold", True, 0, 1), ("top_p", False, 0, 2),
+     ("adaptive", True, 0, 1)],  # fmt: skip
 )
 def test_gate_block_index(method, keep_sink, dense_rows, n_q):
     gate, q, k, cos, sin = setup(S=600, seed=3, n_q=n_q)
