@@ -1,33 +1,38 @@
-"""The AttnGate's inference path in three Triton kernels: summaries, block scores, block selection.
+"""The AttnGate's inference path in Triton: summaries, block scores, block selection.
 
-The PyTorch gate (`seer_attn.modules.attn_gate.AttnGate` with `topk_block_index` / the threshold
-rule) is the twin and defines the meaning; it runs dozens of small fp32 launches and copies of
+The PyTorch gate (`seer_attn.modules.attn_gate.AttnGate`, then `topk_block_index` / `select_blocks`)
+is the twin and defines the meaning; it runs dozens of small fp32 launches and copies of
 ``[B, H, S, D]``. Here:
 
-1. ``gate_pool_fwd_kernel`` (launched once for Q, once for K): reads each pre-RoPE block of
-   ``BS`` tokens once in its own dtype, keeps the max / min / sum pools in fp32 registers, applies
-   the per-head projection (a ``[BN, D] x [D, Dg]`` product per pool for ``BN`` blocks at once, so
-   the weights are read once per ``BN`` blocks) and RoPE at the block's first-token position, and
-   writes the fp32 summary ``[B, H, nb, Dg]``. RoPE works on the two halves of the vector, so the
-   pools, the projection and the rotation are all done half by half (no register shuffles).
-2. ``gate_score_fwd_kernel``: scaled block logits ``q . k / sqrt(Dg)`` tile by tile, lower triangle
-   only (the ``[B, Hq, nb, nb]`` fp32 logits are the only ``nb^2`` buffer; the twin holds the same).
-3. ``gate_select_fwd_kernel``: a few query-block rows per program, the whole causal row in
-   registers. Top-k: the k-th largest logit is found *exactly* by bisection on the order-preserving
-   int32 image of the fp32 logits (32 steps at most, no sort); blocks above it are kept, ties at it
-   go to the lowest block indices. Threshold: the row softmax is computed in registers and blocks
-   with probability ``> threshold`` are kept. The kept indices are written compacted and in
-   ascending order, right-aligned and ``-1`` padded on the left, with the sink (block 0) in front
-   and the diagonal at the end, so rows are already sorted the way ``block_sparse_attn_topk``
-   reads them (``sorted_index=True`` skips its sort).
+1. ``gate_pool_fwd_kernel`` (launched once for Q, once for K): reads each pre-RoPE block (or
+   sub-block, with several summaries per block) once in its own dtype, keeps the max / min / sum
+   pools in fp32 registers, applies the per-head projection (a ``[BN, D] x [D, Dg]`` product per pool
+   for ``BN`` blocks at once, so the weights are read once per ``BN`` blocks) and RoPE at the
+   summary's first-token position, and writes the fp32 summary ``[B, H, n, Dg]``. RoPE works on the
+   two halves of the vector, so pools, projection and rotation are done half by half.
+2. Block scores, ``[B, Hq, nb, nb]`` fp32 (the only ``nb^2`` buffer; the twin holds the same), lower
+   triangle only: ``gate_score_fwd_kernel`` writes the logits ``q . k / sqrt(Dg)`` tile by tile (one
+   summary per side); ``gate_mixture_fwd_kernel`` writes block log-probabilities of the mixture of
+   softmaxes (several summaries: softmax statistics per query summary in a first pass over the key
+   summaries, then log-sum-exp over each block's summaries in a second).
+3. Selection, a few query-block rows per program with the whole causal row in registers:
+   ``gate_select_fwd_kernel`` does top-k (the k-th largest score found *exactly* by bisection on the
+   order-preserving int32 image of the fp32 scores, at most 32 steps, no sort; ties to the lowest
+   block indices), threshold (row softmax in registers) and top-p (bisection on the kept mass);
+   ``gate_adaptive_fwd_kernel`` / ``gate_adaptive_find_kernel`` find the layer-wide threshold of
+   `adaptive` exactly by a three-pass radix select over histograms of the probabilities' int32 images
+   (ties at the threshold are ranked with an atomic counter: exactly the budget, in arbitrary order).
+   Kept indices are written compacted and ascending, right-aligned and ``-1`` padded, sink in front
+   and diagonal at the end, so rows are already sorted the way ``block_sparse_attn_topk`` reads them
+   (``sorted_index=True`` skips its sort).
 
-No host syncs anywhere: every size is known from the shapes.
+No host syncs anywhere (every size follows from the shapes), so the path can be CUDA-graphed.
 
 Exactness against the twin: the pools, projections and RoPE are the same fp32 operations in another
 summation order, and the dots use ``tf32x3`` on the GPU (about fp32 accuracy; ``ieee`` is one
-argument away), so logits agree to ~1e-6 relative. The selection itself is exact on the logits it
-is given, so selected sets differ from the twin's only where two logits of a row are within that
-rounding of each other at the k-th place (near ties).
+argument away), so scores agree to ~1e-6 relative. The selection is exact on the scores it is given,
+so kept sets differ from the twin's only where two scores of a row (or, for threshold / top-p /
+adaptive, a probability and the cut) are within that rounding of each other.
 """
 
 from __future__ import annotations
