@@ -81,7 +81,7 @@ METHODS = ("dense", "seer", "oracle", "oracle_mass", "static", "random")
 THRESHOLD_METHODS = ("seer", "oracle", "oracle_mass")
 _RESET_FIELDS = (
     "seerattn_mode", "seerattn_selector", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_threshold",
-    "seerattn_top_p", "seerattn_min_sparse_length",
+    "seerattn_top_p", "seerattn_adaptive_row_floor", "seerattn_min_sparse_length",
 )
 
 
@@ -117,6 +117,9 @@ class PPLArguments:
         default="nz_ratio", metadata={"help": "sparsity methods run at every nz_ratio budget: nz_ratio (per-row top-k) and/or adaptive"}
     )
     top_ps: str = field(default="", metadata={"help": "comma-separated top-p values (seer, oracle, oracle_mass only)"})
+    adaptive_row_floor: float | None = field(
+        default=None, metadata={"help": "share of each row's top-k budget that adaptive selection keeps per row (default: the model config's)"}
+    )
     methods: str = field(default=",".join(METHODS), metadata={"help": f"comma-separated subset of {', '.join(METHODS)}"})
     max_docs: int | None = field(default=None, metadata={"help": "score the first n long-enough documents of each dataset"})
     min_doc_tokens: int | None = field(default=None, metadata={"help": "skip shorter documents (default: max(lengths) - 1)"})
@@ -371,6 +374,8 @@ def _load_model(args: PPLArguments):
     if resolve_model_source(args.model).kind not in ("seer_gates", "seer_full"):
         logger.warning("%s is not a SeerLlama checkpoint: its gates are freshly initialised, so 'seer' rows are untrained", args.model)
     config = SeerLlamaForCausalLM.config_from(args.model, seerattn_mode="dense")
+    if args.adaptive_row_floor is not None:
+        config.seerattn_adaptive_row_floor = args.adaptive_row_floor
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
     model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)

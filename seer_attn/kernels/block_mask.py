@@ -147,7 +147,7 @@ def topk_budget(nz_ratio: float, nb: int) -> int:
 
 
 def adaptive_block_mask(
-    probs: torch.Tensor, nz_ratio: float, keep_sink: bool = False, keep_diagonal: bool = True
+    probs: torch.Tensor, nz_ratio: float, keep_sink: bool = False, keep_diagonal: bool = True, row_floor: float = 0.0
 ) -> torch.Tensor:
     """Spend one block budget per batch element over all heads and rows, on the highest probabilities.
 
@@ -159,6 +159,8 @@ def adaptive_block_mask(
     Args:
         probs (torch.Tensor): `[B, H, nb, nb]` row-softmaxed gate output (any row-normalised scores).
         nz_ratio (float): requested density in (0, 1].
+        row_floor (float): every row first keeps its `floor(row_floor * k)` most probable blocks
+            (`k` the per-row top-k budget), inside the same total: 0 is fully global, 1 is top-k.
 
     Returns:
         bool `[B, H, nb, nb]`, lower-triangular.
@@ -173,7 +175,12 @@ def adaptive_block_mask(
     forced &= causal
     if nz_ratio >= 1.0:
         return causal.expand(B, H, nb, nb_k).clone()
-    budget = max(H * topk_budget(nz_ratio, nb), H * int(forced.sum()))
+    floor_k = int(row_floor * nz_ratio_to_k(nz_ratio, nb))
+    if floor_k > 0:
+        forced = forced | topk_block_mask(probs, floor_k)
+    # forced blocks never exceed the budget except when the floor and the diagonal overlap little
+    n_forced = int(forced.expand(B, H, nb, nb_k).sum(dim=(1, 2, 3)).max())
+    budget = max(H * topk_budget(nz_ratio, nb), n_forced)
     # forced blocks first (+inf), then probabilities; non-causal entries can never be picked (-inf)
     s = probs.float().masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf")).reshape(B, -1)
     idx = s.topk(min(budget, s.shape[-1]), dim=-1).indices
@@ -213,6 +220,7 @@ def select_blocks(
     keep_diagonal: bool = True,
     dense_last_rows: int = 0,
     top_p: float = 1.0,
+    adaptive_row_floor: float = 0.0,
 ) -> torch.Tensor:
     """Gate scores -> block mask.
 
@@ -238,7 +246,7 @@ def select_blocks(
         mask = top_p_block_mask(scores, top_p)
     elif method == "adaptive":
         # the keep rules count inside the budget here (applied again below: a no-op but for dense rows)
-        mask = adaptive_block_mask(scores, nz_ratio, keep_sink, keep_diagonal)
+        mask = adaptive_block_mask(scores, nz_ratio, keep_sink, keep_diagonal, adaptive_row_floor)
     else:
         raise ValueError(f"sparsity method must be one of {SPARSITY_METHODS}, got {method!r}")
     return apply_keep_rules(mask, keep_sink, keep_diagonal, dense_last_rows)

@@ -14,6 +14,7 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 | `seerattn_sparsity_method` | `nz_ratio`, `threshold`, `top_p`, `adaptive` | `nz_ratio` | per-row top-k for a target density; a probability threshold; per-row top-p; or `adaptive`: the per-row top-k budget of `nz_ratio` spent on the highest gate probabilities over all rows and heads of a layer. |
 | `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
 | `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
+| `seerattn_adaptive_row_floor` | [0, 1] | 0.0 | method `adaptive`: each row first keeps this fraction of its top-k budget (0 fully global, 1 = top-k). |
 | `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
@@ -65,6 +66,7 @@ class SeerLlamaConfig(LlamaConfig):
     seerattn_nz_ratio: float = 0.5
     seerattn_threshold: float = 5e-3
     seerattn_top_p: float = 0.9
+    seerattn_adaptive_row_floor: float = 0.0
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
@@ -98,6 +100,8 @@ class SeerLlamaConfig(LlamaConfig):
             n = getattr(self, name)
             if n not in SUMMARY_COUNTS or self.seerattn_gate_block_size % n:
                 raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {n}")
+        if not (0.0 <= float(self.seerattn_adaptive_row_floor) <= 1.0):
+            raise ValueError(f"seerattn_adaptive_row_floor must be in [0, 1], got {self.seerattn_adaptive_row_floor}")
         if not (0.0 < float(self.seerattn_top_p) <= 1.0):
             raise ValueError(f"seerattn_top_p must be in (0, 1], got {self.seerattn_top_p}")
         if not (0.0 <= float(self.seerattn_gate_loss_row_start) < 1.0):

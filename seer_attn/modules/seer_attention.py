@@ -46,6 +46,7 @@ class SeerAttentionSettings:
     nz_ratio: float = 0.5
     threshold: float = 5e-3
     top_p: float = 0.9
+    adaptive_row_floor: float = 0.0
     keep_sink: bool = False
     keep_diagonal: bool = True
     dense_last_rows: int = 0
@@ -65,6 +66,7 @@ class SeerAttentionSettings:
             nz_ratio=float(config.seerattn_nz_ratio),
             threshold=float(config.seerattn_threshold),
             top_p=float(getattr(config, "seerattn_top_p", 0.9)),
+            adaptive_row_floor=float(getattr(config, "seerattn_adaptive_row_floor", 0.0)),
             keep_sink=config.seerattn_keep_sink,
             keep_diagonal=config.seerattn_keep_diagonal,
             dense_last_rows=config.seerattn_dense_last_rows,
@@ -308,6 +310,7 @@ def seer_attention(
             nz_ratio=settings.nz_ratio,
             threshold=settings.threshold,
             top_p=settings.top_p,
+            adaptive_row_floor=settings.adaptive_row_floor,
             keep_sink=settings.keep_sink,
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,

@@ -77,6 +77,17 @@ class ModelArguments:
     seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
     seerattn_distill_target: str = field(default="max", metadata={"help": "ground truth: max (2D max-pool, upstream) or mass (block attention mass)"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = scale * sum of per-layer gate losses"})
+    seerattn_gate_q_summaries: int | None = field(default=None, metadata={"help": "query summaries per block (default: the config's)"})
+    seerattn_gate_k_summaries: int | None = field(default=None, metadata={"help": "key summaries per block (default: the config's)"})
+    seerattn_gate_hidden_size: int | None = field(default=None, metadata={"help": "gate width (default: head_dim)"})
+    seerattn_gate_init: str | None = field(default=None, metadata={"help": "fresh gates: random or pooled (default: the config's)"})
+    seerattn_gate_loss_row_start: float | None = field(
+        default=None, metadata={"help": "gate loss over query-block rows from this fraction of the sequence on (default: the config's)"}
+    )
+    seerattn_sparsity_method: str | None = field(
+        default=None, metadata={"help": "sparsity method saved with the gates for inference (default: the config's)"}
+    )
+    seerattn_nz_ratio: float | None = field(default=None, metadata={"help": "density saved with the gates for inference"})
     dtype: str = field(default="auto", metadata={"help": "base weights: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"})
     gates_fp32: bool = field(default=True, metadata={"help": "keep gate weights (and their Adam state) in fp32 while the base is bf16"})
 
@@ -199,8 +210,12 @@ def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
         "seerattn_distill_target": margs.seerattn_distill_target,
         "seerattn_gate_loss_scale": margs.seerattn_gate_loss_scale,
     }
-    if margs.seerattn_gate_type:
-        overrides["seerattn_gate_type"] = margs.seerattn_gate_type
+    for name in (
+        "seerattn_gate_type", "seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_gate_hidden_size",
+        "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio",
+    ):
+        if getattr(margs, name) is not None:
+            overrides[name] = getattr(margs, name)
     model = SeerLlamaForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
     model.config.use_cache = False
     n = model.freeze_base()

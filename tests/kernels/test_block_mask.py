@@ -112,3 +112,16 @@ def test_adaptive_budget_and_allocation():
     p2 = torch.stack([peaked, flat], 1).masked_fill(~causal_block_mask(nb), float("-inf")).softmax(-1)
     m2 = adaptive_block_mask(p2, 0.3)
     assert m2[0, 0].sum() == nb and m2[0, 1].sum() > topk_budget(0.3, nb)
+
+
+def test_adaptive_row_floor():
+    torch.manual_seed(1)
+    nb, H = 32, 2
+    probs = (torch.randn(1, H, nb, nb) * 4).masked_fill(~causal_block_mask(nb), float("-inf")).softmax(-1)
+    k = nz_ratio_to_k(0.3, nb)
+    full = adaptive_block_mask(probs, 0.3, row_floor=1.0)
+    half = adaptive_block_mask(probs, 0.3, row_floor=0.5)
+    topk = topk_block_mask(probs, k)
+    assert (full & topk).sum() == topk.sum()  # floor 1: every row keeps its own top-k
+    assert (half & topk_block_mask(probs, k // 2)).sum() == topk_block_mask(probs, k // 2).sum()
+    assert half.sum() == H * topk_budget(0.3, nb)
