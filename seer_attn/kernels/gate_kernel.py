@@ -390,6 +390,24 @@ def _row_probs(b_s, m_r, m_v):
 
 
 @triton.jit
+def _topk_rows(b_key, m_r, m_v, o_r, K_SEL):
+    # exact per-row top-k of int64 keys: the largest t with #{key >= t} >= kk, by bisection;
+    # ties at the k-th value go to the lowest block indices
+    kk = tl.minimum(tl.where(m_r, o_r + 1, 0), K_SEL)
+    lo = tl.where(m_r, tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1), 0)
+    hi = tl.where(m_r, tl.max(tl.where(m_v, b_key, -0x7FFFFFFF - 1), 1), 0)
+    while tl.max(hi - lo) > 0:
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((m_v & (b_key >= mid[:, None])).to(tl.int32), 1) >= kk
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    b_gt = m_v & (b_key > lo[:, None])
+    b_eq = m_v & (b_key == lo[:, None])
+    need = kk - tl.sum(b_gt.to(tl.int32), 1)
+    return b_gt | (b_eq & (tl.cumsum(b_eq.to(tl.int32), 1) <= need[:, None]))
+
+
+@triton.jit
 def _write_rows(p_row, b_sel, o_r, o_j, m_r, W, stride_iw, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
                 R: tl.constexpr, NBP: tl.constexpr, WP: tl.constexpr):  # fmt: skip
     # right-aligned, ascending: [-1 ... | sink | kept blocks | diagonal]
@@ -442,21 +460,8 @@ def gate_select_fwd_kernel(
     b_s, m_r, m_v = _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB)
 
     if METHOD == 0:
-        # exact top-k: the largest key t with #{key >= t} >= kk, by bisection on int32 keys
-        kk = tl.minimum(tl.where(m_r, o_r + 1, 0), K_SEL)
-        b_key = _sortable_key(b_s).to(tl.int64)
-        lo = tl.where(m_r, tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1), 0)
-        hi = tl.where(m_r, tl.max(tl.where(m_v, b_key, -0x7FFFFFFF - 1), 1), 0)
-        while tl.max(hi - lo) > 0:
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((m_v & (b_key >= mid[:, None])).to(tl.int32), 1) >= kk
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        b_gt = m_v & (b_key > lo[:, None])
-        b_eq = m_v & (b_key == lo[:, None])
-        need = kk - tl.sum(b_gt.to(tl.int32), 1)
-        # ties at the k-th value go to the lowest block indices
-        b_sel = b_gt | (b_eq & (tl.cumsum(b_eq.to(tl.int32), 1) <= need[:, None]))
+        # exact top-k on the order-preserving int32 image of the scores
+        b_sel = _topk_rows(_sortable_key(b_s).to(tl.int64), m_r, m_v, o_r, K_SEL)
     elif METHOD == 1:
         b_sel = m_v & (_row_probs(b_s, m_r, m_v) > threshold)
     else:
@@ -496,6 +501,7 @@ def gate_adaptive_fwd_kernel(
     hist,
     state,
     counter,
+    fcount,
     stride_sb,
     stride_sh,
     stride_sm,
@@ -506,8 +512,11 @@ def gate_adaptive_fwd_kernel(
     stride_iw,
     NB,
     DENSE_FROM,
+    FLOOR_K,
     HQ: tl.constexpr,
     PHASE: tl.constexpr,
+    FIRST: tl.constexpr,
+    HAS_FLOOR: tl.constexpr,
     SHIFT: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
@@ -525,13 +534,18 @@ def gate_adaptive_fwd_kernel(
     o_j = tl.arange(0, NBP)
     b_s, m_r, m_v = _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB)
     b_key = _sortable_key(_row_probs(b_s, m_r, m_v))
+    # forced blocks (+inf in the twin): the keep rules and each row's floor of most probable blocks
     b_forced = m_v & (o_j[None, :] < 0)
     if KEEP_DIAG:
         b_forced = b_forced | (m_v & (o_j[None, :] == o_r[:, None]))
     if KEEP_SINK:
         b_forced = b_forced | (m_v & (o_j[None, :] == 0))
+    if HAS_FLOOR:
+        b_forced = b_forced | _topk_rows(b_key.to(tl.int64), m_r, m_v, o_r, FLOOR_K)
     m_free = m_v & ~b_forced
     prefix = tl.load(state + i_b * 2)
+    if FIRST:
+        tl.atomic_add(fcount + i_b, tl.sum(tl.sum(b_forced.to(tl.int32), 1), 0))
     if PHASE == 0:
         m_h = m_free & ((b_key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
         b_digit = tl.where(m_h, (b_key >> SHIFT) & (NBINS - 1), 0)
@@ -554,13 +568,21 @@ def gate_adaptive_fwd_kernel(
 
 
 @triton.jit
-def gate_adaptive_find_kernel(hist, state, SHIFT: tl.constexpr, NBINS: tl.constexpr):
+def gate_adaptive_find_kernel(
+    hist, state, fcount, budget, B, SHIFT: tl.constexpr, NBINS: tl.constexpr, FIRST: tl.constexpr, BP: tl.constexpr
+):
     # the digit d* of the need-th largest remaining probability: #{digit >= d*} >= need > #{digit > d*}
     i_b = tl.program_id(0).to(tl.int64)
     o_bin = tl.arange(0, NBINS)
     b_h = tl.load(hist + i_b * NBINS + o_bin)
     prefix = tl.load(state + i_b * 2)
-    need = tl.load(state + i_b * 2 + 1)
+    if FIRST:
+        # the budget counts the forced blocks and is at least the largest forced count of the batch
+        o_b = tl.arange(0, BP)
+        f_max = tl.max(tl.load(fcount + o_b, mask=o_b < B, other=0), 0)
+        need = tl.maximum(budget, f_max) - tl.load(fcount + i_b)
+    else:
+        need = tl.load(state + i_b * 2 + 1)
     c_ge = tl.sum(b_h, 0) - tl.cumsum(b_h, 0) + b_h
     d = tl.maximum(tl.sum((c_ge >= need).to(tl.int32), 0) - 1, 0)
     c_gt = tl.sum(tl.where(o_bin == d, c_ge - b_h, 0), 0)
@@ -719,6 +741,7 @@ def gate_select(
     dense_last_rows: int = 0,
     top_p: float = 1.0,
     budget: int = 0,
+    row_floor_k: int = 0,
 ) -> torch.Tensor:
     """Block scores -> kept key blocks per query block, int32 `[B, H, nb, W]`, rows ascending, `-1` padded in front.
 
@@ -729,9 +752,11 @@ def gate_select(
             fewer), exact, ties to the lowest index; `"threshold"`: probability `> threshold`;
             `"top_p"`: per row the fewest most probable blocks whose probabilities sum to `top_p`
             (the crossing block kept, ties in block order); `"adaptive"`: per batch element, the
-            `budget` most probable blocks over all heads and rows with the keep rules' blocks first
-            (`budget` counts them), found by an exact radix select (three histogram passes, no sort,
-            no host sync); ties at the threshold are taken in an arbitrary order (as `torch.topk`).
+            `budget` most probable blocks over all heads and rows with the forced blocks first (the
+            keep rules' and each row's `row_floor_k` most probable ones; `budget` counts them and
+            is raised to the largest forced count of the batch), found by an exact radix select
+            (three histogram passes, no sort, no host sync); ties at the threshold are taken in an
+            arbitrary order (as `torch.topk`).
         keep_sink, keep_diagonal (bool): also keep block 0 / the diagonal block. For top-k,
             threshold and top-p they are listed in extra columns (a repeat when selected anyway:
             `block_sparse_attn_topk` and `indices_to_mask` count it once); adaptive counts them
@@ -754,7 +779,7 @@ def gate_select(
     dense_from = nb - dense_last_rows if dense_last_rows > 0 else nb
     grid = (triton.cdiv(nb, R), B * H)
     if method == "adaptive":
-        return _adaptive_select(scores, budget, keep_sink, keep_diagonal, dense_from, nbp, R, grid)
+        return _adaptive_select(scores, budget, row_floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid)
     k = max(1, min(int(k), nb))
     width = k if (method == "nz_ratio" and dense_last_rows == 0) else nb
     W = width + int(keep_sink) + int(keep_diagonal)
@@ -768,32 +793,27 @@ def gate_select(
     return idx
 
 
-def _adaptive_select(scores, budget, keep_sink, keep_diagonal, dense_from, nbp, R, grid) -> torch.Tensor:
+def _adaptive_select(scores, budget, floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid) -> torch.Tensor:
     B, H, nb, _ = scores.shape
-    forced = (nb if keep_diagonal else 0) + (nb if keep_sink else 0) - (1 if keep_diagonal and keep_sink else 0)
-    # non-forced blocks to pick per batch element
-    free = min(int(budget), H * nb * (nb + 1) // 2) - H * forced
     nbins = 1 << ADAPTIVE_BITS
     dev = scores.device
     hist = torch.zeros(ADAPTIVE_PASSES, B, nbins, device=dev, dtype=torch.int32)
     # per batch element: [threshold digits found so far, blocks still to pick]
     state = torch.zeros(B, 2, device=dev, dtype=torch.int32)
-    state[:, 1] = free
     counter = torch.zeros(B, device=dev, dtype=torch.int32)
+    fcount = torch.zeros(B, device=dev, dtype=torch.int32)
     idx = torch.empty(B, H, nb, nb, device=dev, dtype=torch.int32)
-    common = dict(HQ=H, KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal), NBP=nbp, R=R, NBINS=nbins, BITS=ADAPTIVE_BITS)
+    common = dict(HQ=H, HAS_FLOOR=floor_k > 0, KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal), NBP=nbp, R=R,
+                  NBINS=nbins, BITS=ADAPTIVE_BITS)  # fmt: skip
+    args = (scores, idx, None, state, counter, fcount, *scores.stride(), *idx.stride(), nb, dense_from, max(floor_k, 1))
     # one launch configuration for every phase, so all of them compute bit-identical probabilities
     for p in range(ADAPTIVE_PASSES):
         shift = ADAPTIVE_BITS * (ADAPTIVE_PASSES - 1 - p)
-        gate_adaptive_fwd_kernel[grid](
-            scores, idx, hist[p], state, counter, *scores.stride(), *idx.stride(), nb, dense_from,
-            PHASE=0, SHIFT=shift, num_warps=4, **common,
-        )  # fmt: skip
-        gate_adaptive_find_kernel[(B,)](hist[p], state, SHIFT=shift, NBINS=nbins)
-    gate_adaptive_fwd_kernel[grid](
-        scores, idx, hist[0], state, counter, *scores.stride(), *idx.stride(), nb, dense_from,
-        PHASE=1, SHIFT=0, num_warps=4, **common,
-    )  # fmt: skip
+        gate_adaptive_fwd_kernel[grid](*args[:2], hist[p], *args[3:], PHASE=0, SHIFT=shift, FIRST=p == 0, num_warps=4, **common)
+        gate_adaptive_find_kernel[(B,)](
+            hist[p], state, fcount, int(budget), B, SHIFT=shift, NBINS=nbins, FIRST=p == 0, BP=triton.next_power_of_2(B)
+        )
+    gate_adaptive_fwd_kernel[grid](*args[:2], hist[0], *args[3:], PHASE=1, SHIFT=0, FIRST=False, num_warps=4, **common)
     return idx
 
 

@@ -174,11 +174,9 @@ def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
     scores = _scores(gate, q, k, cos, sin, fill_upper=False)
     nb, H = scores.shape[-1], scores.shape[1]
     method = settings.sparsity_method
-    budget = 0
-    if method == "adaptive":
-        forced = (nb if settings.keep_diagonal else 0) + (nb if settings.keep_sink else 0)
-        forced -= 1 if settings.keep_diagonal and settings.keep_sink else 0
-        budget = max(H * topk_budget(settings.nz_ratio, nb), H * forced)
+    # adaptive: the per-row top-k budget of all heads (the kernel raises it to the forced count)
+    budget = H * topk_budget(settings.nz_ratio, nb) if method == "adaptive" else 0
+    floor_k = int(getattr(settings, "adaptive_row_floor", 0.0) * nz_ratio_to_k(settings.nz_ratio, nb))
     return gate_select(
         scores,
         method,
@@ -189,6 +187,7 @@ def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
         settings.dense_last_rows,
         top_p=getattr(settings, "top_p", 1.0),
         budget=budget,
+        row_floor_k=floor_k if method == "adaptive" else 0,
     )
 
 
@@ -221,6 +220,7 @@ def gate_block_index_twin(gate, q, k, cos, sin, settings) -> torch.Tensor:
             nz_ratio=settings.nz_ratio,
             threshold=settings.threshold,
             top_p=getattr(settings, "top_p", 1.0),
+            adaptive_row_floor=getattr(settings, "adaptive_row_floor", 0.0),
             keep_sink=settings.keep_sink,
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,

@@ -144,14 +144,25 @@ def test_gate_select_top_p_and_adaptive(nb, method, param, keep_sink, keep_diag,
     scores = torch.randn(B, H, nb, nb, device=DEVICE) * 2
     causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-    forced = (nb if keep_diag else 0) + (nb if keep_sink else 0) - (1 if keep_diag and keep_sink else 0)
-    budget = max(H * topk_budget(param, nb), H * forced)
     idx = gate_select(scores, method, keep_sink=keep_sink, keep_diagonal=keep_diag, dense_last_rows=dense_rows,
-                      top_p=param, budget=budget)  # fmt: skip
+                      top_p=param, budget=H * topk_budget(param, nb))  # fmt: skip
     assert torch.equal(idx, idx.sort(-1).values)
     ref = select_blocks(probs, method, nz_ratio=param, keep_sink=keep_sink, keep_diagonal=keep_diag,
                         dense_last_rows=dense_rows, top_p=param)  # fmt: skip
     # random scores, identical probabilities up to rounding: the same blocks
+    assert torch.equal(indices_to_mask(idx.long(), nb), ref)
+
+
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_gate_select_adaptive_row_floor(floor):
+    torch.manual_seed(7)
+    B, H, nb, nz = 2, 2, 24, 0.3
+    scores = torch.randn(B, H, nb, nb, device=DEVICE) * 2
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    floor_k = int(floor * nz_ratio_to_k(nz, nb))
+    idx = gate_select(scores, "adaptive", keep_sink=True, budget=H * topk_budget(nz, nb), row_floor_k=floor_k)
+    ref = select_blocks(probs, "adaptive", nz_ratio=nz, keep_sink=True, adaptive_row_floor=floor)
     assert torch.equal(indices_to_mask(idx.long(), nb), ref)
 
 

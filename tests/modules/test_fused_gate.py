@@ -49,12 +49,13 @@ def test_gate_logits(gate_type):
 @pytest.mark.parametrize(
     "method,keep_sink,dense_rows,n_q",
     [("nz_ratio", False, 0, 1), ("nz_ratio", True, 1, 2), ("threshold", True, 0, 1), ("top_p", False, 0, 2),
-     ("adaptive", True, 0, 1)],  # fmt: skip
+     ("adaptive", True, 0, 1), ("adaptive_floor", False, 1, 2)],  # fmt: skip
 )
 def test_gate_block_index(method, keep_sink, dense_rows, n_q):
     gate, q, k, cos, sin = setup(S=600, seed=3, n_q=n_q)
-    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.4, threshold=0.08, top_p=0.8, keep_sink=keep_sink,
-                               dense_last_rows=dense_rows)  # fmt: skip
+    floor = 0.5 if method == "adaptive_floor" else 0.0
+    st = SeerAttentionSettings(sparsity_method=method.replace("_floor", ""), nz_ratio=0.4, threshold=0.08, top_p=0.8,
+                               keep_sink=keep_sink, dense_last_rows=dense_rows, adaptive_row_floor=floor)  # fmt: skip
     idx = fused_gate.gate_block_index(gate, q, k, cos, sin, st)
     ref = fused_gate.gate_block_index_twin(gate, q, k, cos, sin, st)
     nb = idx.shape[-2]
