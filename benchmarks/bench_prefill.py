@@ -1,4 +1,4 @@
-"""End-to-end prefill latency (time to first token) of a SeerLlama: dense SDPA vs SeerAttention.
+"""End-to-end prefill latency (time to first token) of a Seer model (any family): dense SDPA vs SeerAttention.
 
 Kernel speedups alone overstate what a user gets: this times the whole model forward (embeddings,
 MLPs, gates, block selection, LM head on the last position), batch 1, on the GPU.
@@ -7,7 +7,8 @@ MLPs, gates, block selection, LM head on the last position), batch 1, on the GPU
         --nz-ratios 0.5,0.1 --out benchmarks/results/prefill.json
     python benchmarks/bench_prefill.py --suite        # issue 11: both model shapes, everything, ~6 min (H100)
 
-`--model` may be a fine-tuned or gated checkpoint, or `--config-json` a Llama config whose
+`--model` may be a plain model of any supported family, a fine-tuned or gated checkpoint, or
+`--config-json` a config (plain or Seer, any supported family, e.g. a Qwen2.5-7B `config.json`) whose
 architecture is timed with random weights (timings do not depend on the weights; no model file is
 needed; a config's context is stretched with YaRN when a length needs it). Medians of CUDA-event
 timings; ratios are against the dense forward of the same run.
@@ -40,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+from transformers import AutoConfig
+
+from seer_attn import AutoSeerForCausalLM
 from seer_attn.models import apply_yarn
 
 SUITE_CONFIGS = ("configs/smollm2_135m_llama_config.json", "configs/llama3_8b_4layer_config.json")
@@ -133,10 +136,11 @@ def time_train_step(model, ids, warmup: int = 1, reps: int = 4) -> float:
 
 def build_model(args, config_json: str | None, max_length: int):
     if config_json:
-        config = SeerLlamaConfig.from_json_file(config_json)
+        fields = json.loads(Path(config_json).read_text())
+        config = AutoSeerForCausalLM.seer_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
         name = f"{Path(config_json).stem} (random weights)"
     else:
-        config = SeerLlamaForCausalLM.config_from(args.model)
+        config = AutoSeerForCausalLM.config_from(args.model)
         name = args.model
     factor = args.yarn_factor
     if not factor and max_length > config.max_position_embeddings:
@@ -149,10 +153,10 @@ def build_model(args, config_json: str | None, max_length: int):
     if config_json:
         torch.manual_seed(0)
         with torch.device(DEVICE):
-            model = SeerLlamaForCausalLM(config)
+            model = AutoSeerForCausalLM.from_config(config)
         model = model.to(torch.bfloat16).eval()
     else:
-        model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=torch.bfloat16).to(DEVICE).eval()
+        model = AutoSeerForCausalLM.from_pretrained(args.model, config=config, dtype=torch.bfloat16).to(DEVICE).eval()
     return model, name, factor
 
 
@@ -378,7 +382,7 @@ def main() -> None:
     p.add_argument("--lengths", "--length", default="32768", help="comma-separated prefill lengths")
     p.add_argument("--nz-ratios", default="0.5,0.1")
     p.add_argument("--kernel", default="TopK", help="seerattn_kernel_implementation for the sparse runs")
-    p.add_argument("--config-json", default=None, help="time these Llama architectures (comma-separated) with random weights")
+    p.add_argument("--config-json", default=None, help="time these architectures (comma-separated config.json files) with random weights")
     p.add_argument("--graphs", action="store_true", help="also time with seerattn_cuda_graphs")
     p.add_argument("--twin", action="store_true", help="also time the sparse forward with the PyTorch gate")
     p.add_argument("--generate", action="store_true", help="also time generate() to the first token")

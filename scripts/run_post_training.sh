@@ -4,6 +4,7 @@
 #   scripts/run_post_training.sh                 # offline, embedded SmolLM2-135M (about 10 min on a 2-core CPU)
 #   MODEL=meta-llama/Llama-3.1-8B DATASET=togethercomputer/RedPajama-Data-1T-Sample \
 #     EVAL_DATASETS=emozilla/pg19-test,hoskinson-center/proof-pile scripts/run_post_training.sh
+#   MODEL=Qwen/Qwen2.5-7B-Instruct ...   # any supported family: Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3/4
 #
 # Default data (no network, no files outside the Python install): calibration on the standard
 # library's .py sources (builtin:python-stdlib), evaluation on the pydoc help topics

@@ -52,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from seer_attn.models import SeerLlamaForCausalLM, apply_yarn, load_tokenizer
+from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.models.loading import resolve_model_source
 from seer_attn.training.data import (
     boundary_token_ids,
@@ -101,7 +101,7 @@ def _names(s: str) -> list[str]:
 class PPLArguments:
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "gate-only checkpoint (from distillation), full SeerLlama folder, or a plain model (its gates are then untrained)"},
+        metadata={"help": "gate-only checkpoint (from distillation), full Seer folder, or a plain model of a supported family (its gates are then untrained)"},
     )
     datasets: str = field(
         default="builtin:pydoc-topics",
@@ -372,13 +372,13 @@ def _load_model(args: PPLArguments):
     else:
         raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {args.dtype!r}")
     if resolve_model_source(args.model).kind not in ("seer_gates", "seer_full"):
-        logger.warning("%s is not a SeerLlama checkpoint: its gates are freshly initialised, so 'seer' rows are untrained", args.model)
-    config = SeerLlamaForCausalLM.config_from(args.model, seerattn_mode="dense")
+        logger.warning("%s is not a Seer checkpoint: its gates are freshly initialised, so 'seer' rows are untrained", args.model)
+    config = AutoSeerForCausalLM.config_from(args.model, seerattn_mode="dense")
     if args.adaptive_row_floor is not None:
         config.seerattn_adaptive_row_floor = args.adaptive_row_floor
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
-    model = SeerLlamaForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)
+    model = AutoSeerForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)
     return model.to(device).eval()
 
 

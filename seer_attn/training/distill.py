@@ -1,4 +1,4 @@
-"""Gate-only distillation (post-training) of a frozen Llama with the HF `Trainer`.
+"""Gate-only distillation (post-training) of a frozen model (any supported family) with the HF `Trainer`.
 
 The base model runs in `distill` mode: exact attention that also yields the pooled attention map,
 which every layer's AttnGate learns to predict. Only `*.attn_gate.*` weights train; the model's
@@ -23,8 +23,9 @@ Tiny CPU run (about a minute plus the model load):
     python -m seer_attn.training.distill --model smollm2-135m --dataset builtin:python-stdlib \
         --max_documents 64 --train_length 256 --max_steps 20 --output_dir outputs/distill
 
-Upstream's Llama-3.1-8B recipe: `--config configs/llama31_8b_post_training.yaml` (command-line
-flags override the file).
+Upstream's Llama-3.1-8B recipe: `--config configs/llama31_8b_post_training.yaml`; Qwen2.5-7B-Instruct
+and Qwen3-8B: `configs/qwen25_7b_instruct_post_training.yaml`, `configs/qwen3_8b_post_training.yaml`
+(command-line flags override the file).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from seer_attn.models import SeerLlamaForCausalLM, load_tokenizer
+from seer_attn.models import AutoSeerForCausalLM, load_tokenizer
 from seer_attn.training.data import (
     boundary_token_ids,
     check_context_length,
@@ -71,7 +72,7 @@ GATE_LOG_NAME = "gate_loss.jsonl"
 class ModelArguments:
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "base model: 'smollm2-135m' (embedded), a local Llama folder, a hub id, a .gguf, or a gate-only checkpoint to continue from"},
+        metadata={"help": "base model: 'smollm2-135m' (embedded), a local folder or hub id of a supported family (Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3/4), a .gguf, or a gate-only checkpoint to continue from"},
     )
     seerattn_gate_type: str | None = field(default=None, metadata={"help": "gate pooling recipe, e.g. Qavg_Kmaxminavg (default: the config's)"})
     seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
@@ -202,7 +203,7 @@ def _resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
+def load_distill_model(margs: ModelArguments):
     """The model in `distill` mode with a frozen base and trainable (fp32) gates."""
     overrides = {
         "seerattn_mode": "distill",
@@ -216,7 +217,7 @@ def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
     ):
         if getattr(margs, name) is not None:
             overrides[name] = getattr(margs, name)
-    model = SeerLlamaForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
+    model = AutoSeerForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
     model.config.use_cache = False
     n = model.freeze_base()
     if margs.gates_fp32:

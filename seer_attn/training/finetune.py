@@ -4,7 +4,7 @@ Both runs extend the context `--yarn_factor`-fold (transformers' YaRN with the *
 for the correction range; the gates' block RoPE follows, being built from the same config) and
 train the whole model with the LM loss at the extended length.
 
-- `--seerattn_mode dense`: plain Llama attention (SeerLlama's dense mode equals `LlamaForCausalLM`).
+- `--seerattn_mode dense`: the family's plain attention (dense mode equals e.g. `LlamaForCausalLM`).
 - `--seerattn_mode sparse`: every layer's output is block-sparse attention at `--nz_ratio`, chosen
   by the current gates, with gradients through the CSR kernel (CUDA) or the PyTorch twin (CPU);
   each gate learns from the dense pooled ground truth computed without gradients. The loss is
@@ -19,7 +19,7 @@ see `scripts/run_seerattn_yarn_finetuning.sh`). Weights stay fp32 with bf16 auto
 (`--bf16`): lr 1e-5 updates vanish in bf16 weights. Gradient checkpointing (non-reentrant, so the
 gate losses computed inside checkpointed layers keep their graph) and a chunked cross-entropy keep
 32k sequences in memory. Checkpoints are full models (base weights change) plus the tokenizer,
-loadable by `SeerLlamaForCausalLM.from_pretrained` and the evaluator.
+loadable by `AutoSeerForCausalLM.from_pretrained` and the evaluator.
 
 Tiny CPU run:
 
@@ -39,7 +39,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from seer_attn.models import SeerLlamaForCausalLM, apply_yarn, load_tokenizer
+from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config
 from seer_attn.training.data import check_context_length
 
@@ -53,7 +53,7 @@ LOG_NAME = "train_loss.jsonl"
 class FinetuneModelArguments:
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "start point: a gate-only checkpoint (sparse runs), a plain Llama, or 'smollm2-135m'"},
+        metadata={"help": "start point: a gate-only checkpoint (sparse runs), a plain model of a supported family, or 'smollm2-135m'"},
     )
     seerattn_mode: str = field(default="sparse", metadata={"help": "dense (YaRN baseline) or sparse (SeerAttention)"})
     nz_ratio: float = field(default=0.5, metadata={"help": "target block density of the sparse attention while training"})
@@ -172,11 +172,11 @@ class FinetuneTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
-def load_finetune_model(margs: FinetuneModelArguments) -> SeerLlamaForCausalLM:
+def load_finetune_model(margs: FinetuneModelArguments):
     """The model with YaRN applied, in `dense` or `sparse` mode, everything trainable, fp32 weights."""
     if margs.seerattn_mode not in ("dense", "sparse"):
         raise ValueError(f"--seerattn_mode must be dense or sparse, got {margs.seerattn_mode!r}")
-    config = SeerLlamaForCausalLM.config_from(
+    config = AutoSeerForCausalLM.config_from(
         margs.model,
         seerattn_mode=margs.seerattn_mode,
         seerattn_sparsity_method="nz_ratio",
@@ -193,7 +193,7 @@ def load_finetune_model(margs: FinetuneModelArguments) -> SeerLlamaForCausalLM:
     if margs.yarn_factor and margs.yarn_factor > 1:
         apply_yarn(config, margs.yarn_factor, margs.original_max_position_embeddings)
     config.use_cache = False
-    model = SeerLlamaForCausalLM.from_pretrained(margs.model, config=config, dtype=torch.float32)
+    model = AutoSeerForCausalLM.from_pretrained(margs.model, config=config, dtype=torch.float32)
     for name, p in model.named_parameters():
         # dense mode never calls the gates: leave them frozen so no data-parallel engine waits for their gradients
         p.requires_grad_(margs.seerattn_mode == "sparse" or ".attn_gate." not in name)
