@@ -16,8 +16,10 @@ Columns (median ms of `triton.testing.do_bench`, B=1, bf16 q/k in the HF `[B, S,
 - `fused_d0.5`: the same at density 0.5 (larger k); `fused_thr`: threshold selection (row softmax);
 - `diff` / `real_diff`: blocks selected differently from the twin, and those not at a near tie
   (twin logit more than 1e-5 * max|logit| from the row's k-th value): random inputs, random gate.
-Designs the fused path covers beyond the default are timed when `--designs` lists them
-(`nq2`: two query summaries; `adaptive`: the layer-wide budget).
+Designs beyond the default are timed through the fused path when `--designs` lists them (`nq2`,
+`nq4`, `nq8`: query summaries per block; `nq4nk2`: 4 query and 2 key summaries; `adaptive`,
+`adaptive_floor`: the layer-wide budget, without / with a per-row floor of half the top-k budget;
+`top_p`: per-row top-p 0.9).
 
 Outputs a markdown table, the targets of issue 11, and JSON at `--out`.
 """
@@ -154,15 +156,19 @@ def agreement(gate, q, k, cos, sin, twin, fused, nb, k_blocks, Hq, device) -> tu
 
 def time_design(design, Hq, Hkv, D, S, q, k, device):
     """Fused gate + selection of another design, or a note when the fused path does not cover it."""
-    kw, st = {}, SeerAttentionSettings(nz_ratio=0.1)
-    if design == "nq2":
-        kw = {"q_summaries": 2}
-    elif design == "nq2nk2":
-        kw = {"q_summaries": 2, "k_summaries": 2}
-    elif design == "adaptive":
-        st = SeerAttentionSettings(sparsity_method="adaptive", nz_ratio=0.1)
-    else:
-        raise SystemExit(f"unknown design {design!r}")
+    designs = {
+        "nq2": ({"q_summaries": 2}, {}),
+        "nq4": ({"q_summaries": 4}, {}),
+        "nq8": ({"q_summaries": 8}, {}),
+        "nq4nk2": ({"q_summaries": 4, "k_summaries": 2}, {}),
+        "adaptive": ({}, {"sparsity_method": "adaptive"}),
+        "adaptive_floor": ({}, {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5}),
+        "top_p": ({}, {"sparsity_method": "top_p", "top_p": 0.9}),
+    }
+    if design not in designs:
+        raise SystemExit(f"unknown design {design!r}; known: {', '.join(designs)}")
+    kw, sel = designs[design]
+    st = SeerAttentionSettings(nz_ratio=0.1, **sel)
     gate = AttnGate(Hq, Hkv, D, **kw).to(device, torch.bfloat16).eval()
     reason = fused_gate.unsupported_reason(gate, st.sparsity_method)
     if reason is not None:
@@ -182,7 +188,7 @@ def main():
     p.add_argument("--seqlens", default="8192,32768,131072")
     p.add_argument("--compile-seqlens", default="32768", help="lengths at which torch.compile is timed ('' = none)")
     p.add_argument("--nz", type=float, default=0.1)
-    p.add_argument("--designs", default="nq2,nq2nk2,adaptive", help="other fused designs to time ('' = none)")
+    p.add_argument("--designs", default="nq4,nq4nk2,adaptive,top_p", help="other fused designs to time ('' = none)")
     p.add_argument("--out", default="benchmarks/results/bench_gate.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
