@@ -8,7 +8,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 
 | field | values | default | meaning |
 |---|---|---|---|
-| `seerattn_mode` | `dense`, `distill`, `sparse` | `sparse` | `dense`: the family's own attention, gates unused. `distill`: exact dense attention that also returns the pooled ground truth; the gates predict it and `loss` is the gate loss. `sparse`: gate -> block selection -> block-sparse attention (in training mode with trainable gates, the gate loss is added to the LM loss: fine-tuning). |
+| `seerattn_mode` | `dense`, `distill`, `sparse` | `sparse` | `dense`: the family's own attention, gates unused. `distill`: exact dense attention that also returns the pooled ground truth; the gates predict it and `loss` is the gate loss. `sparse`: gate -> block selection -> block-sparse attention (in training mode with trainable gates, the gate loss is added to the LM loss: fine-tuning); with a decode gate, `generate()` also decodes sparsely. `decode_eval`: teacher-forced decode mode, every token attends to its selected blocks and its own block (decode-mode PPL). `distill` trains the decode gate too. |
 | `seerattn_gate_type` | `Q<pools>_K<pools>` | `Qavg_Kmaxminavg` | pooling recipe (see `seer_attn.modules.attn_gate.valid_gate_types`). |
 | `seerattn_gate_block_size` | 64 (or 128) | 64 | tokens per block. |
 | `seerattn_gate_hidden_size` | int or None | None = head_dim | gate width. |
@@ -33,6 +33,14 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
 | `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
 | `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, sink + recent window, random) at the same budget. |
+| `seerattn_decode_gate_type` | None or `K<pools>` | None | decode gate (per-token scores over compressed key blocks, `seer_attn.modules.decode_gate`); None: no decode gate. Upstream's: `Kmaxminavg`. |
+| `seerattn_decode_q_pooling` | `proj`, `avg` | `proj` | how a GQA group's query heads become one gate query: learned projection (upstream's default) or mean. |
+| `seerattn_decode_gate_norm` | bool | True | RMSNorm on the decode gate's queries and keys. |
+| `seerattn_decode_selector` | `gate`, `oracle`, `quest`, `static` | `gate` | who picks the blocks while decoding: the decode gate, or a reference (true per-token block mass, Quest's min/max-of-K bound, sink + most recent). Decoding is sparse when there is a decode gate or the selector is not `gate`. |
+| `seerattn_decode_token_budget` | int >= 0 | 2048 | tokens each decoded token attends to: its own (partial) block plus the top `budget // block_size - 1` blocks. |
+| `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
+| `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
+| `seerattn_decode_min_context` | int >= 0 | 8192 | decoding steps with a shorter context run dense (provisional; `benchmarks/bench_decode.py` measures the crossover); 0 forces sparse decoding. |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
 """
 
@@ -43,12 +51,13 @@ from dataclasses import dataclass, fields
 from transformers import PreTrainedConfig
 
 from seer_attn.kernels.block_mask import SPARSITY_METHODS
+from seer_attn.modules.decode import validate_decode_config
 from seer_attn.modules.attn_gate import SUMMARY_COUNTS, parse_gate_type
 
 __all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "apply_yarn"]
 
 _CHOICES = {
-    "seerattn_mode": ("dense", "distill", "sparse"),
+    "seerattn_mode": ("dense", "distill", "sparse", "decode_eval"),
     "seerattn_sparsity_method": SPARSITY_METHODS,
     "seerattn_gate_init": ("random", "pooled"),
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
@@ -89,6 +98,14 @@ class SeerAttnConfigMixin:
     seerattn_gate_loss_scale: float = 10.0
     seerattn_gate_loss_row_start: float = 0.0
     seerattn_selector: str = "gate"
+    seerattn_decode_gate_type: str | None = None
+    seerattn_decode_q_pooling: str = "proj"
+    seerattn_decode_gate_norm: bool = True
+    seerattn_decode_selector: str = "gate"
+    seerattn_decode_token_budget: int = 2048
+    seerattn_decode_threshold: float | None = None
+    seerattn_decode_start_layer: int = 0
+    seerattn_decode_min_context: int = 8192
     base_model: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -127,6 +144,7 @@ class SeerAttnConfigMixin:
             raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
         if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:
             raise ValueError(f"seerattn_gate_hidden_size must be even (RoPE), got {self.seerattn_gate_hidden_size}")
+        validate_decode_config(self)
 
     @classmethod
     def from_base_config(cls, config: PreTrainedConfig, **overrides):

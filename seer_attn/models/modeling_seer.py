@@ -70,6 +70,8 @@ from seer_attn.models.cuda_graphs import GraphedPrefill, graphable
 from seer_attn.models.loading import SEER_MODEL_TYPE_PREFIX, resolve_model_source
 from seer_attn.modules.gt_schedule import gt_active
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
+from seer_attn.modules.decode import attach_decode_gate, decode_aware_attention
+from seer_attn.modules.decode_gate import DecodeGate
 from seer_attn.modules.seer_attention import (
     SeerAttentionSettings,
     SeerAttentionStats,
@@ -288,6 +290,8 @@ class SeerAttentionMixin:
                 f"rope_type 'longrope' has per-dimension factors for head_dim {self.head_dim}: "
                 f"seerattn_gate_hidden_size must be None or {self.head_dim}, got {self.attn_gate.hidden_size}"
             )
+        # the decode gate (if configured) lives under attn_gate: same checkpoint, freezing and init
+        attach_decode_gate(self.attn_gate, config, self.head_dim)
         gate_config = copy.copy(config)
         gate_config.head_dim = self.attn_gate.hidden_size
         self.gate_rotary_emb = self.rotary_class(gate_config)
@@ -320,9 +324,9 @@ class SeerAttentionMixin:
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attn_output, attn_weights = seer_attention_forward(
-            self, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
-            q_pre=q_pre, k_pre=k_pre, sliding_window=self.seer_sliding_window, **kwargs,
+        attn_output, attn_weights = decode_aware_attention(
+            self, seer_attention_forward, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
+            q_pre=q_pre, k_pre=k_pre, past_key_values=past_key_values, sliding_window=self.seer_sliding_window, **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -475,6 +479,8 @@ class SeerForCausalLMMixin:
         std = self.config.initializer_range if std is None else std
         for module in self.modules():
             if isinstance(module, MultiHeadLinear):
+                module.reset_parameters(std)
+            elif isinstance(module, DecodeGate):
                 module.reset_parameters(std)
         if getattr(self.config, "seerattn_gate_init", "random") == "pooled":
             for gate in self.gate_modules():

@@ -75,6 +75,9 @@ class ModelArguments:
         metadata={"help": "base model: 'smollm2-135m' (embedded), a local folder or hub id of a supported family (Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3/4), a .gguf, or a gate-only checkpoint to continue from"},
     )
     seerattn_gate_type: str | None = field(default=None, metadata={"help": "gate pooling recipe, e.g. Qavg_Kmaxminavg (default: the config's)"})
+    seerattn_decode_gate_type: str | None = field(
+        default=None, metadata={"help": "also distill a decode gate, e.g. Kmaxminavg (default: the config's; None = none)"}
+    )
     seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
     seerattn_distill_target: str = field(default="max", metadata={"help": "ground truth: max (2D max-pool, upstream) or mass (block attention mass)"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = scale * sum of per-layer gate losses"})
@@ -213,7 +216,7 @@ def load_distill_model(margs: ModelArguments):
     }
     for name in (
         "seerattn_gate_type", "seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_gate_hidden_size",
-        "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio",
+        "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_decode_gate_type",
     ):
         if getattr(margs, name) is not None:
             overrides[name] = getattr(margs, name)
