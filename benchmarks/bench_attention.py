@@ -14,8 +14,10 @@ Why each column is what it is:
 - "flex" is ``torch.compile(flex_attention)`` with the same mask as a 64x64 ``BlockMask``
   (off-diagonal kept blocks "full", the diagonal "partial" with a causal ``mask_mod``), which needs
   ``kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}`` and is forward only at that block size;
-- "gate" is the gate's own cost at that length: ``AttnGate`` (pool + linear + RoPE + scores) and
-  ``torch.topk`` with the per-row budget of the density;
+- "gate" is the gate's own cost at that length: ``AttnGate`` (pool + linear + RoPE + scores; on CUDA
+  under no_grad that is the fused Triton gate since issue 11, `SEER_ATTN_FUSED_GATE=0` for the
+  PyTorch one) and ``torch.topk`` with the per-row budget of the density (`bench_gate.py` times
+  the fused gate + selection on its own);
 - medians of ``triton.testing.do_bench``; inputs are built outside the timed call; ratios are
   against SDPA-flash of the same run.
 

@@ -155,6 +155,7 @@ def block_sparse_attn_topk(
     block_index: torch.Tensor,
     sm_scale: float | None = None,
     block_size: int = 64,
+    sorted_index: bool = False,
 ) -> torch.Tensor:
     """Causal block-sparse attention over the key blocks listed per query block (forward only).
 
@@ -169,6 +170,8 @@ def block_sparse_attn_topk(
             attended (with the causal mask) only if it is listed.
         sm_scale (float, Optional): logit scale. Default: `1 / sqrt(D)`.
         block_size (int): block edge in tokens, one of 16, 32, 64, 128. Default: `64`.
+        sorted_index (bool): rows of `block_index` are already ascending (as `gate_select` writes
+            them): skip the sort. Default: `False`.
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]` in `q.dtype`, same memory layout as `q`. Rows whose block
@@ -189,7 +192,7 @@ def block_sparse_attn_topk(
         raise ValueError(f"block_sparse_attn_topk: block_index on {block_index.device}, q on {q.device}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     # ascending rows let the kernel find its valid range and see repeats side by side
-    index = block_index.sort(dim=-1).values.contiguous()
+    index = block_index.contiguous() if sorted_index else block_index.sort(dim=-1).values.contiguous()
     o = torch.empty_like(q)
     block_sparse_attn_topk_fwd_kernel[(nb, B * Hq)](
         q,

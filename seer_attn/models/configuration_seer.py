@@ -23,7 +23,10 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
 | `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
-| `seerattn_min_sparse_length` | int | 16384 | inputs shorter than this run dense in `sparse` mode: below about 16k tokens the gate and the sparse kernel are not faster than SDPA (benchmarks/RESULTS.md); set 0 to measure sparse quality at any length. |
+| `seerattn_min_sparse_length` | int or `auto` | 16384 | inputs shorter than this run dense in `sparse` mode: below about 16k tokens the gate and the sparse kernel are not faster than SDPA (benchmarks/RESULTS.md); set 0 to measure sparse quality at any length. `auto`: the measured crossover of this model shape at this `nz_ratio` (`seer_attn.modules.crossover`). |
+| `seerattn_cuda_graphs` | bool | False | replay cache-free, no-grad prefill forwards (`use_cache=False`) as one CUDA graph per input shape (`seer_attn.models.cuda_graphs`). |
+| `seerattn_gt_every_n_steps` | int >= 1 | 1 | sparse fine-tuning: compute the dense ground truth (and gate loss) only every n-th training forward. |
+| `seerattn_gt_layers_per_step` | int >= 0 | 0 | sparse fine-tuning: only this many layers (rotating) compute the ground truth per forward; 0 = all (`seer_attn.modules.gt_schedule`). |
 | `seerattn_kernel_implementation` | `auto`, `TopK`, `CSR`, `naive` | `auto` | `auto`: Triton TopK (inference) / CSR (training) on CUDA, the PyTorch twins (`naive`) on CPU. |
 | `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
 | `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
@@ -85,7 +88,10 @@ class SeerAttnConfigMixin:
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
-    seerattn_min_sparse_length: int = 16384
+    seerattn_min_sparse_length: int | str = 16384
+    seerattn_cuda_graphs: bool = False
+    seerattn_gt_every_n_steps: int = 1
+    seerattn_gt_layers_per_step: int = 0
     seerattn_kernel_implementation: str = "auto"
     seerattn_loss: str = "kl"
     seerattn_distill_target: str = "max"
@@ -126,6 +132,14 @@ class SeerAttnConfigMixin:
             raise ValueError(f"seerattn_top_p must be in (0, 1], got {self.seerattn_top_p}")
         if not (0.0 <= float(self.seerattn_gate_loss_row_start) < 1.0):
             raise ValueError(f"seerattn_gate_loss_row_start must be in [0, 1), got {self.seerattn_gate_loss_row_start}")
+        msl = self.seerattn_min_sparse_length
+        if msl != "auto" and (isinstance(msl, bool) or not isinstance(msl, int) or msl < 0):
+            raise ValueError(f"seerattn_min_sparse_length must be an int >= 0 or 'auto', got {msl!r}")
+        if int(self.seerattn_gt_every_n_steps) < 1 or int(self.seerattn_gt_layers_per_step) < 0:
+            raise ValueError(
+                "seerattn_gt_every_n_steps must be >= 1 and seerattn_gt_layers_per_step >= 0, got "
+                f"{self.seerattn_gt_every_n_steps}, {self.seerattn_gt_layers_per_step}"
+            )
         if float(self.seerattn_threshold) < 0:
             raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
         if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:

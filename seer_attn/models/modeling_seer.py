@@ -66,7 +66,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from seer_attn.kernels.block_mask import indices_to_mask
 from seer_attn.models.configuration_seer import SEERATTN_FIELDS, SeerAttnConfigMixin
+from seer_attn.models.cuda_graphs import GraphedPrefill, graphable
 from seer_attn.models.loading import SEER_MODEL_TYPE_PREFIX, resolve_model_source
+from seer_attn.modules.gt_schedule import gt_active
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
 from seer_attn.modules.decode import attach_decode_gate, decode_aware_attention
 from seer_attn.modules.decode_gate import DecodeGate
@@ -210,6 +212,8 @@ def seer_attention_forward(
         and module.training
         and torch.is_grad_enabled()
         and any(p.requires_grad for p in module.attn_gate.parameters())
+        # a cheaper ground truth: this layer may skip it in this forward (seer_attn.modules.gt_schedule)
+        and getattr(module, "seer_gt_active", True)
     )
     if position_ids is None:
         position_ids = torch.arange(Sq, device=query.device)[None]
@@ -442,6 +446,8 @@ class SeerForCausalLMMixin:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn = self.attention_class(config, i)
         self._check_sliding_window()
+        self._seer_train_forwards = 0
+        self._cuda_graph, self._cuda_graph_avail = None, None
         self.post_init()
 
     def _check_sliding_window(self) -> None:
@@ -526,8 +532,14 @@ class SeerForCausalLMMixin:
         pass `logits_to_keep=1` with `labels` to skip full logits entirely (evaluation, training).
         """
         num_items = kwargs.pop("num_items_in_batch", None)
+        if self.config.seerattn_cuda_graphs and graphable(
+            self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache, kwargs
+        ):
+            return self._graphed_forward(input_ids, logits_to_keep)
         for layer in self.model.layers:
             layer.self_attn.seer_stats = None
+        if self.training and torch.is_grad_enabled() and self.config.seerattn_mode == "sparse":
+            self._set_gt_layers()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -566,6 +578,48 @@ class SeerForCausalLMMixin:
             gate_loss=gate_loss,
             gate_losses=gate_losses,
             density=kept / avail if avail else None,
+        )
+
+    def _set_gt_layers(self) -> None:
+        # which layers compute the dense ground truth in this training forward (seer_attn.modules.gt_schedule)
+        step = self._seer_train_forwards
+        self._seer_train_forwards += 1
+        n = len(self.model.layers)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.seer_gt_active = gt_active(
+                step, i, n, int(self.config.seerattn_gt_every_n_steps), int(self.config.seerattn_gt_layers_per_step)
+            )
+
+    def _graphed_forward(self, input_ids: torch.Tensor, logits_to_keep) -> SeerCausalLMOutputWithPast:
+        """A cache-free no-grad forward replayed as one CUDA graph (`seerattn_cuda_graphs`)."""
+        slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        avail = []
+
+        def run(ids):
+            for layer in self.model.layers:
+                layer.self_attn.seer_stats = None
+            hidden = self.model(input_ids=ids, use_cache=False).last_hidden_state
+            stats = [layer.self_attn.seer_stats for layer in self.model.layers]
+            avail[:] = [sum(s.causal_blocks for s in stats if s is not None)]
+            kept = _count_kept(stats)
+            if not isinstance(kept, torch.Tensor):
+                # every layer ran dense: still a device tensor (a fill kernel, so it can live in the graph)
+                kept = torch.full((), float(kept), device=ids.device)
+            return self.lm_head(hidden[:, slice_, :]), kept
+
+        if not isinstance(logits_to_keep, int):
+            raise ValueError("seerattn_cuda_graphs replays forwards with an int logits_to_keep only")
+        key = (tuple(input_ids.shape), logits_to_keep, tuple(getattr(self.config, f) for f in SEERATTN_FIELDS))
+        if self._cuda_graph is None:
+            self._cuda_graph = GraphedPrefill()
+        if key != self._cuda_graph.key:
+            self._cuda_graph_avail = None
+        logits, kept = self._cuda_graph(key, input_ids, run)
+        if self._cuda_graph_avail is None:
+            self._cuda_graph_avail = avail[0]
+        avail_blocks = self._cuda_graph_avail
+        return SeerCausalLMOutputWithPast(
+            logits=logits.clone(), density=float(kept) / avail_blocks if avail_blocks else None
         )
 
     def save_pretrained(self, save_directory, save_base: bool | None = None, is_main_process: bool = True, **kwargs):

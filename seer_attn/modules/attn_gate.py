@@ -291,6 +291,11 @@ class AttnGate(nn.Module):
         Returns:
             `[B, Hq, nb, nb]` fp32.
         """
+        from seer_attn.modules import fused_gate
+
+        if fused_gate.use_fused(self, q):
+            # CUDA and no autograd: the same result from the fused kernels (this method is their twin)
+            return fused_gate.gate_logits(self, q, k, cos, sin, output or ("probs" if self.training else "logits"))
         return self.score(*self.pool_inputs(q, k), cos, sin, output)
 
 

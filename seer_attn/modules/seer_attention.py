@@ -30,7 +30,9 @@ from seer_attn.kernels.block_mask import (
     topk_block_index,
 )
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
+from seer_attn.modules import fused_gate
 from seer_attn.modules.attn_gate import pooled_block_scores
+from seer_attn.modules.crossover import resolve_min_sparse_length
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
 
@@ -69,7 +71,7 @@ class SeerAttentionSettings:
             keep_sink=config.seerattn_keep_sink,
             keep_diagonal=config.seerattn_keep_diagonal,
             dense_last_rows=config.seerattn_dense_last_rows,
-            min_sparse_length=config.seerattn_min_sparse_length,
+            min_sparse_length=resolve_min_sparse_length(config),
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
@@ -325,6 +327,7 @@ def seer_attention(
         return dense_attention(q, k, v, sm_scale), stats
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
+    index = None
     output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
@@ -345,18 +348,20 @@ def seer_attention(
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
     else:
         with torch.no_grad():
-            scores = gate(q_pre, k_pre, cos, sin, output=output)
+            # fused gate + selection (CUDA, supported designs): sorted indices straight for the TopK kernel
+            index = fused_gate.select_index(gate, q_pre, k_pre, cos, sin, settings, kernel)
+            scores = gate(q_pre, k_pre, cos, sin, output=output) if index is None else None
     if dense_by_rule:
         if record:
             _record(stats, q, k, v, sm_scale, settings, kernel)
         return dense_attention(q, k, v, sm_scale), stats
 
-    index = None
-    if kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
+    index_sorted = index is not None
+    if index is None and kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
         # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
         # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
         index = _topk_index(scores, settings)
-    else:
+    elif index is None:
         mask = select_blocks(
             scores,
             method=settings.sparsity_method,
@@ -382,7 +387,9 @@ def seer_attention(
     elif kernel == "TopK":
         from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
-        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size)
+        o = block_sparse_attn_topk(
+            q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size, sorted_index=index_sorted
+        )
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
 

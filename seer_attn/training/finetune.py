@@ -10,6 +10,9 @@ train the whole model with the LM loss at the extended length.
   each gate learns from the dense pooled ground truth computed without gradients. The loss is
   `LM + seerattn_gate_loss_scale * gate loss`; the gates see detached inputs and the mask is not
   differentiable, so the two terms train disjoint parameters (as upstream).
+  The ground truth costs a dense attention pass per layer: `--gt_every_n_steps` and
+  `--gt_layers_per_step` compute it on a subset of forwards / layers only
+  (`seer_attn.modules.gt_schedule`); the others skip that pass and their gate loss.
 
 Start the sparse run from gates distilled at the original length (`--model` a gate-only folder,
 see `scripts/run_seerattn_yarn_finetuning.sh`). Weights stay fp32 with bf16 autocast on CUDA
@@ -62,6 +65,12 @@ class FinetuneModelArguments:
     seerattn_distill_target: str = field(default="max", metadata={"help": "gate ground truth: max or mass"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = LM + scale * sum of layer gate losses"})
     seerattn_kernel_implementation: str = field(default="auto", metadata={"help": "auto (CSR on CUDA, twins on CPU), CSR or naive"})
+    gt_every_n_steps: int = field(
+        default=1, metadata={"help": "cheaper ground truth: dense pooled map (and gate loss) only every n-th training forward"}
+    )
+    gt_layers_per_step: int = field(
+        default=0, metadata={"help": "cheaper ground truth: only this many layers (rotating) per forward compute it; 0 = all"}
+    )
 
 
 @dataclass
@@ -178,6 +187,8 @@ def load_finetune_model(margs: FinetuneModelArguments):
         seerattn_gate_loss_scale=margs.seerattn_gate_loss_scale,
         seerattn_kernel_implementation=margs.seerattn_kernel_implementation,
         seerattn_min_sparse_length=0,
+        seerattn_gt_every_n_steps=margs.gt_every_n_steps,
+        seerattn_gt_layers_per_step=margs.gt_layers_per_step,
     )
     if margs.yarn_factor and margs.yarn_factor > 1:
         apply_yarn(config, margs.yarn_factor, margs.original_max_position_embeddings)
@@ -201,6 +212,9 @@ def main(argv: list[str] | None = None) -> str:
     set_seed(targs.seed)
     if targs.gradient_checkpointing and not targs.gradient_checkpointing_kwargs:
         targs.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if margs.gt_every_n_steps > 1 or margs.gt_layers_per_step > 0:
+        # gates of layers without ground truth in a step get no gradient: let DDP expect that
+        targs.ddp_find_unused_parameters = True
     tokenizer = load_tokenizer(margs.model)
     model = load_finetune_model(margs)
     check_context_length(model.config, dargs.train_length)
