@@ -22,6 +22,9 @@ of the rows by descending kept count. Attention kernels (`TOPK_FWD_CONFIG["kerne
 
 - `"row"`: one program per query block (64 query rows, one warpgroup). `nj=2` handles two kept
   blocks per step (one `[BS, 2 * BS]` score tile).
+- `"dual"`: one program per two consecutive query blocks, each with its own list and K/V stream,
+  stepped in lockstep (the shorter list is padded with masked steps): two independent chains of
+  matmuls and softmax for the scheduler to overlap, the way FlashAttention-3 ping-pongs two tiles.
 - `"pair"`: one program per two consecutive query blocks (128 rows, the tile FlashAttention uses on
   Hopper), walking the union of the two rows' lists; a block that only one row keeps is masked out
   for the other row (that half-tile is wasted work, little when neighbouring rows share blocks,
@@ -32,8 +35,9 @@ of the rows by descending kept count. Attention kernels (`TOPK_FWD_CONFIG["kerne
 
 Options: `tma` (load K/V through Hopper tensor descriptors; the plain loads are used where the GPU
 or the strides do not allow it, and under the interpreter the descriptor path is emulated),
-`persistent` (n programs per SM looping over the work items), `lpt` (items in descending kept-count
-order: causal rows are unequal), `num_warps`, `num_stages`, `ws` (Triton's warp specialisation of
+`persistent` (n programs per SM looping over the work items), `lpt` (1: items of each KV head's
+group in descending kept-count order, groups one after another so their K/V stays in L2; 2: all
+items in descending order; causal rows are unequal), `num_warps`, `num_stages`, `ws` (Triton's warp specialisation of
 the inner loop). `benchmarks/sweep_topk.py` times every combination worth trying.
 """
 
@@ -60,7 +64,7 @@ TOPK_FWD_CONFIG = {
 _CONFIG_DEFAULTS = dict(
     kernel="row", nj=1, num_warps=4, num_stages=3, tma=False, persistent=0, lpt=False, ws=False
 )
-_KERNELS = ("row", "pair", "headpair", "legacy")
+_KERNELS = ("row", "dual", "pair", "headpair", "legacy")
 
 # legacy kernel only: kept key blocks per inner step, by head_dim: 2 gives one [BS, 2 * BS] score
 # tile instead of two [BS, BS]; on an H100 at 32k that was 5% faster for D=64 and 20% slower for
@@ -462,6 +466,108 @@ def block_sparse_attn_topk_fwd_pair_kernel(
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
+@triton.jit
+def _dual_row(q, kv_idx, kv_num, i_b, i_h, i_row, i_m, has, o_d, stride_qb, stride_qh, stride_qt, stride_qd, T,
+              BS: tl.constexpr):
+    # one of the dual kernel's rows: Q tile, list pointer, blocks below the diagonal, diagonal kept
+    o_m = i_m * BS + tl.arange(0, BS)
+    # (a bool scalar & a bool vector is mistyped by the interpreter: compare with a limit instead)
+    m_m = o_m < tl.where(has, T, 0)
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd,
+                  mask=m_m[:, None], other=0.0)
+    n = tl.load(kv_num + i_row, mask=has, other=0)
+    has_diag = (n > 0) & (tl.load(kv_idx + tl.maximum(n - 1, 0), mask=has, other=-1) == i_m)
+    return b_q, o_m, m_m, n - has_diag.to(tl.int32), has_diag
+
+
+@triton.jit
+def _dual_step(b_q, b_m, b_l, b_acc, p_idx, n_lo, i_t, k_base, v_base, desc_k, desc_v, i_b, i_hkv, o_j, o_d,
+               stride_kt, stride_kd, stride_vt, stride_vd, T, qk_scale, BS: tl.constexpr, D: tl.constexpr,
+               TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    # block i_t of a row's list; past the row's end it re-reads a valid block with -inf logits
+    # (a missing or empty row reads nothing and uses block 0)
+    i_n = tl.load(p_idx + tl.minimum(i_t, tl.maximum(n_lo - 1, 0)), mask=n_lo > 0, other=0).to(tl.int64)
+    o_k = i_n * BS + o_j
+    b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_n * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, False)
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale + tl.where(i_t < n_lo, 0.0, float("-inf"))
+    b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_n * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, False)
+    return _softmax_step(b_s, b_m, b_l, b_acc, b_v, True, DOT_PREC)
+
+
+@triton.jit
+def _dual_diag(b_q, b_m, b_l, b_acc, o_m, i_m, k_base, v_base, desc_k, desc_v, i_b, i_hkv, o_d,
+               stride_kt, stride_kd, stride_vt, stride_vd, T, qk_scale, BS: tl.constexpr, D: tl.constexpr,
+               TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    o_k = i_m * BS + tl.arange(0, BS)
+    b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_m * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
+    b_s = tl.where((o_m[:, None] >= o_k[None, :]) & (o_k < T)[None, :], b_s, float("-inf"))
+    b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_m * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
+    return _softmax_step(b_s, b_m, b_l, b_acc, b_v, True, DOT_PREC)
+
+
+@triton.jit(do_not_specialize=["T", "NB", "KMAX", "HQ", "G", "NP", "n_items"])
+def block_sparse_attn_topk_fwd_dual_kernel(
+    q, k, v, o, kv_idx, kv_num, order, desc_k, desc_v,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    qk_scale, T, NB, KMAX, HQ, G, NP, n_items,
+    D: tl.constexpr, BS: tl.constexpr, TMA: tl.constexpr, LPT: tl.constexpr, WS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # work item = (batch * Hq + head) * NP + p: query blocks 2p and 2p + 1, each with its own list and
+    # K/V stream, stepped in lockstep so one row's softmax can overlap the other row's matmuls
+    for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        if LPT:
+            item = tl.load(order + w).to(tl.int64)
+        else:
+            item = ((w // NP) * NP + (NP - 1 - w % NP)).to(tl.int64)
+        i_bh = item // NP
+        i_ma = 2 * (item % NP)
+        i_b = i_bh // HQ
+        i_h = i_bh % HQ
+        i_hkv = i_h // G
+        o_d = tl.arange(0, D)
+        o_j = tl.arange(0, BS)
+        k_base = k + i_b * stride_kb + i_hkv * stride_kh
+        v_base = v + i_b * stride_vb + i_hkv * stride_vh
+        r_a = i_bh * NB + i_ma
+        p_a = kv_idx + r_a * KMAX
+        p_b = p_a + KMAX
+        b_qa, o_ma, m_ma, n_a, diag_a = _dual_row(q, p_a, kv_num, i_b, i_h, r_a, i_ma, i_ma >= 0, o_d,
+                                                  stride_qb, stride_qh, stride_qt, stride_qd, T, BS)
+        b_qb, o_mb, m_mb, n_b, diag_b = _dual_row(q, p_b, kv_num, i_b, i_h, r_a + 1, i_ma + 1, i_ma + 1 < NB, o_d,
+                                                  stride_qb, stride_qh, stride_qt, stride_qd, T, BS)
+        b_ma = tl.full([BS], float("-inf"), dtype=tl.float32)
+        b_la = tl.zeros([BS], dtype=tl.float32)
+        b_acca = tl.zeros([BS, D], dtype=tl.float32)
+        b_mb = tl.full([BS], float("-inf"), dtype=tl.float32)
+        b_lb = tl.zeros([BS], dtype=tl.float32)
+        b_accb = tl.zeros([BS, D], dtype=tl.float32)
+        for i_t in tl.range(0, tl.maximum(n_a, n_b), warp_specialize=WS):
+            b_ma, b_la, b_acca = _dual_step(b_qa, b_ma, b_la, b_acca, p_a, n_a, i_t, k_base, v_base, desc_k, desc_v,
+                                            i_b, i_hkv, o_j, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            qk_scale, BS, D, TMA, DOT_PREC)
+            b_mb, b_lb, b_accb = _dual_step(b_qb, b_mb, b_lb, b_accb, p_b, n_b, i_t, k_base, v_base, desc_k, desc_v,
+                                            i_b, i_hkv, o_j, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            qk_scale, BS, D, TMA, DOT_PREC)
+        if diag_a:
+            b_ma, b_la, b_acca = _dual_diag(b_qa, b_ma, b_la, b_acca, o_ma, i_ma, k_base, v_base, desc_k, desc_v,
+                                            i_b, i_hkv, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            qk_scale, BS, D, TMA, DOT_PREC)
+        if diag_b:
+            b_mb, b_lb, b_accb = _dual_diag(b_qb, b_mb, b_lb, b_accb, o_mb, i_ma + 1, k_base, v_base, desc_k, desc_v,
+                                            i_b, i_hkv, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            qk_scale, BS, D, TMA, DOT_PREC)
+        p_o = o + i_b * stride_ob + i_h * stride_oh + o_d[None, :] * stride_od
+        b_la = tl.where(b_la == 0.0, 1.0, b_la)
+        tl.store(p_o + o_ma[:, None] * stride_ot, (b_acca / b_la[:, None]).to(o.dtype.element_ty), mask=m_ma[:, None])
+        b_lb = tl.where(b_lb == 0.0, 1.0, b_lb)
+        tl.store(p_o + o_mb[:, None] * stride_ot, (b_accb / b_lb[:, None]).to(o.dtype.element_ty), mask=m_mb[:, None])
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +589,8 @@ def resolve_config(head_dim: int, block_size: int = 64, config: dict | None = No
         raise ValueError(f"block_sparse_attn_topk: nj=2 is a 'row' kernel option, got {cfg}")
     if cfg["tma"] and cfg["nj"] != 1:
         raise ValueError("block_sparse_attn_topk: tma loads contiguous 1-block tiles; use nj=1")
+    if cfg["lpt"] not in (0, 1, 2, False, True):
+        raise ValueError(f"block_sparse_attn_topk: lpt must be 0, 1 (per KV group) or 2 (global), got {cfg['lpt']!r}")
     if cfg["kernel"] in ("pair", "headpair") and block_size > 64:
         # a 2 x 128-row tile does not fit in registers: same computation on the one-row kernel
         cfg["kernel"] = "row"
@@ -552,17 +660,31 @@ def plan_topk_fwd(
     """Everything the attention kernel reads besides q/k/v (a few small launches, no host sync).
 
     Returns a dict with `num`/`idx` (canonical row lists), for pair kernels `u_num`/`u_idx`/`NP`
-    (merged lists, one entry per work item), `order` (work items by descending kept count, when
+    (merged lists, one entry per work item), `order` (the work items in launch order, when
     `cfg["lpt"]`) and `n_items`. Benchmarks build it once to time the attention kernel alone.
     """
     plan = {}
     plan["num"], plan["idx"] = _canonical_lists(block_index, block_count, nb)
+    B, H = block_index.shape[:2]
     counts = plan["num"].view(-1)
     if cfg["kernel"] in ("pair", "headpair"):
         plan["u_num"], plan["u_idx"], plan["NP"] = _pair_lists(plan["num"], plan["idx"], cfg["kernel"] == "headpair", G)
         counts = plan["u_num"]
+    elif cfg["kernel"] == "dual":
+        # an item's work is its longer row (the rows run in lockstep)
+        plan["NP"] = (nb + 1) // 2
+        pad = torch.nn.functional.pad(plan["num"], (0, 2 * plan["NP"] - nb))
+        counts = pad.view(B, H, plan["NP"], 2).amax(-1).view(-1)
     plan["n_items"] = counts.numel()
-    plan["order"] = counts.argsort(descending=True, stable=True).to(torch.int32) if cfg["lpt"] else counts
+    plan["order"] = counts
+    if cfg["lpt"] == 2:
+        plan["order"] = counts.argsort(descending=True, stable=True).to(torch.int32)
+    elif cfg["lpt"]:
+        # items are numbered KV group by KV group: sort inside each group only
+        per_group = plan["n_items"] // (B * (H // G))
+        group = torch.arange(plan["n_items"], device=counts.device) // per_group
+        key = group * (nb + 1) + (nb - counts.long())
+        plan["order"] = key.argsort(stable=True).to(torch.int32)
     return plan
 
 
@@ -593,6 +715,11 @@ def launch_topk_fwd(
         block_sparse_attn_topk_fwd_row_kernel[(grid,)](
             q, k, v, o, plan["idx"], plan["num"], plan["order"], desc_k, desc_v, *strides,
             scale * _LOG2E, S, nb, plan["idx"].shape[-1], Hq, G, n_items, NJ=cfg["nj"], **common, **launch,
+        )
+    elif cfg["kernel"] == "dual":
+        block_sparse_attn_topk_fwd_dual_kernel[(grid,)](
+            q, k, v, o, plan["idx"], plan["num"], plan["order"], desc_k, desc_v, *strides,
+            scale * _LOG2E, S, nb, plan["idx"].shape[-1], Hq, G, plan["NP"], n_items, **common, **launch,
         )
     else:
         block_sparse_attn_topk_fwd_pair_kernel[(grid,)](

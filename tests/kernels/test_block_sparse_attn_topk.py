@@ -52,7 +52,10 @@ def rand_qkv(B, Hq, Hkv, S, D, dtype, transposed=False):
 VARIANTS = {
     "row": dict(kernel="row"),
     "row_nj2": dict(kernel="row", nj=2),
-    "row_tma_persistent_lpt": dict(kernel="row", tma=True, persistent=1, lpt=True),
+    "row_tma_persistent_lpt": dict(kernel="row", tma=True, persistent=1, lpt=1),
+    "row_lpt_global": dict(kernel="row", lpt=2),
+    "dual": dict(kernel="dual"),
+    "dual_tma_persistent_lpt": dict(kernel="dual", tma=True, persistent=1, lpt=1),
     "pair": dict(kernel="pair", num_warps=8),
     "pair_tma_persistent_lpt": dict(kernel="pair", tma=True, persistent=2, lpt=True),
     "headpair": dict(kernel="headpair", num_warps=8),
@@ -150,7 +153,7 @@ def test_block_sparse_attn_topk_variants(variant):
     check(q, k, v, make_block_index(1, 4, 4, 0.3), config=cfg)
 
 
-@pytest.mark.parametrize("variant", ["row_tma_persistent_lpt", "pair_tma_persistent_lpt", "headpair"])
+@pytest.mark.parametrize("variant", ["row_tma_persistent_lpt", "dual_tma_persistent_lpt", "pair_tma_persistent_lpt", "headpair"])
 def test_block_sparse_attn_topk_variants_head_dim_128(variant):
     torch.manual_seed(42)
     q, k, v = rand_qkv(1, 4, 2, 63, 128, torch.float32)
@@ -218,6 +221,10 @@ def test_block_sparse_attn_topk_errors(monkeypatch):
         block_sparse_attn_topk(q[:, :3], k[:, :1], v[:, :1], idx[:, :3], config={"kernel": "headpair"})
     with pytest.raises(ValueError, match="unknown config"):
         block_sparse_attn_topk(q, k, v, idx, config={"kernl": "row"})
+    with pytest.raises(ValueError, match="kernel must be"):
+        block_sparse_attn_topk(q, k, v, idx, config={"kernel": "rows"})
+    with pytest.raises(ValueError, match="lpt"):
+        block_sparse_attn_topk(q, k, v, idx, config={"lpt": 3})
     monkeypatch.setattr(_triton, "is_interpreter", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
         block_sparse_attn_topk(q.cpu(), k.cpu(), v.cpu(), idx.cpu())
