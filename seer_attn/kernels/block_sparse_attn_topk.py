@@ -631,7 +631,8 @@ def _canonical_lists(block_index: torch.Tensor, block_count: torch.Tensor | None
     cnt = block_count.contiguous() if block_count is not None else idx
     out_idx = torch.empty(B, H, nb, K, dtype=torch.int32, device=idx.device)
     out_num = torch.empty(B, H, nb, dtype=torch.int32, device=idx.device)
-    BK = triton.next_power_of_2(K)
+    # (at least 2: a one-element tl.sort is a degenerate network)
+    BK = max(2, triton.next_power_of_2(K))
     _canon_lists_kernel[(B * H * nb,)](
         idx, cnt, out_idx, out_num, nb, K, K, HAS_COUNT=block_count is not None, BK=BK,
         num_warps=1 if BK <= 256 else 4,
@@ -647,7 +648,8 @@ def _pair_lists(num: torch.Tensor, idx: torch.Tensor, heads: bool, G: int) -> tu
     umax = min(2 * K, nb)
     u_idx = torch.empty(n_items, umax, dtype=torch.int32, device=idx.device)
     u_num = torch.empty(n_items, dtype=torch.int32, device=idx.device)
-    BK = triton.next_power_of_2(K)
+    # (at least 2: a one-element tl.sort is a degenerate network)
+    BK = max(2, triton.next_power_of_2(K))
     _pair_lists_kernel[(n_items,)](
         idx, num, u_idx, u_num, nb, K, umax, H, G, NP, HEADS=heads, BK=BK, num_warps=1 if BK <= 128 else 4
     )
