@@ -22,9 +22,9 @@ What it does:
    - the pair variants' wasted fraction (half-tiles computed for a row that does not keep the
      block) on that random mask and on a gate-like correlated mask (``correlated_block_mask``),
      and their time on the correlated mask next to the row kernel's;
-3. prints one table per cell group and a summary: per variant, the geometric mean of
-   (Flex64 time / variant time) and (Flex128 time / variant time) over the cells, the best variant
-   per head_dim, and the ``TOPK_FWD_CONFIG`` entry to paste into
+3. prints one table per head_dim and a summary: per variant, the geometric mean over the cells of
+   Flex64 / (plan + kernel), Flex128 / (plan + kernel) and Flex64 / kernel; the best variant per
+   head_dim (by the first), and the ``TOPK_FWD_CONFIG`` entry to paste into
    ``seer_attn/kernels/block_sparse_attn_topk.py``.
 
 Timing: median of CUDA-event timings of back-to-back calls after one warm-up call (no L2 flush;
@@ -226,6 +226,7 @@ def run_cell(name: str, S: int, d: float, vs: dict, flex, args, default_cfg: dic
         pkey = f"{cfg['kernel']}{'_lpt' if cfg['lpt'] else ''}"
         if pkey not in cell["plan_ms"]:
             cell["plan_ms"][pkey] = timeit(lambda: topk_mod.plan_topk_fwd(idx, num, nb, G, cfg), tm)
+        cell.setdefault("plan_of", {})[vname] = pkey
         put(vname, lambda: topk_mod.launch_topk_fwd(q, k, v, plan, scale, BS, cfg))
         if cfg["kernel"] in ("pair", "headpair") and f"waste_{cfg['kernel']}" not in cell:
             cell[f"waste_{cfg['kernel']}"] = round(pair_waste(plan), 4)
@@ -267,7 +268,7 @@ def tables(cells: list[dict]) -> str:
         for c in cs:
             keys += [key for key in c["ms"] if key not in keys]
         head = [f"{c['S'] // 1024}k d{c['density']} ({c['real_density']:.3f})" for c in cs]
-        out += [f"\n### D={D} ({cs[0]['shape']}): ms, and in brackets Flex64/variant | Flex128/variant (>1 = variant faster)\n"]
+        out += [f"\n### D={D} ({cs[0]['shape']}): ms, then Flex64/variant and Flex128/variant (>1: variant faster)\n"]
         out += ["| variant | " + " | ".join(head) + " |", "|---|" + "---|" * len(cs)]
         for key in keys:
             cells_txt = []
@@ -277,8 +278,8 @@ def tables(cells: list[dict]) -> str:
                     cells_txt.append("-")
                     continue
                 f64, f128 = c["ms"].get("flex64"), c["ms"].get("flex128")
-                rat = "" if key.startswith(("flex", "cudnn")) else f" ({fmt(f64 / ms if f64 else None, 2)} / {fmt(f128 / ms if f128 else None, 2)})"
-                cells_txt.append(f"{ms:.3f}{rat}")
+                rat = "" if key.startswith(("flex", "cudnn")) else f" {fmt(f64 / ms if f64 else None, 2)}/{fmt(f128 / ms if f128 else None, 2)}"
+                cells_txt.append(f"{ms:.4g}{rat}")
             out.append(f"| {key} | " + " | ".join(cells_txt) + " |")
         out.append("| TFLOP/s per kept block, best kernel | " + " | ".join(
             fmt(max((t for key, t in c["tflops"].items() if key not in ("flex64",)), default=None), 0) for c in cs) + " |")
@@ -297,25 +298,33 @@ def tables(cells: list[dict]) -> str:
 
 
 def summary(cells: list[dict], vs: dict) -> tuple[str, dict]:
-    """Per head_dim: variants ranked by geometric mean of Flex64/variant over the cells (kernel alone)."""
+    """Per head_dim: variants ranked by the geometric mean over the cells of Flex64 / (plan + kernel)."""
     lines, best = [], {}
+
+    def gmean(xs):
+        return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
     for D in sorted({c["D"] for c in cells}, reverse=True):
         cs = [c for c in cells if c["D"] == D]
         rank = []
         for key in vs:
-            r64 = [c["ms"]["flex64"] / c["ms"][key] for c in cs if key in c["ms"] and "flex64" in c["ms"]]
-            r128 = [c["ms"]["flex128"] / c["ms"][key] for c in cs if key in c["ms"] and "flex128" in c["ms"]]
-            if len(r64) == len(cs) and r64:
-                g64 = math.exp(sum(map(math.log, r64)) / len(r64))
-                g128 = math.exp(sum(map(math.log, r128)) / len(r128)) if len(r128) == len(cs) else float("nan")
-                rank.append((g64, g128, key))
+            if not all(key in c["ms"] and "flex64" in c["ms"] for c in cs):
+                continue
+            tot = [c["ms"][key] + c["plan_ms"][c["plan_of"][key]] for c in cs]
+            g64 = gmean([c["ms"]["flex64"] / t for c, t in zip(cs, tot)])
+            g128 = gmean([c["ms"]["flex128"] / t for c, t in zip(cs, tot) if "flex128" in c["ms"]])
+            a64 = gmean([c["ms"]["flex64"] / c["ms"][key] for c in cs])
+            rank.append((g64, g128, a64, key))
         rank.sort(reverse=True)
-        lines.append(f"\nD={D}: geometric mean over {len(cs)} cells of Flex64/variant and Flex128/variant (kernel alone):")
-        for g64, g128, key in rank:
-            lines.append(f"  {key:28s} vs Flex64 {g64:5.2f}x   vs Flex128 {g128:5.2f}x")
+        lines.append(f"\nD={D}, geometric mean over {len(cs)} cells: Flex64/(plan+kernel), Flex128/(plan+kernel), Flex64/kernel")
+        for g64, g128, a64, key in rank:
+            lines.append(f"  {key:26s} {g64:.2f} {g128:.2f} {a64:.2f}")
+        for ref in ("default_full", "legacy_full"):
+            if all(ref in c["ms"] and "flex64" in c["ms"] for c in cs):
+                lines.append(f"  {ref + ' (full call)':26s} {gmean([c['ms']['flex64'] / c['ms'][ref] for c in cs]):.2f}")
         if rank:
-            best[D] = cfg_of(vs[rank[0][2]])
-            lines.append(f"  best: {rank[0][2]}")
+            best[D] = cfg_of(vs[rank[0][3]])
+            lines.append(f"  best: {rank[0][3]}")
     lines.append("\nTOPK_FWD_CONFIG = {")
     for D in sorted(best):
         lines.append(f"    {D}: dict({', '.join(f'{k}={v!r}' for k, v in best[D].items())}),")
@@ -334,7 +343,7 @@ def main() -> None:
     ap.add_argument("--no-risky", action="store_true", help="skip warp-specialised variants")
     ap.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True, help="cuDNN dense at 32k")
     ap.add_argument("--target-ms", type=float, default=250.0, help="time spent per measurement")
-    ap.add_argument("--budget-s", type=float, default=400.0, help="skip remaining cells after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="start no new cell after this many seconds")
     ap.add_argument("--out", default="benchmarks/results/sweep_topk.json")
     ap.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes: tests the script")
     args = ap.parse_args()
@@ -368,6 +377,13 @@ def main() -> None:
                 ok[D][vname] = c
     default = {D: topk_mod.resolve_config(D, BS) for D in Ds}
     log(f"library default now: {default}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    meta = {
+        "date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
+        "triton": triton.__version__, "command": " ".join(["python"] + sys.argv),
+        "variants": {k: cfg_of(c) for k, c in vs.items()},
+        "failed_checks": {D: sorted(set(vs) - set(ok[D])) for D in Ds},
+    }
 
     flex = None
     if not args.no_flex:
@@ -391,8 +407,12 @@ def main() -> None:
         log(f"cell {name} S={S} d={d} ({len(ok[D])} variants)")
         cells.append(run_cell(name, S, d, ok[D], flex, args, default[D]))
         c = cells[-1]
-        best = min((ms, key) for key, ms in c["ms"].items() if not key.startswith(("flex", "cudnn", "corr:")))
-        log(f"  done: Flex64 {fmt(c['ms'].get('flex64'))} Flex128 {fmt(c['ms'].get('flex128'))} best {best[1]} {best[0]:.3f} ms")
+        top = sorted((ms, key) for key, ms in c["ms"].items() if not key.startswith(("flex", "cudnn", "corr:")))[:3]
+        log(f"  done: Flex64 {fmt(c['ms'].get('flex64'))} Flex128 {fmt(c['ms'].get('flex128'))} ms; fastest: "
+            + ", ".join(f"{key} {ms:.3f}" for ms, key in top))
+        # saved after every cell, so a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "cells": cells}, f, indent=1)
         if DEV == "cuda":
             torch.cuda.empty_cache()
 
@@ -400,13 +420,6 @@ def main() -> None:
     summ, best = summary(cells, {k: c for D in Ds for k, c in ok[D].items()})
     print(text)
     print(summ, flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    meta = {
-        "date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
-        "triton": triton.__version__, "command": " ".join(["python"] + sys.argv),
-        "variants": {k: cfg_of(c) for k, c in vs.items()},
-        "failed_checks": {D: sorted(set(vs) - set(ok[D])) for D in Ds},
-    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "cells": cells, "best": {str(D): c for D, c in best.items()}}, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
