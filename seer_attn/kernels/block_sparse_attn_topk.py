@@ -297,14 +297,16 @@ def _load_v(v_base, desc_v, i_b, i_hkv, start, o_k, o_d, stride_vt, stride_vd, T
 
 
 @triton.jit
-def _softmax_step(b_s, b_m, b_l, b_acc, b_v, SAFE: tl.constexpr, DOT_PREC: tl.constexpr):
-    # one online-softmax update with the [BM, BN] logits b_s (base 2); SAFE: rows may be all -inf
-    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+def _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, SAFE: tl.constexpr, DOT_PREC: tl.constexpr):
+    # one online-softmax update with the unscaled [BM, BN] scores b_s (-inf where masked); the
+    # running max is kept in scaled base-2 units, so scaling and subtracting it is one FMA.
+    # SAFE: rows may be all -inf
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
     if SAFE:
         b_mz = tl.where(b_mn == float("-inf"), 0.0, b_mn)
     else:
         b_mz = b_mn
-    b_p = tl.exp2(b_s - b_mz[:, None])
+    b_p = tl.exp2(b_s * qk_scale - b_mz[:, None])
     b_alpha = tl.exp2(b_m - b_mz)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
@@ -365,18 +367,18 @@ def block_sparse_attn_topk_fwd_row_kernel(
             else:
                 o_k = i_n * BS + o_j
             b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_n * BS, o_k, o_d, stride_kt, stride_kd, T, NJ * BS, D, TMA, False)
-            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
+            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
             if NJ == 2:
                 b_s += b_bias[None, :]
             b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_n * BS, o_k, o_d, stride_vt, stride_vd, T, NJ * BS, D, TMA, False)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_m, b_l, b_acc, b_v, False, DOT_PREC)
+            b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, False, DOT_PREC)
         if has_diag:
             o_k = i_m * BS + tl.arange(0, BS)
             b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_m * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
-            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
+            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
             b_s = tl.where((o_m[:, None] >= o_k[None, :]) & (o_k < T)[None, :], b_s, float("-inf"))
             b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_m * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_m, b_l, b_acc, b_v, False, DOT_PREC)
+            b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, False, DOT_PREC)
         # a row with no kept block has b_l == 0 and b_acc == 0: its output is 0
         b_l = tl.where(b_l == 0.0, 1.0, b_l)
         b_o = b_acc / b_l[:, None]
@@ -447,19 +449,19 @@ def block_sparse_attn_topk_fwd_pair_kernel(
             b_bias = tl.where(tl.where(in_b, (e & 2) != 0, (e & 1) != 0), 0.0, float("-inf"))
             o_k = (e >> 2).to(tl.int64) * BS + o_j
             b_k = _load_kt(k_base, desc_k, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, False)
-            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale + b_bias[:, None]
+            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) + b_bias[:, None]
             b_v = _load_v(v_base, desc_v, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, False)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_m, b_l, b_acc, b_v, True, DOT_PREC)
+            b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
         for i_t in range(n - n_tail, n):
             e = tl.load(p_u + i_t)
             b_keep = tl.where(in_b, (e & 2) != 0, (e & 1) != 0)
             o_k = (e >> 2).to(tl.int64) * BS + o_j
             b_k = _load_kt(k_base, desc_k, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
-            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
+            b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
             m_s = b_keep[:, None] & (r_tok[:, None] >= o_k[None, :]) & (o_k < T)[None, :]
             b_s = tl.where(m_s, b_s, float("-inf"))
             b_v = _load_v(v_base, desc_v, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_m, b_l, b_acc, b_v, True, DOT_PREC)
+            b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
         b_l = tl.where(b_l == 0.0, 1.0, b_l)
         b_o = b_acc / b_l[:, None]
         p_o = o + i_b * stride_ob + r_head[:, None] * stride_oh + r_tok[:, None] * stride_ot + o_d[None, :] * stride_od
@@ -489,9 +491,9 @@ def _dual_step(b_q, b_m, b_l, b_acc, p_idx, n_lo, i_t, k_base, v_base, desc_k, d
     i_n = tl.load(p_idx + tl.minimum(i_t, tl.maximum(n_lo - 1, 0)), mask=n_lo > 0, other=0).to(tl.int64)
     o_k = i_n * BS + o_j
     b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_n * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, False)
-    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale + tl.where(i_t < n_lo, 0.0, float("-inf"))
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) + tl.where(i_t < n_lo, 0.0, float("-inf"))
     b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_n * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, False)
-    return _softmax_step(b_s, b_m, b_l, b_acc, b_v, True, DOT_PREC)
+    return _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
 
 
 @triton.jit
@@ -500,10 +502,10 @@ def _dual_diag(b_q, b_m, b_l, b_acc, o_m, i_m, k_base, v_base, desc_k, desc_v, i
                TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     o_k = i_m * BS + tl.arange(0, BS)
     b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_m * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
-    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
     b_s = tl.where((o_m[:, None] >= o_k[None, :]) & (o_k < T)[None, :], b_s, float("-inf"))
     b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_m * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
-    return _softmax_step(b_s, b_m, b_l, b_acc, b_v, True, DOT_PREC)
+    return _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["T", "NB", "KMAX", "HQ", "G", "NP", "n_items"])
@@ -809,6 +811,9 @@ def block_sparse_attn_topk(
     _check_index(q, block_index, block_count, nb, block_size)
     cfg = resolve_config(D, block_size, config)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if not scale > 0:
+        # masked logits are -inf before scaling
+        raise ValueError(f"block_sparse_attn_topk: sm_scale must be > 0, got {sm_scale}")
     G = Hq // k.shape[1]
     if cfg["kernel"] == "legacy":
         if block_count is not None:

@@ -225,6 +225,8 @@ def test_block_sparse_attn_topk_errors(monkeypatch):
         block_sparse_attn_topk(q, k, v, idx, config={"kernel": "rows"})
     with pytest.raises(ValueError, match="lpt"):
         block_sparse_attn_topk(q, k, v, idx, config={"lpt": 3})
+    with pytest.raises(ValueError, match="sm_scale"):
+        block_sparse_attn_topk(q, k, v, idx, sm_scale=-0.1)
     monkeypatch.setattr(_triton, "is_interpreter", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
         block_sparse_attn_topk(q.cpu(), k.cpu(), v.cpu(), idx.cpu())
