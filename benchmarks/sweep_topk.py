@@ -217,33 +217,38 @@ def run_cell(name: str, S: int, d: float, vs: dict, flex, args, default_cfg: dic
     put("default_full", lambda: topk_mod.block_sparse_attn_topk(q, k, v, idx, block_count=num, config=default_cfg))
     put("legacy_full", lambda: topk_mod.block_sparse_attn_topk(q, k, v, idx, block_count=num, config={"kernel": "legacy"}))
 
-    cmask = None
+    corr = {}
     for vname, c in vs.items():
-        cfg = topk_mod.resolve_config(D, BS, cfg_of(c))
-        if cfg["kernel"] == "headpair" and G % 2:
-            continue
-        plan = topk_mod.plan_topk_fwd(idx, num, nb, G, cfg)
-        pkey = f"{cfg['kernel']}{'_lpt' if cfg['lpt'] else ''}"
-        if pkey not in cell["plan_ms"]:
-            cell["plan_ms"][pkey] = timeit(lambda: topk_mod.plan_topk_fwd(idx, num, nb, G, cfg), tm)
-        cell.setdefault("plan_of", {})[vname] = pkey
-        put(vname, lambda: topk_mod.launch_topk_fwd(q, k, v, plan, scale, BS, cfg))
-        if cfg["kernel"] in ("pair", "headpair") and f"waste_{cfg['kernel']}" not in cell:
-            cell[f"waste_{cfg['kernel']}"] = round(pair_waste(plan), 4)
-            # same kernel on a gate-like mask, next to the row kernel on it
-            if cmask is None:
-                cmask = correlated_block_mask(1, Hq, nb, d, DEV, group=G)
-                cell["real_density_corr"] = round(block_density(cmask), 4)
-                cnum, cidx = mask_to_kv_blocks(cmask, max_blocks=int(cmask.sum(-1).max()))
-                rcfg = topk_mod.resolve_config(D, BS, {"kernel": "row"})
-                rplan = topk_mod.plan_topk_fwd(cidx, cnum, nb, G, rcfg)
-                put("corr:row_w4s3", lambda: topk_mod.launch_topk_fwd(q, k, v, rplan, scale, BS, rcfg))
-                del rplan
-            cplan = topk_mod.plan_topk_fwd(cidx, cnum, nb, G, cfg)
-            cell[f"waste_{cfg['kernel']}_corr"] = round(pair_waste(cplan), 4)
-            put(f"corr:{vname}", lambda: topk_mod.launch_topk_fwd(q, k, v, cplan, scale, BS, cfg))
-            del cplan
-        del plan
+        try:
+            cfg = topk_mod.resolve_config(D, BS, cfg_of(c))
+            if cfg["kernel"] == "headpair" and G % 2:
+                continue
+            plan = topk_mod.plan_topk_fwd(idx, num, nb, G, cfg)
+            pkey = f"{cfg['kernel']}{'_lpt' if cfg['lpt'] else ''}"
+            if pkey not in cell["plan_ms"]:
+                cell["plan_ms"][pkey] = timeit(lambda: topk_mod.plan_topk_fwd(idx, num, nb, G, cfg), tm)
+            cell.setdefault("plan_of", {})[vname] = pkey
+            put(vname, lambda: topk_mod.launch_topk_fwd(q, k, v, plan, scale, BS, cfg))
+            if cfg["kernel"] in ("pair", "headpair") and f"waste_{cfg['kernel']}" not in cell:
+                cell[f"waste_{cfg['kernel']}"] = round(pair_waste(plan), 4)
+                # same kernel on a gate-like mask, next to the row kernel on it
+                if not corr:
+                    cmask = correlated_block_mask(1, Hq, nb, d, DEV, group=G)
+                    cell["real_density_corr"] = round(block_density(cmask), 4)
+                    corr["num"], corr["idx"] = mask_to_kv_blocks(cmask, max_blocks=int(cmask.sum(-1).max()))
+                    cnum, cidx = corr["num"], corr["idx"]
+                    del cmask
+                    rcfg = topk_mod.resolve_config(D, BS, {"kernel": "row"})
+                    rplan = topk_mod.plan_topk_fwd(cidx, cnum, nb, G, rcfg)
+                    put("corr:row_w4s3", lambda: topk_mod.launch_topk_fwd(q, k, v, rplan, scale, BS, rcfg))
+                    del rplan
+                cplan = topk_mod.plan_topk_fwd(corr["idx"], corr["num"], nb, G, cfg)
+                cell[f"waste_{cfg['kernel']}_corr"] = round(pair_waste(cplan), 4)
+                put(f"corr:{vname}", lambda: topk_mod.launch_topk_fwd(q, k, v, cplan, scale, BS, cfg))
+                del cplan
+            del plan
+        except Exception as ex:  # noqa: BLE001 - a plan or kernel that fails here is reported, the rest goes on
+            log(f"  {vname}: failed: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
     cell["tflops"] = {key: flops / ms * 1e-9 for key, ms in cell["ms"].items() if not key.startswith(("flex128", "corr:", "cudnn"))}
     # pair kernels on the tiles they compute (kept + wasted): their time on a mask with waste w is
     # about this time * (1 - w_random) / (1 - w)

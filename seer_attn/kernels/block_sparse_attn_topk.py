@@ -17,8 +17,8 @@ Index formats (see :func:`block_sparse_attn_topk`):
 
 A *plan* step turns either format into canonical lists in one small launch (per row: ascending,
 unique, causal, with a count), so the attention kernels never see negatives, repeats or unsorted
-rows; the pair kernels also get the merged list of their two rows, and the persistent grid an order
-of the rows by descending kept count. Attention kernels (`TOPK_FWD_CONFIG["kernel"]`):
+rows; the pair kernels also get the merged list of their two rows (one more launch), and `lpt` an
+order of the work items (an argsort). Attention kernels (`TOPK_FWD_CONFIG["kernel"]`):
 
 - `"row"`: one program per query block (64 query rows, one warpgroup). `nj=2` handles two kept
   blocks per step (one `[BS, 2 * BS]` score tile).
@@ -27,8 +27,8 @@ of the rows by descending kept count. Attention kernels (`TOPK_FWD_CONFIG["kerne
   matmuls and softmax for the scheduler to overlap, the way FlashAttention-3 ping-pongs two tiles.
 - `"pair"`: one program per two consecutive query blocks (128 rows, the tile FlashAttention uses on
   Hopper), walking the union of the two rows' lists; a block that only one row keeps is masked out
-  for the other row (that half-tile is wasted work, little when neighbouring rows share blocks,
-  as real gates' rows do; about half the work at random masks of density 0.1).
+  for the other row. That half-tile is wasted work: 0.47 of the tiles on random masks of density
+  0.1, 0.29 on SmolLM2's oracle top-k masks (benchmarks/RESULTS.md), less at higher density.
 - `"headpair"`: the same 128-row tile built from the same query block of two query heads that share
   a KV head (GQA), so each loaded K/V tile serves both heads; needs an even group size.
 - `"legacy"`: the previous kernel (host sort, autotuned, duplicates masked in-kernel), for comparison.
@@ -37,8 +37,9 @@ Options: `tma` (load K/V through Hopper tensor descriptors; the plain loads are 
 or the strides do not allow it, and under the interpreter the descriptor path is emulated),
 `persistent` (n programs per SM looping over the work items), `lpt` (1: items of each KV head's
 group in descending kept-count order, groups one after another so their K/V stays in L2; 2: all
-items in descending order; causal rows are unequal), `num_warps`, `num_stages`, `ws` (Triton's warp specialisation of
-the inner loop). `benchmarks/sweep_topk.py` times every combination worth trying.
+items in descending order; causal rows are unequal), `num_warps`, `num_stages`, `ws` (Triton's
+warp specialisation of the inner loop). `benchmarks/sweep_topk.py` times the combinations worth
+trying and prints the `TOPK_FWD_CONFIG` entry of the fastest.
 """
 
 from __future__ import annotations
