@@ -11,6 +11,10 @@ Formats and converters:
   ignored);
 - block mask -> CSR ``(crow [B, H, nb + 1] int32, col [B, H, max_nnz] int32, -1 padded)``; the CSC
   form used by backward kernels is the CSR of the transposed mask.
+- block mask <-> variable-count lists ``(kv_num_blocks [B, H, nb] int32, kv_indices [B, H, nb, Kmax]
+  int32)``, FlexAttention's ``BlockMask`` convention: row ``i`` keeps ``kv_indices[..., i, :kv_num_blocks[..., i]]``.
+  For selections that keep a different number of blocks per row (threshold, adaptive); built
+  without a host sync, so ``Kmax`` is ``nb`` or a bound the caller knows.
 
 Selection rules:
 
@@ -47,6 +51,8 @@ __all__ = [
     "indices_to_mask",
     "mask_to_indices",
     "mask_to_csr",
+    "mask_to_kv_blocks",
+    "kv_blocks_to_mask",
     "block_density",
     "expand_block_mask",
 ]
@@ -306,6 +312,56 @@ def mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = key.sort(dim=-1).values[:, :max_nnz]
     col = torch.where(order < nb_q * nb_k, order % nb_k, torch.full_like(order, -1)).to(torch.int32)
     return crow, col.view(B, H, max_nnz)
+
+
+def mask_to_kv_blocks(mask: torch.Tensor, max_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool mask `[B, H, nb_q, nb_k]` -> `(kv_num_blocks, kv_indices)`, without a host sync.
+
+    Args:
+        mask (torch.Tensor): bool `[B, H, nb_q, nb_k]`.
+        max_blocks (int, Optional): `Kmax`, the width of `kv_indices`. Default: `nb_k` (always enough).
+            A smaller bound saves memory; a row with more kept blocks keeps only its `max_blocks`
+            lowest columns (and its count says so), so pass a bound that holds, e.g. the top-k
+            budget plus the forced blocks.
+
+    Returns:
+        kv_num_blocks (torch.Tensor): int32 `[B, H, nb_q]`, kept blocks per row (at most `Kmax`).
+        kv_indices (torch.Tensor): int32 `[B, H, nb_q, Kmax]`; the first `kv_num_blocks` entries of
+            a row are its kept columns in ascending order, the rest are `-1`.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        raise TypeError(f"mask_to_kv_blocks: mask must be a 4-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    nb_k = mask.shape[-1]
+    kmax = nb_k if max_blocks is None else int(max_blocks)
+    if kmax < 1:
+        raise ValueError(f"mask_to_kv_blocks: max_blocks must be >= 1, got {max_blocks}")
+    # compaction by prefix sum: kept column c goes to slot (number of kept columns before c); the
+    # rest go to a spare slot Kmax that is cut off (int16 halves the memory of the [.., nb_k] temporaries)
+    cdt = torch.int16 if nb_k < 2**15 else torch.int32
+    pos = mask.cumsum(-1, dtype=cdt) - 1
+    pos = torch.where(mask & (pos < kmax), pos, torch.full_like(pos, kmax)).long()
+    cols = torch.arange(nb_k, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    idx = torch.full((*mask.shape[:-1], kmax + 1), -1, dtype=torch.int32, device=mask.device)
+    idx.scatter_(-1, pos, cols)
+    num = mask.sum(-1, dtype=torch.int32).clamp_max(kmax)
+    idx = idx[..., :kmax]
+    # the spare slot took arbitrary columns; clear everything past the count
+    idx = torch.where(torch.arange(kmax, device=mask.device) < num[..., None], idx, -1)
+    return num, idx
+
+
+def kv_blocks_to_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, nb_k: int) -> torch.Tensor:
+    """`(kv_num_blocks [B, H, nb_q], kv_indices [B, H, nb_q, Kmax])` -> bool mask `[B, H, nb_q, nb_k]`.
+
+    Entries past a row's count are ignored; within it, the rules of :func:`indices_to_mask` apply
+    (negative and above-diagonal entries dropped, repeats count once).
+    """
+    if kv_num_blocks.shape != kv_indices.shape[:-1]:
+        raise ValueError(
+            f"kv_num_blocks {tuple(kv_num_blocks.shape)} must be kv_indices {tuple(kv_indices.shape)} without its last dim"
+        )
+    live = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks[..., None]
+    return indices_to_mask(torch.where(live, kv_indices.long(), -1), nb_k)
 
 
 def block_density(mask: torch.Tensor, causal: bool = True) -> float:

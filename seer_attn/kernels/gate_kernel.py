@@ -24,7 +24,7 @@ is the twin and defines the meaning; it runs dozens of small fp32 launches and c
    (ties at the threshold are ranked with an atomic counter: exactly the budget, in arbitrary order).
    Kept indices are written compacted and ascending, right-aligned and ``-1`` padded, sink in front
    and diagonal at the end, so rows are already sorted the way ``block_sparse_attn_topk`` reads them
-   (``sorted_index=True`` skips its sort).
+   (its list-preparation launch canonicalises the rows).
 
 No host syncs anywhere (every size follows from the shapes), so the path can be CUDA-graphed.
 
@@ -765,7 +765,7 @@ def gate_select(
 
     Returns:
         `W = min(k, nb)` for top-k, else `nb`, plus one column per keep rule except for adaptive.
-        Rows are sorted ascending, so `block_sparse_attn_topk(..., sorted_index=True)` takes them as they are.
+        Rows are sorted ascending, which `block_sparse_attn_topk` takes as they are (-1 entries are skipped).
     """
     if scores.dim() != 4 or scores.dtype != torch.float32 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"gate_select: scores must be fp32 [B, H, nb, nb], got {scores.dtype} {tuple(scores.shape)}")

@@ -218,6 +218,7 @@ def block_sparse_attn_topk_naive(
     sm_scale: float | None = None,
     block_size: int = 64,
     upcast: bool = True,
+    block_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention from per-row lists of kept key blocks.
 
@@ -226,16 +227,20 @@ def block_sparse_attn_topk_naive(
         block_index (torch.Tensor): int `[B, Hq, nb, K]`, e.g. the indices from `torch.topk`.
             Order and duplicates do not matter; negative entries and entries above the diagonal
             (index > row) are ignored.
+        block_count (torch.Tensor, Optional): int `[B, Hq, nb]`: row `i` keeps only
+            `block_index[..., i, :block_count[..., i]]` (FlexAttention's `kv_num_blocks`).
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]`.
     """
-    from seer_attn.kernels.block_mask import indices_to_mask
+    from seer_attn.kernels.block_mask import indices_to_mask, kv_blocks_to_mask
 
     nb = math.ceil(k.shape[2] / block_size)
-    return block_sparse_attn_naive(
-        q, k, v, indices_to_mask(block_index, nb), sm_scale=sm_scale, block_size=block_size, upcast=upcast
-    )
+    if block_count is None:
+        mask = indices_to_mask(block_index, nb)
+    else:
+        mask = kv_blocks_to_mask(block_count, block_index, nb)
+    return block_sparse_attn_naive(q, k, v, mask, sm_scale=sm_scale, block_size=block_size, upcast=upcast)
 
 
 def attn_with_token_pooling_naive(

@@ -6,7 +6,7 @@ on CUDA, `AttnGate.forward` and the sparse branch of `seer_attention` come here 
 
 - :func:`gate_logits`: the same `[B, Hq, nb, nb]` logits / probabilities as `AttnGate.forward`;
 - :func:`gate_block_index`: gate + selection in four launches, the kept blocks as sorted, `-1`
-  padded int32 indices `[B, Hq, nb, W]` for `block_sparse_attn_topk(..., sorted_index=True)`.
+  padded int32 indices `[B, Hq, nb, W]` for `block_sparse_attn_topk` (its list plan canonicalises any row).
 
 A design the kernels do not cover (see :func:`unsupported_reason`) runs the twin and says so once in
 the log. `set_fused_gate(False)` (or `SEER_ATTN_FUSED_GATE=0`) turns the fused path off, e.g. to

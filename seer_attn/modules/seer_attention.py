@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from seer_attn.kernels.block_mask import (
     causal_block_mask,
     indices_to_mask,
-    mask_to_indices,
+    mask_to_kv_blocks,
     nz_ratio_to_k,
     select_blocks,
     topk_block_index,
@@ -356,7 +356,6 @@ def seer_attention(
             _record(stats, q, k, v, sm_scale, settings, kernel)
         return dense_attention(q, k, v, sm_scale), stats
 
-    index_sorted = index is not None
     if index is None and kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
         # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
         # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
@@ -387,9 +386,12 @@ def seer_attention(
     elif kernel == "TopK":
         from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
-        o = block_sparse_attn_topk(
-            q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size, sorted_index=index_sorted
-        )
+        if index is None:
+            # variable blocks per row (threshold, top-p, adaptive): the count format, no host sync
+            count, idx = mask_to_kv_blocks(mask)
+            o = block_sparse_attn_topk(q, k, v, idx, sm_scale, settings.block_size, block_count=count)
+        else:
+            o = block_sparse_attn_topk(q, k, v, index, sm_scale, settings.block_size)
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
 

@@ -125,3 +125,26 @@ def test_adaptive_row_floor():
     assert (full & topk).sum() == topk.sum()  # floor 1: every row keeps its own top-k
     assert (half & topk_block_mask(probs, k // 2)).sum() == topk_block_mask(probs, k // 2).sum()
     assert half.sum() == H * topk_budget(0.3, nb)
+
+
+def test_mask_to_kv_blocks_round_trip_and_bound():
+    # FlexAttention-style (kv_num_blocks, kv_indices): ascending kept columns first, -1 after
+    torch.manual_seed(0)
+    from seer_attn.kernels.block_mask import kv_blocks_to_mask, mask_to_kv_blocks
+
+    mask = apply_keep_rules(torch.rand(2, 3, 9, 9) < 0.4)
+    mask[0, 0, 4] = False  # an empty row
+    num, idx = mask_to_kv_blocks(mask)
+    assert num.dtype == idx.dtype == torch.int32 and idx.shape == (2, 3, 9, 9)
+    assert torch.equal(num, mask.sum(-1, dtype=torch.int32))
+    assert torch.equal(kv_blocks_to_mask(num, idx, 9), mask)
+    live = torch.arange(9) < num[..., None]
+    assert (idx[~live] == -1).all() and (idx[..., 1:] > idx[..., :-1])[live[..., 1:]].all()
+    # a bound below the longest row keeps each row's lowest columns, and the count says so
+    num3, idx3 = mask_to_kv_blocks(mask, max_blocks=3)
+    assert idx3.shape[-1] == 3 and torch.equal(num3, num.clamp_max(3))
+    assert torch.equal(idx3, torch.where(torch.arange(3) < num3[..., None], idx[..., :3], -1))
+    with pytest.raises(TypeError, match="bool"):
+        mask_to_kv_blocks(mask.int())
+    with pytest.raises(ValueError, match="kv_num_blocks"):
+        kv_blocks_to_mask(num[..., :2], idx, 9)

@@ -116,7 +116,7 @@ def test_gate_select(nb, method, nz, keep_sink, keep_diag, dense_rows):
     k = nz_ratio_to_k(nz, nb) if nz else 1
     idx = gate_select(scores, method, k, 0.05, keep_sink, keep_diag, dense_rows)
     assert idx.dtype == torch.int32 and idx.shape[:3] == (1, 2, nb)
-    # ascending rows, -1 padding in front: what block_sparse_attn_topk(sorted_index=True) reads
+    # ascending rows, -1 padding in front: what block_sparse_attn_topk reads
     assert torch.equal(idx, idx.sort(-1).values)
     mask = indices_to_mask(idx.long(), nb)
     causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
