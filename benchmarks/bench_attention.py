@@ -2,6 +2,7 @@
 
 Usage (GPU):
     python benchmarks/bench_attention.py                          # S 8k/32k/128k, Llama + SmolLM2, d 1/.5/.3/.1
+    python benchmarks/sweep_topk.py                               # every TopK kernel variant vs Flex (see there)
     python benchmarks/bench_attention.py --seqlens 32768 --shapes llama8b --skip csr_fwd,csr_fwdbwd
     python benchmarks/bench_attention.py --crossover-only         # short-input crossover only
 
@@ -9,13 +10,22 @@ Why each column is what it is:
 - masks are random blocks of the causal block triangle at the requested density with the
   diagonal and the first block always kept (as in docs/GPU.md's anchors); the realised density
   (``block_density``) is what the tables quote;
-- "topk" is :func:`block_sparse_attn_topk` on the mask's block lists, host-side list compaction
-  included; "csr_*" is :func:`block_sparse_attn_csr` from the bool mask, list building included;
-- "flex" is ``torch.compile(flex_attention)`` with the same mask as a 64x64 ``BlockMask``
+- "topk" is :func:`block_sparse_attn_topk` (library default variant) on the mask's variable-count
+  lists (``mask_to_kv_blocks``, built outside the timed call with ``Kmax`` = the largest row, as a
+  caller that knows its budget would), the in-call list canonicalisation included; "csr_*" is
+  :func:`block_sparse_attn_csr` from the bool mask, list building included;
+- "flex" (Flex64) is ``torch.compile(flex_attention)`` with the same mask as a 64x64 ``BlockMask``
   (off-diagonal kept blocks "full", the diagonal "partial" with a causal ``mask_mod``), which needs
   ``kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}`` and is forward only at that block size;
-- "gate" is the gate's own cost at that length: ``AttnGate`` (pool + linear + RoPE + scores) and
-  ``torch.topk`` with the per-row budget of the density;
+- "flex128" is FlexAttention at its native 128x128 blocks and default kernel options, on a random
+  128-block mask of the same nominal density (its realised density is reported separately), forward
+  and (up to ``--max-bwd-seq``) forward+backward;
+- "TFLOP/s" columns count only the matmul FLOPs of kept blocks (diagonal blocks half), so they
+  compare per-kept-block throughput across kernels and densities;
+- "gate" is the gate's own cost at that length: ``AttnGate`` (pool + linear + RoPE + scores; on CUDA
+  under no_grad that is the fused Triton gate since issue 11, `SEER_ATTN_FUSED_GATE=0` for the
+  PyTorch one) and ``torch.topk`` with the per-row budget of the density (`bench_gate.py` times
+  the fused gate + selection on its own);
 - medians of ``triton.testing.do_bench``; inputs are built outside the timed call; ratios are
   against SDPA-flash of the same run.
 
@@ -38,11 +48,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from seer_attn.kernels.attn_pooling_kernel import attn_with_pooling
-from seer_attn.kernels.block_mask import block_density, mask_to_indices, nz_ratio_to_k
+from seer_attn.kernels.block_mask import block_density, mask_to_kv_blocks, nz_ratio_to_k
 from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
 SHAPES = {"llama8b": (32, 8, 128), "smollm2": (9, 3, 64)}
-COLUMNS = ("topk", "csr_fwd", "csr_fwdbwd", "pool", "flash", "cudnn", "flex", "gate")
+COLUMNS = ("topk", "csr_fwd", "csr_fwdbwd", "pool", "flash", "cudnn", "flex", "flex128", "gate")
 BS = 64
 
 
@@ -62,7 +72,28 @@ def random_block_mask(B: int, H: int, nb: int, density: float, device) -> torch.
     return mask & causal
 
 
-def flex_block_mask(mask: torch.Tensor, S: int):
+def correlated_block_mask(
+    B: int, H: int, nb: int, density: float, device, rho: float = 0.9, group: int = 1
+) -> torch.Tensor:
+    """Bool `[B, H, nb, nb]` like a trained gate's: neighbouring rows keep mostly the same blocks.
+
+    Scores are `sqrt(rho) * u[h, j] + sqrt(1 - rho) * noise[h, i, j]` with a per-head column
+    importance `u` (half of it shared by the `group` heads of a KV group); every row keeps its top
+    `nz_ratio_to_k(density, nb)` causal blocks, plus the diagonal and block 0.
+    """
+    u_kv = torch.randn(B, H // group, 1, 1, nb, device=device).expand(B, H // group, group, 1, nb).reshape(B, H, 1, nb)
+    u = (u_kv + torch.randn(B, H, 1, nb, device=device)) / math.sqrt(2.0)
+    scores = math.sqrt(rho) * u + math.sqrt(1.0 - rho) * torch.randn(B, H, nb, nb, device=device)
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    k = nz_ratio_to_k(density, nb)
+    idx = scores.masked_fill(~causal, float("-inf")).topk(k, dim=-1).indices
+    mask = torch.zeros(B, H, nb, nb, dtype=torch.bool, device=device).scatter_(-1, idx, True)
+    mask |= torch.eye(nb, dtype=torch.bool, device=device)
+    mask[..., 0] = True
+    return mask & causal
+
+
+def flex_block_mask(mask: torch.Tensor, S: int, block_size: int = BS):
     """Same mask as a FlexAttention `BlockMask`: kept off-diagonal blocks full, the diagonal partial."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -79,14 +110,21 @@ def flex_block_mask(mask: torch.Tensor, S: int):
 
     num, idx = lists(mask & eye)
     full_num, full_idx = lists(mask & ~eye)
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BS, mask_mod=causal, seq_lengths=(S, S))
+    return BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=causal, seq_lengths=(S, S)
+    )
 
 
-def topk_flops(mask: torch.Tensor, D: int) -> float:
+def topk_flops(mask: torch.Tensor, D: int, block_size: int = BS) -> float:
     """Matmul FLOPs of the kept blocks (diagonal blocks count half)."""
     nb = mask.shape[-1]
     diag = mask.diagonal(dim1=-2, dim2=-1).sum().item()
-    return 4.0 * D * BS * BS * (mask.sum().item() - diag + 0.5 * diag) if nb else 0.0
+    return 4.0 * D * block_size * block_size * (mask.sum().item() - diag + 0.5 * diag) if nb else 0.0
+
+
+def dense_causal_flops(B: int, H: int, S: int, D: int) -> float:
+    """Matmul FLOPs of causal attention (half the square)."""
+    return 4.0 * D * B * H * S * S / 2
 
 
 def make_gate(Hq: int, Hkv: int, D: int, S: int, device):
@@ -149,7 +187,7 @@ def run_shape(name: str, S: int, densities, columns, max_bwd_seq: int, device) -
         except ImportError as e:
             print(f"csr columns skipped: {e}", file=sys.stderr)
     flex = None
-    if "flex" in columns:
+    if "flex" in columns or "flex128" in columns:
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
@@ -160,10 +198,12 @@ def run_shape(name: str, S: int, densities, columns, max_bwd_seq: int, device) -
         mask = random_block_mask(B, Hq, nb, d, device)
         real = block_density(mask)
         r = {"shape": name, "S": S, "density": d, "real_density": round(real, 4), **dense}
+        flops = topk_flops(mask, D)
         if "topk" in columns:
-            idx = mask_to_indices(mask)
-            r["topk"] = bench(lambda: block_sparse_attn_topk(q, k, v, idx))
-            r["topk_tflops"] = topk_flops(mask, D) / r["topk"] * 1e-9
+            num, idx = mask_to_kv_blocks(mask, max_blocks=int(mask.sum(-1).max()))
+            r["topk"] = bench(lambda: block_sparse_attn_topk(q, k, v, idx, block_count=num))
+            r["topk_tflops"] = flops / r["topk"] * 1e-9
+            del num, idx
         if csr is not None and "csr_fwd" in columns:
             r["csr_fwd"] = bench(lambda: csr(q, k, v, mask))
         if csr is not None and do_bwd:
@@ -172,18 +212,41 @@ def run_shape(name: str, S: int, densities, columns, max_bwd_seq: int, device) -
                 csr(qg, kg, vg, mask).backward(do)
 
             r["csr_fwdbwd"] = bench(csr_fb)
-        if flex is not None:
+        if flex is not None and "flex" in columns:
             bm = flex_block_mask(mask, S)
             opts = {"BLOCK_M": 64, "BLOCK_N": 64}
             r["flex"] = bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts))
+            r["flex_tflops"] = flops / r["flex"] * 1e-9
+            del bm
+        if flex is not None and "flex128" in columns:
+            mask128 = random_block_mask(B, Hq, math.ceil(S / 128), d, device)
+            r["real_density_128"] = round(block_density(mask128), 4)
+            bm = flex_block_mask(mask128, S, 128)
+            r["flex128"] = bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
+            r["flex128_tflops"] = topk_flops(mask128, D, 128) / r["flex128"] * 1e-9
+            if do_bwd:
+
+                def flex128_fb():
+                    flex(qg, kg, vg, block_mask=bm, enable_gqa=True).backward(do)
+
+                r["flex128_fwdbwd"] = bench(flex128_fb)
+            del bm, mask128
         if gate is not None:
             budget = nz_ratio_to_k(d, nb)
             r["gate"] = bench(lambda: gate(q, k, budget))
-        for c in ("topk", "csr_fwd", "pool", "cudnn", "flex"):
+        for c in ("topk", "csr_fwd", "pool", "cudnn", "flex", "flex128"):
             if c in r:
                 r[f"{c}_speedup"] = r["flash"] / r[c]
+        for c in ("topk", "csr_fwd"):
+            for ref in ("flex", "flex128", "cudnn"):
+                if c in r and ref in r:
+                    r[f"{c}_vs_{ref}"] = r[ref] / r[c]
+        if "cudnn" in r:
+            r["cudnn_tflops"] = dense_causal_flops(B, Hq, S, D) / r["cudnn"] * 1e-9
         if "csr_fwdbwd" in r:
             r["csr_fwdbwd_speedup"] = r["flash_fwdbwd"] / r["csr_fwdbwd"]
+            if "flex128_fwdbwd" in r:
+                r["csr_fwdbwd_vs_flex128"] = r["flex128_fwdbwd"] / r["csr_fwdbwd"]
         if "gate" in r:
             r["gate_frac"] = r["gate"] / r["flash"]
         rows.append(r)
@@ -243,11 +306,16 @@ def crossover_lengths(rows: list[dict], densities=(0.5, 0.1)) -> dict:
 
 def to_markdown(rows: list[dict], xrows: list[dict], xlen: dict, header: str) -> str:
     cols = [
-        ("shape", "shape"), ("S", "S"), ("density", "d"), ("real_density", "real d"),
+        ("shape", "shape"), ("S", "S"), ("density", "d"), ("real_density", "real d"), ("real_density_128", "real d128"),
         ("topk", "TopK fwd"), ("csr_fwd", "CSR fwd"), ("csr_fwdbwd", "CSR fwd+bwd"), ("pool", "attn_with_pooling"),
         ("flash", "SDPA flash"), ("flash_fwdbwd", "flash fwd+bwd"), ("cudnn", "SDPA cuDNN"), ("flex", "Flex64 fwd"),
-        ("gate", "gate"), ("topk_speedup", "TopK/flash x"), ("flex_speedup", "Flex/flash x"),
-        ("csr_fwdbwd_speedup", "CSR fb/flash fb x"), ("topk_tflops", "TopK TFLOP/s"),
+        ("flex128", "Flex128 fwd"), ("flex128_fwdbwd", "Flex128 fwd+bwd"), ("gate", "gate"),
+        ("topk_speedup", "TopK/flash x"), ("topk_vs_flex", "TopK vs Flex64 x"), ("topk_vs_flex128", "TopK vs Flex128 x"),
+        ("csr_fwd_vs_flex128", "CSR fwd vs Flex128 x"), ("flex_speedup", "Flex64/flash x"),
+        ("flex128_speedup", "Flex128/flash x"), ("cudnn_speedup", "cuDNN/flash x"),
+        ("csr_fwdbwd_speedup", "CSR fb/flash fb x"), ("csr_fwdbwd_vs_flex128", "CSR fb vs Flex128 fb x"),
+        ("topk_tflops", "TopK TFLOP/s"), ("flex_tflops", "Flex64 TFLOP/s"), ("flex128_tflops", "Flex128 TFLOP/s"),
+        ("cudnn_tflops", "cuDNN TFLOP/s"),
     ]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = [header, ""]
@@ -280,7 +348,8 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(len(shapes), len(seqlens), figsize=(4.2 * len(seqlens), 3.4 * len(shapes)), squeeze=False)
     for ax, (name, S) in zip(axes.flat, [(n, S) for n in shapes for S in seqlens]):
         rs = sorted((r for r in rows if r["shape"] == name and r["S"] == S), key=lambda r: r["real_density"])
-        for key, label in (("topk", "TopK fwd"), ("csr_fwd", "CSR fwd"), ("flex", "Flex64 fwd"), ("cudnn", "SDPA cuDNN"),
+        for key, label in (("topk", "TopK fwd"), ("csr_fwd", "CSR fwd"), ("flex", "Flex64 fwd"), ("flex128", "Flex128 fwd"),
+                           ("cudnn", "SDPA cuDNN"),
                            ("pool", "attn_with_pooling"), ("csr_fwdbwd", "CSR fwd+bwd (vs flash fwd+bwd)")):
             pts = [(r["real_density"], r[f"{key}_speedup"]) for r in rs if f"{key}_speedup" in r]
             if pts:

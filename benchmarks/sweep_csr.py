@@ -231,14 +231,12 @@ def time_shape(shape_name, S, densities, sections, ok, results):
             t["pool_autotuned"] = bench(lambda: pool_mod.attn_with_pooling(q, k, v))
             log(f"{shape_name} attn_with_pooling (autotuned) {t['pool_autotuned']:.3f}")
             # the two passes alone: the flash forward (autotuned) and each pooling-tile config
-            lse = torch.empty(1, HQ, S, dtype=torch.float32, device=DEVICE)
-            o = torch.empty_like(q)
             scale = 1.4426950408889634 / math.sqrt(D)
+            prec = "tf32" if DEVICE == "cuda" else "ieee"
+            _, lse = pool_mod._forward_lse(q, k, v, scale, True, None, 1, S, prec)
 
             def pass1():
-                pool_mod.attn_pooling_fwd_kernel[lambda m: (triton.cdiv(S, m["BM"]), HQ)](
-                    q, k, v, o, lse, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), HQ * S, S, scale, S, pool_mod.len_bucket(S),
-                    HQ=HQ, G=HQ // HKV, D=D, IS_CAUSAL=True, VARLEN=False, DOT_PREC="tf32" if DEVICE == "cuda" else "ieee")
+                pool_mod._forward_lse(q, k, v, scale, True, None, 1, S, prec)
 
             t["pool_pass1"] = bench(pass1)
             best = pool_mod.attn_pooling_fwd_kernel.best_config
@@ -250,7 +248,7 @@ def time_shape(shape_name, S, densities, sections, ok, results):
                     continue
                 t[f"pool_pass2_{label}"] = bench(lambda: pool_mod._pool(
                     q, k, lse, pooled, lse, lambda x: x.stride(0), (HQ * S, S), scale, S, nb, HQ, HQ // HKV, D, 64,
-                    True, False, False, "tf32" if DEVICE == "cuda" else "ieee", config=conf))
+                    True, False, False, prec, config=conf))
             tuned = pool_mod.attn_pooling_fwd_kernel_pool.best_config
             res["pool_pass2_autotuned_config"] = str(tuned)
             p2 = {k_: v_ for k_, v_ in t.items() if k_.startswith("pool_pass2_")}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Perplexity vs density of a (gate-only) SeerLlama checkpoint, upstream's protocol.
+# Perplexity vs density of a (gate-only) Seer checkpoint of any supported family, upstream's protocol.
 #
 #   MODEL=outputs/post_training/gates scripts/eval_ppl.sh
 #   MODEL=outputs/gates EVAL_DATASETS=../shared/data/pg19-mini/test.jsonl,../shared/data/proofpile-mini/test.jsonl \

@@ -442,32 +442,12 @@ def attn_with_pooling(
     nb = math.ceil(S / block_size)
     qk_scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
     prec = dot_precision(q.dtype)
+    o, lse = _forward_lse(q4, k4, v4, qk_scale, bool(is_causal), cu_seqlens if packed else None, B, S, prec)
     # packed: tensors are [1, H, total, D] views whose "batch" index is the sequence (stride 0),
     # lse is [Hq, total]
     sb = (lambda t: 0) if packed else (lambda t: t.stride(0))
-    lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device) if packed else torch.empty(
-        B, Hq, S, dtype=torch.float32, device=q.device)
     lse_strides = (0, T) if packed else (Hq * S, S)
     cu = cu_seqlens if packed else lse
-
-    o = torch.empty_like(q4)
-    attn_pooling_fwd_kernel[lambda meta: (triton.cdiv(S, meta["BM"]), B * Hq)](
-        q4, k4, v4, o, lse, cu,
-        sb(q4), *q4.stride()[1:],
-        sb(k4), *k4.stride()[1:],
-        sb(v4), *v4.stride()[1:],
-        sb(o), *o.stride()[1:],
-        *lse_strides,
-        qk_scale,
-        T,
-        len_bucket(S),
-        HQ=Hq,
-        G=G,
-        D=D,
-        IS_CAUSAL=bool(is_causal),
-        VARLEN=packed,
-        DOT_PREC=prec,
-    )
     pooled = torch.empty(B, Hq, nb, nb, dtype=torch.float32, device=q.device)
     _pool(q4, k4, lse, pooled, cu, sb, lse_strides, qk_scale, T, nb, Hq, G, D, block_size, bool(is_causal),
           pooling == "mass", packed, prec)
@@ -475,6 +455,53 @@ def attn_with_pooling(
     # rows that do not exist (past a packed sequence's end) stay 0
     pooled /= torch.where(total > 0, total, 1.0) if packed else total
     return (o[0].transpose(0, 1) if packed else o), pooled
+
+
+def _forward_lse(q, k, v, qk_scale, is_causal, cu_seqlens, B, S, prec):
+    """First pass on `[B, H, S, D]` views (packed: `[1, H, total, D]` with `cu_seqlens`, `B` sequences
+    of at most `S` tokens): `o` in `q`'s layout and the base-2 logsumexp `[B, Hq, S]` (packed `[Hq, total]`)."""
+    Hq, T = q.shape[1], q.shape[2]
+    packed = cu_seqlens is not None
+    sb = (lambda t: 0) if packed else (lambda t: t.stride(0))
+    lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device) if packed else torch.empty(
+        B, Hq, S, dtype=torch.float32, device=q.device)
+    o = torch.empty_like(q)
+    attn_pooling_fwd_kernel[lambda meta: (triton.cdiv(S, meta["BM"]), B * Hq)](
+        q, k, v, o, lse, cu_seqlens if packed else lse,
+        sb(q), *q.stride()[1:],
+        sb(k), *k.stride()[1:],
+        sb(v), *v.stride()[1:],
+        sb(o), *o.stride()[1:],
+        *((0, T) if packed else (Hq * S, S)),
+        qk_scale,
+        T,
+        len_bucket(S),
+        HQ=Hq,
+        G=Hq // k.shape[1],
+        D=q.shape[3],
+        IS_CAUSAL=is_causal,
+        VARLEN=packed,
+        DOT_PREC=prec,
+    )
+    return o, lse
+
+
+def attn_forward_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True, sm_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass of :func:`attn_with_pooling` alone (for other ground-truth passes built on it).
+
+    Args: `q [B, Hq, S, D]`, `k, v [B, Hkv, S, D]`, as in :func:`attn_with_pooling`.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, S, D]`, same memory layout as `q`.
+        lse (torch.Tensor): `[B, Hq, S]` fp32, each row's logsumexp of `sm_scale * log2(e) * q.k`
+            in base 2 (so `exp2(s * sm_scale * log2(e) - lse)` are the row's probabilities).
+    """
+    check_attn_inputs("attn_forward_lse", q, k, v, 64)
+    B, Hq, S, D = q.shape
+    qk_scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)) * 1.4426950408889634
+    return _forward_lse(q, k, v, qk_scale, bool(is_causal), None, B, S, dot_precision(q.dtype))
 
 
 # launch options of the pooling pass: None = autotune over POOL_CONFIGS, or one of them (sweeps)

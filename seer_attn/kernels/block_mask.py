@@ -11,12 +11,20 @@ Formats and converters:
   ignored);
 - block mask -> CSR ``(crow [B, H, nb + 1] int32, col [B, H, max_nnz] int32, -1 padded)``; the CSC
   form used by backward kernels is the CSR of the transposed mask.
+- block mask <-> variable-count lists ``(kv_num_blocks [B, H, nb] int32, kv_indices [B, H, nb, Kmax]
+  int32)``, FlexAttention's ``BlockMask`` convention: row ``i`` keeps ``kv_indices[..., i, :kv_num_blocks[..., i]]``.
+  For selections that keep a different number of blocks per row (threshold, adaptive); built
+  without a host sync, so ``Kmax`` is ``nb`` or a bound the caller knows.
 
 Selection rules:
 
 - :func:`nz_ratio_to_k`: upstream's per-row budget ``k = floor((1 - sqrt(1 - nz_ratio)) * nb)``,
   which makes the density over the causal triangle about ``nz_ratio`` (method-spec §3.1).
-- :func:`select_blocks`: top-k or threshold on gate scores, plus the always-keep rules.
+- :func:`select_blocks`: top-k, threshold, top-p or adaptive selection on gate scores, plus the
+  always-keep rules.
+- :func:`adaptive_block_mask`: one budget per layer (what per-row top-k would keep), spent on the
+  highest block probabilities of *all* rows and heads, so rows and heads whose attention is spread out
+  get more blocks and peaked ones give theirs up.
 - :func:`block_density`: the *realised* density over the causal block triangle. Reports quote it.
 """
 
@@ -34,14 +42,23 @@ __all__ = [
     "topk_block_index",
     "topk_block_mask",
     "threshold_block_mask",
+    "top_p_block_mask",
+    "adaptive_block_mask",
+    "topk_budget",
+    "SPARSITY_METHODS",
     "apply_keep_rules",
     "select_blocks",
     "indices_to_mask",
     "mask_to_indices",
     "mask_to_csr",
+    "mask_to_kv_blocks",
+    "kv_blocks_to_mask",
     "block_density",
     "expand_block_mask",
 ]
+
+
+SPARSITY_METHODS = ("nz_ratio", "threshold", "top_p", "adaptive")
 
 
 def nz_ratio_to_k(nz_ratio: float, nb: int) -> int:
@@ -112,6 +129,71 @@ def threshold_block_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return (probs > threshold) & causal
 
 
+def top_p_block_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep, per row, the fewest highest-probability causal blocks whose probabilities sum to `top_p`.
+
+    Args:
+        probs (torch.Tensor): `[B, H, nb, nb]` row-softmaxed gate output.
+        top_p (float): in (0, 1]; the block that crosses `top_p` is kept.
+    """
+    causal = causal_block_mask(probs.shape[-2], probs.shape[-1], probs.device)
+    p = probs.float().masked_fill(~causal, 0.0)
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    # keep a block while the mass strictly before it is below top_p
+    before = torch.nn.functional.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))
+    keep_sorted = before < top_p
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return mask & causal
+
+
+def topk_budget(nz_ratio: float, nb: int) -> int:
+    """Blocks that per-row top-k at `nz_ratio` keeps in one `[nb, nb]` causal map: `sum_i min(i + 1, k)`."""
+    k = nz_ratio_to_k(nz_ratio, nb)
+    return k * (k + 1) // 2 + (nb - k) * k
+
+
+def adaptive_block_mask(
+    probs: torch.Tensor, nz_ratio: float, keep_sink: bool = False, keep_diagonal: bool = True, row_floor: float = 0.0
+) -> torch.Tensor:
+    """Spend one block budget per batch element over all heads and rows, on the highest probabilities.
+
+    The budget is what per-row top-k at `nz_ratio` keeps (:func:`topk_budget` per head), so the
+    realised density never exceeds top-k's; the always-kept blocks (diagonal, sink) count inside it.
+    Choosing the largest row-normalised probabilities maximises the summed attention recall the gate
+    predicts: a row whose attention sits in two blocks keeps about two, a diffuse row keeps many.
+
+    Args:
+        probs (torch.Tensor): `[B, H, nb, nb]` row-softmaxed gate output (any row-normalised scores).
+        nz_ratio (float): requested density in (0, 1].
+        row_floor (float): every row first keeps its `floor(row_floor * k)` most probable blocks
+            (`k` the per-row top-k budget), inside the same total: 0 is fully global, 1 is top-k.
+
+    Returns:
+        bool `[B, H, nb, nb]`, lower-triangular.
+    """
+    B, H, nb, nb_k = probs.shape
+    causal = causal_block_mask(nb, nb_k, probs.device)
+    forced = torch.zeros(nb, nb_k, dtype=torch.bool, device=probs.device)
+    if keep_diagonal:
+        forced |= torch.eye(nb, nb_k, dtype=torch.bool, device=probs.device)
+    if keep_sink:
+        forced[:, 0] = True
+    forced &= causal
+    if nz_ratio >= 1.0:
+        return causal.expand(B, H, nb, nb_k).clone()
+    floor_k = int(row_floor * nz_ratio_to_k(nz_ratio, nb))
+    if floor_k > 0:
+        forced = forced | topk_block_mask(probs, floor_k)
+    # forced blocks never exceed the budget except when the floor and the diagonal overlap little
+    n_forced = int(forced.expand(B, H, nb, nb_k).sum(dim=(1, 2, 3)).max())
+    budget = max(H * topk_budget(nz_ratio, nb), n_forced)
+    # forced blocks first (+inf), then probabilities; non-causal entries can never be picked (-inf)
+    s = probs.float().masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf")).reshape(B, -1)
+    idx = s.topk(min(budget, s.shape[-1]), dim=-1).indices
+    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).view(B, H, nb, nb_k)
+    return mask & causal
+
+
 def apply_keep_rules(
     mask: torch.Tensor, keep_sink: bool = False, keep_diagonal: bool = True, dense_last_rows: int = 0
 ) -> torch.Tensor:
@@ -143,13 +225,17 @@ def select_blocks(
     keep_sink: bool = False,
     keep_diagonal: bool = True,
     dense_last_rows: int = 0,
+    top_p: float = 1.0,
+    adaptive_row_floor: float = 0.0,
 ) -> torch.Tensor:
     """Gate scores -> block mask.
 
     Args:
         scores (torch.Tensor): `[B, H, nb, nb]`. For `"nz_ratio"` any monotone score (logits); for
-            `"threshold"` row-softmaxed probabilities.
-        method (str): `"nz_ratio"` (per-row top-k, :func:`nz_ratio_to_k`) or `"threshold"`.
+            `"threshold"`, `"top_p"` and `"adaptive"` row-softmaxed probabilities.
+        method (str): one of :data:`SPARSITY_METHODS`: `"nz_ratio"` (per-row top-k,
+            :func:`nz_ratio_to_k`), `"threshold"`, `"top_p"` (:func:`top_p_block_mask`) or
+            `"adaptive"` (:func:`adaptive_block_mask`, budget from `nz_ratio`).
 
     Returns:
         bool `[B, H, nb, nb]`.
@@ -162,8 +248,13 @@ def select_blocks(
             mask = topk_block_mask(scores, nz_ratio_to_k(nz_ratio, nb))
     elif method == "threshold":
         mask = threshold_block_mask(scores, threshold)
+    elif method == "top_p":
+        mask = top_p_block_mask(scores, top_p)
+    elif method == "adaptive":
+        # the keep rules count inside the budget here (applied again below: a no-op but for dense rows)
+        mask = adaptive_block_mask(scores, nz_ratio, keep_sink, keep_diagonal, adaptive_row_floor)
     else:
-        raise ValueError(f"sparsity method must be 'nz_ratio' or 'threshold', got {method!r}")
+        raise ValueError(f"sparsity method must be one of {SPARSITY_METHODS}, got {method!r}")
     return apply_keep_rules(mask, keep_sink, keep_diagonal, dense_last_rows)
 
 
@@ -221,6 +312,56 @@ def mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = key.sort(dim=-1).values[:, :max_nnz]
     col = torch.where(order < nb_q * nb_k, order % nb_k, torch.full_like(order, -1)).to(torch.int32)
     return crow, col.view(B, H, max_nnz)
+
+
+def mask_to_kv_blocks(mask: torch.Tensor, max_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool mask `[B, H, nb_q, nb_k]` -> `(kv_num_blocks, kv_indices)`, without a host sync.
+
+    Args:
+        mask (torch.Tensor): bool `[B, H, nb_q, nb_k]`.
+        max_blocks (int, Optional): `Kmax`, the width of `kv_indices`. Default: `nb_k` (always enough).
+            A smaller bound saves memory; a row with more kept blocks keeps only its `max_blocks`
+            lowest columns (and its count says so), so pass a bound that holds, e.g. the top-k
+            budget plus the forced blocks.
+
+    Returns:
+        kv_num_blocks (torch.Tensor): int32 `[B, H, nb_q]`, kept blocks per row (at most `Kmax`).
+        kv_indices (torch.Tensor): int32 `[B, H, nb_q, Kmax]`; the first `kv_num_blocks` entries of
+            a row are its kept columns in ascending order, the rest are `-1`.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        raise TypeError(f"mask_to_kv_blocks: mask must be a 4-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    nb_k = mask.shape[-1]
+    kmax = nb_k if max_blocks is None else int(max_blocks)
+    if kmax < 1:
+        raise ValueError(f"mask_to_kv_blocks: max_blocks must be >= 1, got {max_blocks}")
+    # compaction by prefix sum: kept column c goes to slot (number of kept columns before c); the
+    # rest go to a spare slot Kmax that is cut off (int16 halves the memory of the [.., nb_k] temporaries)
+    cdt = torch.int16 if nb_k < 2**15 else torch.int32
+    pos = mask.cumsum(-1, dtype=cdt) - 1
+    pos = torch.where(mask & (pos < kmax), pos, torch.full_like(pos, kmax)).long()
+    cols = torch.arange(nb_k, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    idx = torch.full((*mask.shape[:-1], kmax + 1), -1, dtype=torch.int32, device=mask.device)
+    idx.scatter_(-1, pos, cols)
+    num = mask.sum(-1, dtype=torch.int32).clamp_max(kmax)
+    idx = idx[..., :kmax]
+    # the spare slot took arbitrary columns; clear everything past the count
+    idx = torch.where(torch.arange(kmax, device=mask.device) < num[..., None], idx, -1)
+    return num, idx
+
+
+def kv_blocks_to_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, nb_k: int) -> torch.Tensor:
+    """`(kv_num_blocks [B, H, nb_q], kv_indices [B, H, nb_q, Kmax])` -> bool mask `[B, H, nb_q, nb_k]`.
+
+    Entries past a row's count are ignored; within it, the rules of :func:`indices_to_mask` apply
+    (negative and above-diagonal entries dropped, repeats count once).
+    """
+    if kv_num_blocks.shape != kv_indices.shape[:-1]:
+        raise ValueError(
+            f"kv_num_blocks {tuple(kv_num_blocks.shape)} must be kv_indices {tuple(kv_indices.shape)} without its last dim"
+        )
+    live = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks[..., None]
+    return indices_to_mask(torch.where(live, kv_indices.long(), -1), nb_k)
 
 
 def block_density(mask: torch.Tensor, causal: bool = True) -> float:

@@ -31,6 +31,8 @@ __all__ = [
     "block_sparse_attn_naive",
     "block_sparse_attn_topk_naive",
     "block_sparse_attn_varlen_naive",
+    "attn_with_token_pooling_naive",
+    "sparse_decode_attn_naive",
 ]
 
 # query rows processed at once; a multiple of every supported block size
@@ -224,6 +226,7 @@ def block_sparse_attn_topk_naive(
     sm_scale: float | None = None,
     block_size: int = 64,
     upcast: bool = True,
+    block_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention from per-row lists of kept key blocks.
 
@@ -232,16 +235,136 @@ def block_sparse_attn_topk_naive(
         block_index (torch.Tensor): int `[B, Hq, nb, K]`, e.g. the indices from `torch.topk`.
             Order and duplicates do not matter; negative entries and entries above the diagonal
             (index > row) are ignored.
+        block_count (torch.Tensor, Optional): int `[B, Hq, nb]`: row `i` keeps only
+            `block_index[..., i, :block_count[..., i]]` (FlexAttention's `kv_num_blocks`).
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]`.
     """
-    from seer_attn.kernels.block_mask import indices_to_mask
+    from seer_attn.kernels.block_mask import indices_to_mask, kv_blocks_to_mask
 
     nb = math.ceil(k.shape[2] / block_size)
-    return block_sparse_attn_naive(
-        q, k, v, indices_to_mask(block_index, nb), sm_scale=sm_scale, block_size=block_size, upcast=upcast
-    )
+    if block_count is None:
+        mask = indices_to_mask(block_index, nb)
+    else:
+        mask = kv_blocks_to_mask(block_count, block_index, nb)
+    return block_sparse_attn_naive(q, k, v, mask, sm_scale=sm_scale, block_size=block_size, upcast=upcast)
+
+
+def attn_with_token_pooling_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    pooling: str = "max",
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention plus, per query *token*, its attention pooled over each key block (decode gate target).
+
+    Queries are the last `S_q` of the `S_k` positions (`S_q == S_k` for a whole sequence, fewer for
+    decoding steps over a cache).
+
+    Args:
+        q (torch.Tensor): `[B, Hq, S_q, D]`.
+        k, v (torch.Tensor): `[B, Hkv, S_k, D]`, `S_q <= S_k`; `Hkv` divides `Hq`.
+        sm_scale (float, Optional): logit scale. Default: `1 / sqrt(D)`.
+        block_size (int): key block length. Default: `64`.
+        pooling (str): `"max"`: the largest probability of the token inside each key block, then the
+            maximum over the `G` query heads of the KV head (upstream's decode target). `"mass"`: the
+            probability summed over each key block, averaged over the `G` heads. Default: `"max"`.
+        upcast (bool): compute in fp32 instead of the input dtype. Default: `True`.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, S_q, D]` in `q.dtype`.
+        pooled (torch.Tensor): `[B, Hkv, S_q, nb]` fp32 (fp64 for fp64 input), `nb = ceil(S_k / block_size)`;
+            each row sums to 1 and is 0 after the token's own block.
+    """
+    _check_qkv(q, k, v)
+    if pooling not in ("max", "mass"):
+        raise ValueError(f"pooling must be 'max' or 'mass', got {pooling!r}")
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Sq > Sk:
+        raise ValueError(f"more queries ({Sq}) than keys ({Sk})")
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    dt = _compute_dtype(q, upcast)
+    nb = math.ceil(Sk / block_size)
+    pad = nb * block_size - Sk
+    kf, vf = _expand_kv(k, G).to(dt), _expand_kv(v, G).to(dt)
+    o = torch.empty_like(q)
+    pooled = torch.zeros(B, Hkv, Sq, nb, dtype=torch.float64 if dt == torch.float64 else torch.float32, device=q.device)
+    cols = torch.arange(Sk, device=q.device)
+    for r0 in range(0, Sq, _CHUNK_ROWS):
+        r1 = min(Sq, r0 + _CHUNK_ROWS)
+        rows = torch.arange(r0, r1, device=q.device) + (Sk - Sq)
+        logits = torch.matmul(q[:, :, r0:r1].to(dt), kf.transpose(-1, -2)) * scale
+        p = torch.softmax(logits.masked_fill(~_token_mask(rows, cols, True), float("-inf")), dim=-1)
+        o[:, :, r0:r1] = torch.matmul(p, vf).to(q.dtype)
+        # a padded key has probability 0: neither a max nor a sum changes
+        pf = torch.nn.functional.pad(p.to(pooled.dtype), (0, pad)).view(B, Hkv, G, r1 - r0, nb, block_size)
+        pooled[:, :, r0:r1] = pf.amax(-1).amax(2) if pooling == "max" else pf.sum(-1).mean(2)
+    return o, pooled / pooled.sum(-1, keepdim=True)
+
+
+def sparse_decode_attn_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Decoding attention over selected key blocks of a KV cache plus each token's own block.
+
+    The `n` new tokens are the last `n` of the `L` cached positions: token `i` sits at `t = L - n + i`,
+    its own (possibly partial) block `t // block_size` is always attended (causally, up to `t`), and
+    of the earlier blocks only those listed in `block_index` are.
+
+    Args:
+        q (torch.Tensor): `[B, Hq, n, D]`.
+        k, v (torch.Tensor): `[B, Hkv, L, D]`, `n <= L`; `Hkv` divides `Hq`.
+        block_index (torch.Tensor): int `[B, Hkv, n, K]` (`K` may be 0), shared by the `G` query heads
+            of each KV head. Entries that are negative or not below the token's own block are
+            ignored; valid entries must not repeat (the Triton kernel would count a repeat twice).
+        sm_scale (float, Optional): Default: `1 / sqrt(D)`.
+        block_size (int): Default: `64`.
+        upcast (bool): compute in fp32. Default: `True`.
+
+    Returns:
+        o (torch.Tensor): `[B, Hq, n, D]` in `q.dtype`.
+    """
+    _check_qkv(q, k, v)
+    B, Hq, n, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if n > L:
+        raise ValueError(f"more new tokens ({n}) than cached positions ({L})")
+    if block_index.dim() != 4 or tuple(block_index.shape[:3]) != (B, Hkv, n):
+        raise ValueError(f"block_index must be [B, Hkv, n, K] = [{B}, {Hkv}, {n}, K], got {tuple(block_index.shape)}")
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    dt = _compute_dtype(q, upcast)
+    nb = math.ceil(L / block_size)
+    kf, vf = _expand_kv(k, G).to(dt), _expand_kv(v, G).to(dt)
+    cols = torch.arange(L, device=q.device)
+    o = torch.empty_like(q)
+    for r0 in range(0, n, _CHUNK_ROWS):
+        r1 = min(n, r0 + _CHUNK_ROWS)
+        rows = torch.arange(r0, r1, device=q.device) + (L - n)
+        own = rows // block_size
+        idx = block_index[:, :, r0:r1].long()
+        valid = (idx >= 0) & (idx < own[:, None])
+        # block-level mask [B, Hkv, C, nb]: the listed earlier blocks plus the own block
+        blocks = torch.zeros(B, Hkv, r1 - r0, nb + 1, dtype=torch.bool, device=q.device)
+        blocks.scatter_(-1, torch.where(valid, idx, nb), True)
+        blocks = blocks[..., :nb] | (torch.arange(nb, device=q.device) == own[:, None])
+        keep = blocks[..., cols // block_size] & _token_mask(rows, cols, True)
+        logits = torch.matmul(q[:, :, r0:r1].to(dt), kf.transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~_expand_kv(keep, G), float("-inf"))
+        o[:, :, r0:r1] = torch.matmul(torch.softmax(logits, dim=-1), vf).to(q.dtype)
+    return o
 
 
 def _sequences(cu_seqlens: torch.Tensor, block_size: int) -> tuple[list[tuple[int, int]], int]:

@@ -23,6 +23,9 @@ from pathlib import Path
 
 __all__ = ["ModelSource", "resolve_model_source", "find_smollm2_gguf", "EMBEDDED_MODELS", "is_gate_only_checkpoint"]
 
+# every Seer config's model_type is this prefix + the family's ("seer_llama", "seer_qwen2", ...)
+SEER_MODEL_TYPE_PREFIX = "seer_"
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m",)
 SMOLLM2_ENV = "SEER_ATTN_SMOLLM2_GGUF"
@@ -32,8 +35,8 @@ SMOLLM2_ENV = "SEER_ATTN_SMOLLM2_GGUF"
 class ModelSource:
     """`path` is what transformers' `from_pretrained` gets; `gguf_file` is set for GGUF sources.
 
-    `kind` is one of `seer_gates` (a gate-only SeerLlama checkpoint), `seer_full` (SeerLlama with
-    base weights), `hf` (a plain model directory or hub id), `gguf`.
+    `kind` is one of `seer_gates` (a gate-only Seer checkpoint of any family), `seer_full` (a Seer
+    model with base weights), `hf` (a plain model directory or hub id), `gguf`.
     """
 
     path: str
@@ -140,7 +143,7 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
         cfg = path / "config.json"
         if cfg.exists():
             model_type = json.loads(cfg.read_text()).get("model_type")
-            if model_type == "seer_llama":
+            if str(model_type).startswith(SEER_MODEL_TYPE_PREFIX):
                 return ModelSource(str(path), "seer_gates" if is_gate_only_checkpoint(path) else "seer_full")
             return ModelSource(str(path), "hf")
         gguf = _gguf_in(path)

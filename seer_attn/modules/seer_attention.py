@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from seer_attn.kernels.block_mask import (
     causal_block_mask,
     indices_to_mask,
-    mask_to_indices,
+    mask_to_kv_blocks,
     nz_ratio_to_k,
     select_blocks,
     topk_block_index,
 )
 from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_naive
+from seer_attn.modules import fused_gate
+from seer_attn.modules.attn_gate import pooled_block_scores
+from seer_attn.modules.crossover import resolve_min_sparse_length
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
 
@@ -43,6 +46,8 @@ class SeerAttentionSettings:
     sparsity_method: str = "nz_ratio"
     nz_ratio: float = 0.5
     threshold: float = 5e-3
+    top_p: float = 0.9
+    adaptive_row_floor: float = 0.0
     keep_sink: bool = False
     keep_diagonal: bool = True
     dense_last_rows: int = 0
@@ -51,6 +56,7 @@ class SeerAttentionSettings:
     loss: str = "kl"
     distill_target: str = "max"
     selector: str = "gate"
+    loss_row_start: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> "SeerAttentionSettings":
@@ -60,14 +66,17 @@ class SeerAttentionSettings:
             sparsity_method=config.seerattn_sparsity_method,
             nz_ratio=float(config.seerattn_nz_ratio),
             threshold=float(config.seerattn_threshold),
+            top_p=float(getattr(config, "seerattn_top_p", 0.9)),
+            adaptive_row_floor=float(getattr(config, "seerattn_adaptive_row_floor", 0.0)),
             keep_sink=config.seerattn_keep_sink,
             keep_diagonal=config.seerattn_keep_diagonal,
             dense_last_rows=config.seerattn_dense_last_rows,
-            min_sparse_length=config.seerattn_min_sparse_length,
+            min_sparse_length=resolve_min_sparse_length(config),
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
             selector=config.seerattn_selector,
+            loss_row_start=float(getattr(config, "seerattn_gate_loss_row_start", 0.0)),
         )
 
 
@@ -80,6 +89,10 @@ class SeerAttentionStats:
     causal_blocks: int = 0  # available causal blocks, same sum
     sparse: bool = False  # whether the block-sparse path ran
     kept_index: torch.Tensor | None = None  # TopK path: the block indices; counted lazily (see `kept`)
+    # diagnostics, filled only when `seer_attention(..., record=True)` (sparse mode), else None:
+    mask: torch.Tensor | None = None  # bool [B, H, nb, nb]: the blocks this layer attended to
+    mass: torch.Tensor | None = None  # fp32 [B, H, nb, nb]: block mass of its exact attention (rows sum to 1)
+    oracle_mask: torch.Tensor | None = None  # bool [B, H, nb, nb]: what `oracle_mass` keeps from `mass`, same settings
 
     @property
     def kept(self) -> int | torch.Tensor:
@@ -135,7 +148,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=sm_scale)
 
 
-def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl", row_start: float = 0.0) -> torch.Tensor:
     """Distance between the gate and the pooled ground truth, averaged over batch, heads and rows.
 
     Args:
@@ -143,9 +156,19 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> t
         target (torch.Tensor): pooled map `[B, H, nb, nb]`, rows summing to 1, zero above the diagonal.
         kind (str): `"kl"`: KL(target || softmax(logits)) per row; `"mse"`: mean squared error of the
             probabilities over the whole `nb x nb` map (upstream 2024).
+        row_start (float): only rows `i >= floor(row_start * nb)` count (early rows have few blocks
+            to choose from and nothing to learn there).
     """
     nb = logits.shape[-1]
-    causal = causal_block_mask(logits.shape[-2], nb, logits.device)
+    first = min(int(row_start * logits.shape[-2]), logits.shape[-2] - 1)
+    if first > 0:
+        logits, target = logits[..., first:, :], target[..., first:, :]
+        causal = causal_block_mask(logits.shape[-2] + first, nb, logits.device)[first:]
+        return _gate_loss(logits, target, kind, causal)
+    return _gate_loss(logits, target, kind, causal_block_mask(logits.shape[-2], nb, logits.device))
+
+
+def _gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, causal: torch.Tensor) -> torch.Tensor:
     # a large finite fill keeps 0 * log(0) terms and their gradients finite
     logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
     t = target.float()
@@ -157,20 +180,32 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> t
     raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
 
 
-def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
+def baseline_scores(
+    selector: str, q, k, v, sm_scale: float, block_size: int, kernel: str,
+    q_pre=None, k_pre=None, cos=None, sin=None, output: str = "logits",
+) -> torch.Tensor:
     """Block scores `[B, Hq, nb, nb]` of the reference selectors (higher = keep first).
 
     - `oracle`: the model's true 2D max-pooled attention map (a strong selector, not a bound);
     - `oracle_mass`: the block attention mass map;
+    - `pooled`: the gate's scoring without learned weights (`pooled_block_scores` of the pre-RoPE
+      `q_pre`, `k_pre` with the gate's RoPE tables `cos`, `sin`): the floor a trained gate must clear;
+      logits, or their block-causal softmax with `output="probs"`;
     - `static`: the attention-sink block, then the most recent blocks (a sliding window);
     - `random`: uniform random scores.
-    Rows are probabilities for the oracles, so a threshold also applies to them.
+    Rows are probabilities for the oracles (and `pooled` with `output="probs"`), so a threshold
+    also applies to them.
     """
     B, Hq, S, _ = q.shape
     nb = math.ceil(S / block_size)
     if selector in ("oracle", "oracle_mass"):
         target = "max" if selector == "oracle" else "mass"
         return _pooling_attention(q, k, v, sm_scale, block_size, target, kernel)[1]
+    if selector == "pooled":
+        if any(t is None for t in (q_pre, k_pre, cos, sin)):
+            raise ValueError("the pooled selector needs q_pre, k_pre, cos and sin")
+        logits = pooled_block_scores(q_pre, k_pre, cos, sin, block_size)
+        return torch.softmax(logits, dim=-1) if output == "probs" else logits
     if selector == "static":
         i = torch.arange(nb, device=q.device)
         recency = -(i[:, None] - i[None, :]).float()  # 0 on the diagonal, more negative further back
@@ -179,6 +214,37 @@ def baseline_scores(selector: str, q, k, v, sm_scale: float, block_size: int, ke
     if selector == "random":
         return torch.rand(B, Hq, nb, nb, device=q.device)
     raise ValueError(f"unknown selector {selector!r}")
+
+
+def _reference_mask(mass: torch.Tensor, settings: SeerAttentionSettings) -> torch.Tensor:
+    """The blocks the `oracle_mass` selector keeps from `mass` under `settings` (diagnostics).
+
+    The same call as the selection in :func:`seer_attention` (keep the two in step: the test
+    `test_record_oracle_mass_mask_is_reference` compares them).
+    """
+    return select_blocks(
+        mass,
+        method=settings.sparsity_method,
+        nz_ratio=settings.nz_ratio,
+        threshold=settings.threshold,
+        keep_sink=settings.keep_sink,
+        keep_diagonal=settings.keep_diagonal,
+        dense_last_rows=settings.dense_last_rows,
+        top_p=settings.top_p,
+        adaptive_row_floor=settings.adaptive_row_floor,
+    )
+
+
+@torch.no_grad()
+def _record(stats, q, k, v, sm_scale, settings, kernel, mask=None, mass=None) -> None:
+    """Fill the diagnostics of `stats`; `mask=None` is the full causal mask, `mass=None` is computed."""
+    nb = math.ceil(q.shape[2] / settings.block_size)
+    if mass is None:
+        kernel = kernel or resolve_kernel(settings.kernel, q.device, needs_grad=False)
+        mass = _pooling_attention(q, k, v, sm_scale, settings.block_size, "mass", kernel)[1]
+    if mask is None:
+        mask = causal_block_mask(nb, nb, q.device).expand(mass.shape)
+    stats.mask, stats.mass, stats.oracle_mask = mask, mass, _reference_mask(mass, settings)
 
 
 def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> torch.Tensor:
@@ -209,6 +275,7 @@ def seer_attention(
     settings: SeerAttentionSettings,
     train_gate: bool = False,
     target_cache: list | None = None,
+    record: bool = False,
 ) -> tuple[torch.Tensor, SeerAttentionStats]:
     """SeerAttention for one layer on unpadded, cache-free (prefill) inputs.
 
@@ -224,6 +291,10 @@ def seer_attention(
         target_cache (list, Optional): ground truths of this forward, appended in order; when the
             layer is recomputed inside backward (activation checkpointing) they are popped instead
             of recomputed.
+        record (bool): in `sparse` mode, also keep the block mask used, the block mass of the exact
+            attention (one more dense attention pass, no gradients) and the `oracle_mass` mask at
+            the same settings in `stats.mask`, `stats.mass`, `stats.oracle_mask` (diagnostics:
+            `seer_attn.evaluation.recall`). The output is unchanged. Default: `False`.
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]`.
@@ -243,7 +314,7 @@ def seer_attention(
         with torch.no_grad():
             o, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
-        stats.gate_loss = gate_loss(logits, target, settings.loss)
+        stats.gate_loss = gate_loss(logits, target, settings.loss, settings.loss_row_start)
         return o, stats
 
     if settings.mode != "sparse":
@@ -251,13 +322,17 @@ def seer_attention(
 
     dense_by_rule = (settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0) or S < settings.min_sparse_length
     if dense_by_rule and not train_gate:
+        if record:
+            _record(stats, q, k, v, sm_scale, settings, None)
         return dense_attention(q, k, v, sm_scale), stats
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
-    output = "probs" if settings.sparsity_method == "threshold" else "logits"
+    index = None
+    output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
-            scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel)
+            scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel,
+                                     q_pre=q_pre, k_pre=k_pre, cos=cos, sin=sin, output=output)
     elif train_gate:
         if in_backward() and target_cache:
             # activation-checkpoint recomputation: the dense ground truth of this very forward is
@@ -269,25 +344,30 @@ def seer_attention(
             if target_cache is not None:
                 target_cache.append(target)
         logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
-        stats.gate_loss = gate_loss(logits, target, settings.loss)
+        stats.gate_loss = gate_loss(logits, target, settings.loss, settings.loss_row_start)
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
     else:
         with torch.no_grad():
-            scores = gate(q_pre, k_pre, cos, sin, output=output)
+            # fused gate + selection (CUDA, supported designs): sorted indices straight for the TopK kernel
+            index = fused_gate.select_index(gate, q_pre, k_pre, cos, sin, settings, kernel)
+            scores = gate(q_pre, k_pre, cos, sin, output=output) if index is None else None
     if dense_by_rule:
+        if record:
+            _record(stats, q, k, v, sm_scale, settings, kernel)
         return dense_attention(q, k, v, sm_scale), stats
 
-    index = None
-    if kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
+    if index is None and kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
         # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
         # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
         index = _topk_index(scores, settings)
-    else:
+    elif index is None:
         mask = select_blocks(
             scores,
             method=settings.sparsity_method,
             nz_ratio=settings.nz_ratio,
             threshold=settings.threshold,
+            top_p=settings.top_p,
+            adaptive_row_floor=settings.adaptive_row_floor,
             keep_sink=settings.keep_sink,
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,
@@ -298,12 +378,20 @@ def seer_attention(
     else:
         stats.kept_blocks = mask.sum()
     stats.sparse = True
+    if record:
+        _record(stats, q, k, v, sm_scale, settings, kernel, mask if index is None else indices_to_mask(index, nb),
+                scores if settings.selector == "oracle_mass" else None)
     if kernel == "naive":
         o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
     elif kernel == "TopK":
         from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
-        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask) if index is None else index, sm_scale, settings.block_size)
+        if index is None:
+            # variable blocks per row (threshold, top-p, adaptive): the count format, no host sync
+            count, idx = mask_to_kv_blocks(mask)
+            o = block_sparse_attn_topk(q, k, v, idx, sm_scale, settings.block_size, block_count=count)
+        else:
+            o = block_sparse_attn_topk(q, k, v, index, sm_scale, settings.block_size)
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
 
@@ -413,20 +501,26 @@ def select_blocks_varlen(
     return mask & (rows[None, :] < nb_seq[:, None])[:, None, :, None]
 
 
-def gate_loss_varlen(logits: torch.Tensor, target: torch.Tensor, nbs: list[int], kind: str = "kl") -> torch.Tensor:
+def gate_loss_varlen(
+    logits: torch.Tensor, target: torch.Tensor, nbs: list[int], kind: str = "kl", row_start: float = 0.0
+) -> torch.Tensor:
     """`gate_loss` of every packed sequence on its own `[nb_s, nb_s]` corner, averaged over sequences."""
     n, H, nb, _ = logits.shape
     causal = causal_block_mask(nb, nb, logits.device)
     nb_seq = torch.tensor(nbs, device=logits.device)
-    valid = torch.arange(nb, device=logits.device)[None, :] < nb_seq[:, None]  # [n, nb]
+    first = torch.tensor([min(int(row_start * m), m - 1) for m in nbs], device=logits.device)
+    rows = torch.arange(nb, device=logits.device)[None, :]
+    valid = (rows < nb_seq[:, None]) & (rows >= first[:, None])  # [n, nb]: the rows that count
+    n_rows = (nb_seq - first).clamp_min(1)
     logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
     t = target.float()
     if kind == "kl":
         per_row = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t)).sum(-1)
-        per_seq = (per_row * valid[:, None]).sum((1, 2)) / (H * nb_seq)
+        per_seq = (per_row * valid[:, None]).sum((1, 2)) / (H * n_rows)
     elif kind == "mse":
-        sq = (logp.exp() - t) ** 2 * (valid[:, :, None] & valid[:, None, :])[:, None]
-        per_seq = sq.sum((1, 2, 3)) / (H * nb_seq**2)
+        cols = rows < nb_seq[:, None]
+        sq = (logp.exp() - t) ** 2 * (valid[:, :, None] & cols[:, None, :])[:, None]
+        per_seq = sq.sum((1, 2, 3)) / (H * n_rows * nb_seq)
     else:
         raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
     return per_seq.mean()
@@ -440,6 +534,18 @@ def dense_attention_varlen(q, k, v, cu_seqlens, seqlens: list[int], sm_scale: fl
         out.append(dense_attention(one(q), one(k), one(v), sm_scale)[0].transpose(0, 1))
         a += s
     return torch.cat(out)
+
+
+def varlen_unsupported(settings: SeerAttentionSettings, gate) -> str | None:
+    """Why `seer_attention_varlen` cannot run these settings (None: it can). The per-sequence path
+    (`seer_attention` on each sequence) covers everything."""
+    if settings.mode == "sparse" and settings.sparsity_method not in ("nz_ratio", "threshold"):
+        return f"sparsity method {settings.sparsity_method!r} (packed: nz_ratio, threshold)"
+    if settings.mode == "sparse" and settings.selector == "pooled":
+        return "the pooled selector"
+    if settings.mode != "dense" and (getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)) != (1, 1):
+        return "gates with several summaries per block"
+    return None
 
 
 def resolve_kernel_varlen(kernel: str, device: torch.device, needs_grad: bool) -> str:
@@ -499,7 +605,9 @@ def seer_attention_varlen(
             `nb = ceil(max(seqlens) / block_size)` (see :func:`varlen_block_starts`).
         sm_scale (float): attention logit scale.
         settings (SeerAttentionSettings): mode, sparsity and kernel choices. `auto` picks the CSR
-            kernel on CUDA (the TopK kernel has no packed path yet).
+            kernel on CUDA (the TopK kernel has no packed path yet). Not covered (raises, see
+            :func:`varlen_unsupported`): top_p / adaptive selection, the pooled selector, gates with
+            several summaries per block, recording masks.
         cu_seqlens (torch.Tensor): int32 `[n + 1]` cumulative lengths, on q's device.
         seqlens (list[int], Optional): the `n` lengths on the host (saves a device sync per call).
         train_gate, target_cache: as in :func:`seer_attention` (the cached target is the `[n, H, nb, nb]` map).
@@ -509,6 +617,9 @@ def seer_attention_varlen(
         stats (SeerAttentionStats): as the per-sequence calls would sum them; `gate_loss` is the mean
             of the per-sequence losses.
     """
+    why = varlen_unsupported(settings, gate)
+    if why is not None:
+        raise NotImplementedError(f"seer_attention_varlen does not support {why}; run seer_attention per sequence")
     if seqlens is None:
         cu = cu_seqlens.tolist()
         seqlens = [b - a for a, b in zip(cu, cu[1:])]
@@ -529,7 +640,7 @@ def seer_attention_varlen(
             o, target = _pooling_attention_varlen(q, k, v, cu_seqlens, max_seqlen, sm_scale, bs,
                                                   settings.distill_target, kernel)
         logits = gate_scores_varlen(gate, q_pre.detach(), k_pre.detach(), cos, sin, cu_seqlens, nb, "logits")
-        stats.gate_loss = gate_loss_varlen(logits, target, nbs, settings.loss)
+        stats.gate_loss = gate_loss_varlen(logits, target, nbs, settings.loss, settings.loss_row_start)
         return o, stats
 
     if settings.mode != "sparse":
@@ -565,7 +676,7 @@ def seer_attention_varlen(
             if target_cache is not None:
                 target_cache.append(target)
         logits = gate_scores_varlen(gate, q_pre.detach(), k_pre.detach(), cos, sin, cu_seqlens, nb, "logits")
-        stats.gate_loss = gate_loss_varlen(logits, target, nbs, settings.loss)
+        stats.gate_loss = gate_loss_varlen(logits, target, nbs, settings.loss, settings.loss_row_start)
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
     else:
         with torch.no_grad():
@@ -585,7 +696,8 @@ def seer_attention_varlen(
     elif kernel == "TopK":
         from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 
-        o = block_sparse_attn_topk(q, k, v, mask_to_indices(mask), sm_scale, bs, cu_seqlens=cu_seqlens,
+        count, idx = mask_to_kv_blocks(mask)
+        o = block_sparse_attn_topk(q, k, v, idx, sm_scale, bs, block_count=count, cu_seqlens=cu_seqlens,
                                    max_seqlen=max_seqlen)
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr

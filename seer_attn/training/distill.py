@@ -1,4 +1,4 @@
-"""Gate-only distillation (post-training) of a frozen Llama with the HF `Trainer`.
+"""Gate-only distillation (post-training) of a frozen model (any supported family) with the HF `Trainer`.
 
 The base model runs in `distill` mode: exact attention that also yields the pooled attention map,
 which every layer's AttnGate learns to predict. Only `*.attn_gate.*` weights train; the model's
@@ -23,8 +23,9 @@ Tiny CPU run (about a minute plus the model load):
     python -m seer_attn.training.distill --model smollm2-135m --dataset builtin:python-stdlib \
         --max_documents 64 --train_length 256 --max_steps 20 --output_dir outputs/distill
 
-Upstream's Llama-3.1-8B recipe: `--config configs/llama31_8b_post_training.yaml` (command-line
-flags override the file).
+Upstream's Llama-3.1-8B recipe: `--config configs/llama31_8b_post_training.yaml`; Qwen2.5-7B-Instruct
+and Qwen3-8B: `configs/qwen25_7b_instruct_post_training.yaml`, `configs/qwen3_8b_post_training.yaml`
+(command-line flags override the file).
 """
 
 from __future__ import annotations
@@ -41,15 +42,8 @@ import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from seer_attn.models import SeerLlamaForCausalLM, load_tokenizer
-from seer_attn.training.data import (
-    boundary_token_ids,
-    check_context_length,
-    filter_min_tokens,
-    load_documents,
-    pack_sequences,
-    tokenize_documents,
-)
+from seer_attn.data import build_sequences, check_context_length
+from seer_attn.models import AutoSeerForCausalLM, load_tokenizer
 
 __all__ = [
     "ModelArguments",
@@ -71,12 +65,26 @@ GATE_LOG_NAME = "gate_loss.jsonl"
 class ModelArguments:
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "base model: 'smollm2-135m' (embedded), a local Llama folder, a hub id, a .gguf, or a gate-only checkpoint to continue from"},
+        metadata={"help": "base model: 'smollm2-135m' (embedded), a local folder or hub id of a supported family (Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3/4), a .gguf, or a gate-only checkpoint to continue from"},
     )
     seerattn_gate_type: str | None = field(default=None, metadata={"help": "gate pooling recipe, e.g. Qavg_Kmaxminavg (default: the config's)"})
+    seerattn_decode_gate_type: str | None = field(
+        default=None, metadata={"help": "also distill a decode gate, e.g. Kmaxminavg (default: the config's; None = none)"}
+    )
     seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
     seerattn_distill_target: str = field(default="max", metadata={"help": "ground truth: max (2D max-pool, upstream) or mass (block attention mass)"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = scale * sum of per-layer gate losses"})
+    seerattn_gate_q_summaries: int | None = field(default=None, metadata={"help": "query summaries per block (default: the config's)"})
+    seerattn_gate_k_summaries: int | None = field(default=None, metadata={"help": "key summaries per block (default: the config's)"})
+    seerattn_gate_hidden_size: int | None = field(default=None, metadata={"help": "gate width (default: head_dim)"})
+    seerattn_gate_init: str | None = field(default=None, metadata={"help": "fresh gates: random or pooled (default: the config's)"})
+    seerattn_gate_loss_row_start: float | None = field(
+        default=None, metadata={"help": "gate loss over query-block rows from this fraction of the sequence on (default: the config's)"}
+    )
+    seerattn_sparsity_method: str | None = field(
+        default=None, metadata={"help": "sparsity method saved with the gates for inference (default: the config's)"}
+    )
+    seerattn_nz_ratio: float | None = field(default=None, metadata={"help": "density saved with the gates for inference"})
     dtype: str = field(default="auto", metadata={"help": "base weights: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"})
     gates_fp32: bool = field(default=True, metadata={"help": "keep gate weights (and their Adam state) in fp32 while the base is bf16"})
 
@@ -85,14 +93,26 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(
         default="builtin:python-stdlib",
-        metadata={"help": "hub dataset, local .jsonl/.txt file or folder, or builtin:python-stdlib / builtin:pydoc-topics"},
+        metadata={"help": "comma-separated sources: hub dataset, local .jsonl/.jsonl.gz/.txt file, folder of shards, glob, "
+                          "or builtin:python-stdlib / builtin:pydoc-topics"},
     )
+    dataset_weights: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated mixture weights, one per --dataset source (shares of training tokens); "
+                          "default: concatenate the sources"},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "read the data lazily (datasets streaming: no cache, no up-front tokenisation) for corpora "
+                          "larger than memory; needs --max_steps"},
+    )
+    shuffle_buffer: int = field(default=256, metadata={"help": "with --streaming: sequences in the shuffle buffer"})
     dataset_subset: str | None = field(default=None, metadata={"help": "hub dataset config name"})
     dataset_split: str = field(default="train", metadata={"help": "hub dataset split"})
     text_field: str = field(default="text", metadata={"help": "field holding the document text"})
     train_length: int = field(default=8192, metadata={"help": "tokens per training sequence (BOS + train_length-1 stream tokens)"})
     min_doc_tokens: int = field(default=0, metadata={"help": "drop documents shorter than this many tokens before packing"})
-    max_documents: int | None = field(default=None, metadata={"help": "use at most this many (shuffled) documents"})
+    max_documents: int | None = field(default=None, metadata={"help": "use at most this many (shuffled) documents of each source"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenisation (datasets.map num_proc)"})
 
 
@@ -191,7 +211,7 @@ def _resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
+def load_distill_model(margs: ModelArguments):
     """The model in `distill` mode with a frozen base and trainable (fp32) gates."""
     overrides = {
         "seerattn_mode": "distill",
@@ -199,9 +219,13 @@ def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
         "seerattn_distill_target": margs.seerattn_distill_target,
         "seerattn_gate_loss_scale": margs.seerattn_gate_loss_scale,
     }
-    if margs.seerattn_gate_type:
-        overrides["seerattn_gate_type"] = margs.seerattn_gate_type
-    model = SeerLlamaForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
+    for name in (
+        "seerattn_gate_type", "seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_gate_hidden_size",
+        "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_decode_gate_type",
+    ):
+        if getattr(margs, name) is not None:
+            overrides[name] = getattr(margs, name)
+    model = AutoSeerForCausalLM.from_pretrained(margs.model, dtype=_resolve_dtype(margs.dtype), **overrides)
     model.config.use_cache = False
     n = model.freeze_base()
     if margs.gates_fp32:
@@ -211,17 +235,32 @@ def load_distill_model(margs: ModelArguments) -> SeerLlamaForCausalLM:
     return model
 
 
-def build_train_dataset(dargs: DataArguments, tokenizer, seed: int):
-    """Tokenised, packed training sequences `[N, train_length]` (see `seer_attn.training.data`)."""
-    docs = load_documents(
-        dargs.dataset, dargs.dataset_split, dargs.text_field, dargs.dataset_subset, dargs.max_documents, seed=seed
+def build_train_dataset(dargs: DataArguments, tokenizer, seed: int, max_steps: int | None = None):
+    """Tokenised, packed training sequences `[N, train_length]`, one source or a weighted mixture.
+
+    See `seer_attn.data.build_sequences`. With `--streaming` the result has no length, so the
+    Trainer cannot count epochs: `max_steps` (the run's `--max_steps`) must be > 0.
+    """
+    if dargs.streaming and max_steps is not None and max_steps <= 0:
+        raise ValueError(
+            "--streaming needs --max_steps > 0: a streamed dataset has no length, so the number of steps "
+            "cannot be derived from --num_train_epochs"
+        )
+    return build_sequences(
+        dargs.dataset,
+        tokenizer,
+        dargs.train_length,
+        weights=dargs.dataset_weights,
+        split=dargs.dataset_split,
+        text_field=dargs.text_field,
+        subset=dargs.dataset_subset,
+        max_documents=dargs.max_documents,
+        min_doc_tokens=dargs.min_doc_tokens,
+        seed=seed,
+        streaming=dargs.streaming,
+        num_proc=dargs.preprocessing_num_workers,
+        shuffle_buffer=dargs.shuffle_buffer,
     )
-    tokens = tokenize_documents(docs, tokenizer, dargs.preprocessing_num_workers)
-    tokens = filter_min_tokens(tokens, dargs.min_doc_tokens, dargs.dataset, f"--min_doc_tokens {dargs.min_doc_tokens}")
-    start, end = boundary_token_ids(tokenizer)
-    packed = pack_sequences(tokens, dargs.train_length, start, end, dargs.preprocessing_num_workers)
-    logger.info("%s: %d documents -> %d sequences of %d tokens", dargs.dataset, len(tokens), len(packed), dargs.train_length)
-    return packed.with_format("torch")
 
 
 def parse_with_config(classes: tuple, argv: list[str] | None = None, **defaults):
@@ -261,7 +300,7 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer = load_tokenizer(margs.model)
     model = load_distill_model(margs)
     check_context_length(model.config, dargs.train_length)
-    train = build_train_dataset(dargs, tokenizer, targs.seed)
+    train = build_train_dataset(dargs, tokenizer, targs.seed, targs.max_steps)
 
     resume = targs.resume_from_checkpoint
     if resume == "last":

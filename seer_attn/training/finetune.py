@@ -4,19 +4,22 @@ Both runs extend the context `--yarn_factor`-fold (transformers' YaRN with the *
 for the correction range; the gates' block RoPE follows, being built from the same config) and
 train the whole model with the LM loss at the extended length.
 
-- `--seerattn_mode dense`: plain Llama attention (SeerLlama's dense mode equals `LlamaForCausalLM`).
+- `--seerattn_mode dense`: the family's plain attention (dense mode equals e.g. `LlamaForCausalLM`).
 - `--seerattn_mode sparse`: every layer's output is block-sparse attention at `--nz_ratio`, chosen
   by the current gates, with gradients through the CSR kernel (CUDA) or the PyTorch twin (CPU);
   each gate learns from the dense pooled ground truth computed without gradients. The loss is
   `LM + seerattn_gate_loss_scale * gate loss`; the gates see detached inputs and the mask is not
   differentiable, so the two terms train disjoint parameters (as upstream).
+  The ground truth costs a dense attention pass per layer: `--gt_every_n_steps` and
+  `--gt_layers_per_step` compute it on a subset of forwards / layers only
+  (`seer_attn.modules.gt_schedule`); the others skip that pass and their gate loss.
 
 Start the sparse run from gates distilled at the original length (`--model` a gate-only folder,
 see `scripts/run_seerattn_yarn_finetuning.sh`). Weights stay fp32 with bf16 autocast on CUDA
 (`--bf16`): lr 1e-5 updates vanish in bf16 weights. Gradient checkpointing (non-reentrant, so the
 gate losses computed inside checkpointed layers keep their graph) and a chunked cross-entropy keep
 32k sequences in memory. Checkpoints are full models (base weights change) plus the tokenizer,
-loadable by `SeerLlamaForCausalLM.from_pretrained` and the evaluator.
+loadable by `AutoSeerForCausalLM.from_pretrained` and the evaluator.
 
 Tiny CPU run:
 
@@ -36,9 +39,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from seer_attn.models import SeerLlamaForCausalLM, apply_yarn, load_tokenizer
+from seer_attn.data import check_context_length
+from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config
-from seer_attn.training.data import check_context_length
 
 __all__ = ["FinetuneModelArguments", "FinetuneTrainingArguments", "FinetuneTrainer", "load_finetune_model", "main"]
 
@@ -50,7 +53,7 @@ LOG_NAME = "train_loss.jsonl"
 class FinetuneModelArguments:
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "start point: a gate-only checkpoint (sparse runs), a plain Llama, or 'smollm2-135m'"},
+        metadata={"help": "start point: a gate-only checkpoint (sparse runs), a plain model of a supported family, or 'smollm2-135m'"},
     )
     seerattn_mode: str = field(default="sparse", metadata={"help": "dense (YaRN baseline) or sparse (SeerAttention)"})
     nz_ratio: float = field(default=0.5, metadata={"help": "target block density of the sparse attention while training"})
@@ -62,6 +65,12 @@ class FinetuneModelArguments:
     seerattn_distill_target: str = field(default="max", metadata={"help": "gate ground truth: max or mass"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = LM + scale * sum of layer gate losses"})
     seerattn_kernel_implementation: str = field(default="auto", metadata={"help": "auto (CSR on CUDA, twins on CPU), CSR or naive"})
+    gt_every_n_steps: int = field(
+        default=1, metadata={"help": "cheaper ground truth: dense pooled map (and gate loss) only every n-th training forward"}
+    )
+    gt_layers_per_step: int = field(
+        default=0, metadata={"help": "cheaper ground truth: only this many layers (rotating) per forward compute it; 0 = all"}
+    )
 
 
 @dataclass
@@ -163,11 +172,11 @@ class FinetuneTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
-def load_finetune_model(margs: FinetuneModelArguments) -> SeerLlamaForCausalLM:
+def load_finetune_model(margs: FinetuneModelArguments):
     """The model with YaRN applied, in `dense` or `sparse` mode, everything trainable, fp32 weights."""
     if margs.seerattn_mode not in ("dense", "sparse"):
         raise ValueError(f"--seerattn_mode must be dense or sparse, got {margs.seerattn_mode!r}")
-    config = SeerLlamaForCausalLM.config_from(
+    config = AutoSeerForCausalLM.config_from(
         margs.model,
         seerattn_mode=margs.seerattn_mode,
         seerattn_sparsity_method="nz_ratio",
@@ -178,11 +187,13 @@ def load_finetune_model(margs: FinetuneModelArguments) -> SeerLlamaForCausalLM:
         seerattn_gate_loss_scale=margs.seerattn_gate_loss_scale,
         seerattn_kernel_implementation=margs.seerattn_kernel_implementation,
         seerattn_min_sparse_length=0,
+        seerattn_gt_every_n_steps=margs.gt_every_n_steps,
+        seerattn_gt_layers_per_step=margs.gt_layers_per_step,
     )
     if margs.yarn_factor and margs.yarn_factor > 1:
         apply_yarn(config, margs.yarn_factor, margs.original_max_position_embeddings)
     config.use_cache = False
-    model = SeerLlamaForCausalLM.from_pretrained(margs.model, config=config, dtype=torch.float32)
+    model = AutoSeerForCausalLM.from_pretrained(margs.model, config=config, dtype=torch.float32)
     for name, p in model.named_parameters():
         # dense mode never calls the gates: leave them frozen so no data-parallel engine waits for their gradients
         p.requires_grad_(margs.seerattn_mode == "sparse" or ".attn_gate." not in name)
@@ -201,12 +212,15 @@ def main(argv: list[str] | None = None) -> str:
     set_seed(targs.seed)
     if targs.gradient_checkpointing and not targs.gradient_checkpointing_kwargs:
         targs.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if margs.gt_every_n_steps > 1 or margs.gt_layers_per_step > 0:
+        # gates of layers without ground truth in a step get no gradient: let DDP expect that
+        targs.ddp_find_unused_parameters = True
     tokenizer = load_tokenizer(margs.model)
     model = load_finetune_model(margs)
     check_context_length(model.config, dargs.train_length)
     if dargs.min_doc_tokens == 0:
         dargs.min_doc_tokens = dargs.train_length  # train on documents that really are long
-    train = build_train_dataset(dargs, tokenizer, targs.seed)
+    train = build_train_dataset(dargs, tokenizer, targs.seed, targs.max_steps)
 
     resume = targs.resume_from_checkpoint
     if resume == "last":

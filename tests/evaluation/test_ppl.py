@@ -7,7 +7,7 @@ import pytest
 
 from seer_attn.evaluation.ppl import evaluate, load_eval_documents, main, sweep_points, write_results
 from seer_attn.kernels.block_mask import nz_ratio_to_k
-from seer_attn.training.data import boundary_token_ids, check_context_length
+from seer_attn.data import boundary_token_ids, check_context_length
 
 LENGTH = 512  # 8 blocks of 64
 NB = LENGTH // 64
@@ -26,7 +26,7 @@ def smollm2_records(smollm2):
     points = [_point("dense", "dense", 1.0), _point("seer", "nz_ratio", 1.0)]
     points += [_point(m, "nz_ratio", 0.2) for m in ("oracle", "random")]
     points += [_point("oracle", "threshold", 0.05)]
-    return evaluate(model, tok, docs, [LENGTH], points, seed=0)
+    return evaluate(model, tok, docs, [LENGTH], points, seed=0, recall=True)
 
 
 def _get(records, method, sparsity, target):
@@ -71,23 +71,44 @@ def test_realised_density_within_budget(smollm2_records, method, nz):
 def test_threshold_row_is_sparse_and_records_complete(smollm2_records, tmp_path):
     r = _get(smollm2_records, "oracle", "threshold", 0.05)
     assert 0 < r["density"] < 1
-    keys = {"dataset", "context_length", "method", "sparsity_method", "target", "density", "ppl", "num_docs"}
-    assert all(set(x) == keys and x["num_docs"] == 1 and x["context_length"] == LENGTH for x in smollm2_records)
+    keys = {"dataset", "context_length", "method", "sparsity_method", "target", "density", "ppl", "num_docs", "recall", "overlap"}
+    assert all(set(x) - {"layers"} == keys and x["num_docs"] == 1 and x["context_length"] == LENGTH for x in smollm2_records)
     paths = write_results(smollm2_records, tmp_path)
-    assert json.loads(paths["json"].read_text()) == smollm2_records
+    assert json.loads(paths["json"].read_text()) == [{k: v for k, v in x.items() if k != "layers"} for x in smollm2_records]
     assert paths["png"].stat().st_size > 0 and "| pydoc-topics | 512 |" in paths["md"].read_text()
+    recall = json.loads(paths["recall_json"].read_text())
+    assert [x["method"] for x in recall] == ["seer", "oracle", "random", "oracle"]  # every sparse row, dense not
+    assert all(len(x["layers"]) == 30 and len(x["layers"][0]["recall"]) == 9 for x in recall)
+    assert paths["recall_png"].stat().st_size > 0 and "Mean attention recall" in paths["md"].read_text()
+
+
+def test_recall_in_ppl_rows(smollm2_records):
+    assert _get(smollm2_records, "dense", "dense", 1.0)["recall"] == 1.0
+    full = _get(smollm2_records, "seer", "nz_ratio", 1.0)
+    assert full["recall"] == pytest.approx(1.0, abs=1e-5) and full["overlap"] == 1.0
+    oracle, random = _get(smollm2_records, "oracle", "nz_ratio", 0.2), _get(smollm2_records, "random", "nz_ratio", 0.2)
+    assert 0 < random["recall"] < oracle["recall"] < 1 and 0 < random["overlap"] < 1
+    layer = oracle["layers"][5]
+    assert oracle["recall"] == pytest.approx(sum(sum(x["recall"]) for x in oracle["layers"]) / (30 * 9), rel=1e-5)
+    assert set(layer) == {"layer", "density", "recall", "overlap"} and 0 < layer["density"] < 1
 
 
 def test_sweep_points_methods_and_thresholds():
-    pts = sweep_points(["dense", "seer", "static", "random", "oracle_mass"], [1.0, 0.3], [0.01])
+    pts = sweep_points(["dense", "seer", "static", "random", "oracle_mass", "pooled"], [1.0, 0.3], [0.01])
     assert [(p.method, p.sparsity_method) for p in pts if p.sparsity_method == "threshold"] == [
-        ("seer", "threshold"), ("oracle_mass", "threshold")
+        ("seer", "threshold"), ("oracle_mass", "threshold"), ("pooled", "threshold")
     ]
-    assert sum(p.method == "dense" for p in pts) == 1 and len(pts) == 1 + 4 * 2 + 2
+    assert sum(p.method == "dense" for p in pts) == 1 and len(pts) == 1 + 5 * 2 + 3
     with pytest.raises(ValueError, match="unknown methods"):
         sweep_points(["seer", "h2o"], [0.5], [])
     with pytest.raises(ValueError, match="nz_ratio"):
         sweep_points(["seer"], [1.5], [])
+    pts = sweep_points(["dense", "seer", "static"], [1.0, 0.3], [], budget_methods=("nz_ratio", "adaptive"), top_ps=(0.9,))
+    assert [(p.method, p.sparsity_method, p.target) for p in pts if p.sparsity_method in ("adaptive", "top_p")] == [
+        ("seer", "adaptive", 0.3), ("static", "adaptive", 0.3), ("seer", "top_p", 0.9)
+    ]
+    with pytest.raises(ValueError, match="budget methods"):
+        sweep_points(["seer"], [0.5], [], budget_methods=("threshold",))
 
 
 def test_bad_inputs_raise(smollm2, tmp_path):
@@ -115,7 +136,9 @@ def test_cli_on_gate_checkpoint_of_tiny_llama(tiny_llama_dir, tiny_text_jsonl, t
                      "--warmup_steps", "0", "--save_strategy", "no", "--output_dir", str(tmp_path / "gates")])
     records = main(["--model", gates, "--datasets", tiny_text_jsonl, "--lengths", "128,192", "--nz_ratios", "0.5",
                     "--thresholds", "0.3", "--max_docs", "1", "--output_dir", str(tmp_path / "eval")])
-    assert len(records) == 2 * (1 + 5 + 3)
+    assert len(records) == 2 * (1 + 6 + 4)
     assert {r["dataset"] for r in records} == {"docs"}
-    for name in ("ppl_results.json", "ppl_results.csv", "ppl_results.md", "ppl_vs_density.png"):
+    assert all(r["recall"] is not None for r in records)
+    for name in ("ppl_results.json", "ppl_results.csv", "ppl_results.md", "ppl_vs_density.png", "recall.json",
+                 "recall_per_layer.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seer_attn.kernels import _triton
-from seer_attn.kernels.block_mask import nz_ratio_to_k
+from seer_attn.kernels.block_mask import indices_to_mask, kv_blocks_to_mask, mask_to_kv_blocks, nz_ratio_to_k
 from seer_attn.kernels import block_sparse_attn_topk as topk_mod
 from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
 from seer_attn.kernels.naive import block_sparse_attn_topk_naive
@@ -48,10 +48,45 @@ def rand_qkv(B, Hq, Hkv, S, D, dtype, transposed=False):
     return tuple(torch.randn(B, h, S, D, device=DEVICE, dtype=dtype) for h in (Hq, Hkv, Hkv))
 
 
-def check(q, k, v, idx):
-    out = block_sparse_attn_topk(q, k, v, idx)
-    ref = block_sparse_attn_topk_naive(q.double(), k.double(), v.double(), idx)
-    low = block_sparse_attn_topk_naive(q, k, v, idx, upcast=False)
+# every kernel variant the sweep (benchmarks/sweep_topk.py) can select
+VARIANTS = {
+    "row": dict(kernel="row"),
+    "row_nj2": dict(kernel="row", nj=2),
+    "row_tma_persistent_lpt": dict(kernel="row", tma=True, persistent=1, lpt=1),
+    "row_lpt_global": dict(kernel="row", lpt=2),
+    "dual": dict(kernel="dual"),
+    "dual_tma_persistent_lpt": dict(kernel="dual", tma=True, persistent=1, lpt=1),
+    "pair": dict(kernel="pair", num_warps=8),
+    "pair_tma_persistent_lpt": dict(kernel="pair", tma=True, persistent=2, lpt=True),
+    "headpair": dict(kernel="headpair", num_warps=8),
+    "headpair_tma_persistent_lpt": dict(kernel="headpair", tma=True, persistent=1, lpt=True),
+    "legacy": dict(kernel="legacy"),
+}
+
+
+def make_kv_blocks(B, Hq, nb, device=DEVICE, seed=0):
+    """Variable-count lists `(count, index)` with empty, full, diagonal-only and random rows, the
+    valid prefix of every row shuffled and the entries past the count filled with in-range junk."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = torch.arange(nb)
+    kind = (rows[None, None, :] + torch.arange(Hq)[None, :, None] + torch.arange(B)[:, None, None]) % 4
+    causal = rows[None, :] <= rows[:, None]
+    mask = torch.rand(B, Hq, nb, nb, generator=g) < 0.4
+    mask = torch.where((kind == 1)[..., None], True, mask)
+    mask = torch.where((kind == 2)[..., None], torch.eye(nb, dtype=torch.bool), mask)
+    mask = torch.where((kind == 0)[..., None], False, mask) & causal
+    count, index = mask_to_kv_blocks(mask)
+    live = torch.arange(nb) < count[..., None]
+    perm = torch.where(live, torch.rand(index.shape, generator=g), 2.0).argsort(-1)
+    index = index.gather(-1, perm)
+    index = torch.where(live, index, torch.randint(0, nb, index.shape, generator=g, dtype=index.dtype))
+    return count.to(device), index.to(device)
+
+
+def check(q, k, v, idx, count=None, config=None):
+    out = block_sparse_attn_topk(q, k, v, idx, block_count=count, config=config)
+    ref = block_sparse_attn_topk_naive(q.double(), k.double(), v.double(), idx, block_count=count)
+    low = block_sparse_attn_topk_naive(q, k, v, idx, upcast=False, block_count=count)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not out.isnan().any(), "NaN in output (unwritten or 0/0)"
     err = (out.double() - ref).abs().max().item()
@@ -106,6 +141,64 @@ def test_block_sparse_attn_topk_head_dim_128():
     check(q, k, v, make_block_index(1, 4, 3, 0.5))
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_block_sparse_attn_topk_variants(variant):
+    # variable counts (empty/full/diagonal-only/random rows, shuffled, junk past the count) on an
+    # odd number of blocks in fp32, then top-k indices with repeats on strided fp16 inputs
+    torch.manual_seed(42)
+    cfg = VARIANTS[variant]
+    q, k, v = rand_qkv(1, 4, 2, 130, 64, torch.float32)
+    check(q, k, v, *reversed(make_kv_blocks(1, 4, 3)), config=cfg)
+    q, k, v = rand_qkv(1, 4, 2, 200, 64, torch.float16, transposed=True)
+    check(q, k, v, make_block_index(1, 4, 4, 0.3), config=cfg)
+
+
+@pytest.mark.parametrize("variant", ["row_tma_persistent_lpt", "dual_tma_persistent_lpt", "pair_tma_persistent_lpt", "headpair"])
+def test_block_sparse_attn_topk_variants_head_dim_128(variant):
+    torch.manual_seed(42)
+    q, k, v = rand_qkv(1, 4, 2, 63, 128, torch.float32)
+    check(q, k, v, *reversed(make_kv_blocks(1, 4, 1)), config=VARIANTS[variant])
+    q, k, v = rand_qkv(1, 2, 2, 130, 128, torch.float32)
+    check(q, k, v, *reversed(make_kv_blocks(1, 2, 3, seed=1)), config=VARIANTS[variant] | {"kernel": "pair"})
+
+
+def test_block_sparse_attn_topk_canonical_lists():
+    # the plan's row lists: ascending, unique, causal, -1 padded; same blocks as the input's rules
+    torch.manual_seed(0)
+    nb, K = 5, 11
+    idx = torch.randint(-3, nb + 3, (1, 2, nb, K), device=DEVICE)
+    for count in (None, torch.randint(0, K + 1, (1, 2, nb), device=DEVICE, dtype=torch.int32)):
+        num, lists = topk_mod._canonical_lists(idx, count, nb)
+        want = indices_to_mask(idx, nb) if count is None else kv_blocks_to_mask(count, idx, nb)
+        assert torch.equal(num, want.sum(-1, dtype=torch.int32))
+        assert torch.equal(kv_blocks_to_mask(num, lists, nb), want)
+        live = torch.arange(K, device=DEVICE) < num[..., None]
+        assert (lists[~live] == -1).all()
+        assert (lists[..., 1:] > lists[..., :-1])[live[..., 1:]].all()
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_block_sparse_attn_topk_pair_lists(heads):
+    # merged lists of row pairs (two query blocks, or two heads of one KV group), with keep flags
+    torch.manual_seed(0)
+    B, H, G, nb = 1, 4, 2, 5
+    count, index = make_kv_blocks(B, H, nb)
+    num, lists = topk_mod._canonical_lists(index, count, nb)
+    u_num, u_idx, NP = topk_mod._pair_lists(num, lists, heads, G)
+    mask = kv_blocks_to_mask(count, index, nb)
+    if heads:
+        a, b = mask.view(B, H // 2, 2, nb, nb).unbind(2)
+    else:
+        mask = torch.cat([mask, torch.zeros_like(mask[:, :, :1])], 2)
+        a, b = mask[:, :, 0::2], mask[:, :, 1::2]
+    flags = (a.int() + 2 * b.int()).reshape(len(u_num), nb)
+    for i in range(len(u_num)):
+        e = u_idx[i, : u_num[i]].long()
+        assert (e[1:] > e[:-1]).all() and (u_idx[i, u_num[i] :] == -1).all()
+        want = flags[i].nonzero().squeeze(-1)
+        assert torch.equal(e >> 2, want) and torch.equal(e & 3, flags[i, want].long())
+
+
 def test_block_sparse_attn_topk_errors(monkeypatch):
     q, k, v = rand_qkv(1, 4, 2, 64, 64, torch.float16)
     idx = make_block_index(1, 4, 1, 1.0)
@@ -119,6 +212,21 @@ def test_block_sparse_attn_topk_errors(monkeypatch):
         block_sparse_attn_topk(q, k, v, idx[:, :2])
     with pytest.raises(TypeError, match="integer"):
         block_sparse_attn_topk(q, k, v, idx.float())
+    count = torch.ones(1, 4, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_count"):
+        block_sparse_attn_topk(q, k, v, idx, block_count=count[:, :2])
+    with pytest.raises(TypeError, match="block_count"):
+        block_sparse_attn_topk(q, k, v, idx, block_count=count.float())
+    with pytest.raises(ValueError, match="even"):
+        block_sparse_attn_topk(q[:, :3], k[:, :1], v[:, :1], idx[:, :3], config={"kernel": "headpair"})
+    with pytest.raises(ValueError, match="unknown config"):
+        block_sparse_attn_topk(q, k, v, idx, config={"kernl": "row"})
+    with pytest.raises(ValueError, match="kernel must be"):
+        block_sparse_attn_topk(q, k, v, idx, config={"kernel": "rows"})
+    with pytest.raises(ValueError, match="lpt"):
+        block_sparse_attn_topk(q, k, v, idx, config={"lpt": 3})
+    with pytest.raises(ValueError, match="sm_scale"):
+        block_sparse_attn_topk(q, k, v, idx, sm_scale=-0.1)
     monkeypatch.setattr(_triton, "is_interpreter", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
         block_sparse_attn_topk(q.cpu(), k.cpu(), v.cpu(), idx.cpu())
@@ -137,3 +245,19 @@ def test_block_sparse_attn_topk_gpu(S, Hq, Hkv, D, B):
         check(q, k, v, make_block_index(B, Hq, nb, density))
     check(q, k, v, make_block_index(B, Hq, nb, 0.3, "diag"))
     check(q, k, v, make_block_index(B, Hq, nb, 0.3, "empty"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(9, 3), (32, 8)])
+@pytest.mark.parametrize("S", [65, 1000, 4096])
+def test_block_sparse_attn_topk_variants_gpu(S, Hq, Hkv, D, variant):
+    if VARIANTS[variant]["kernel"] == "headpair" and (Hq // Hkv) % 2:
+        pytest.skip("headpair needs an even GQA group")
+    torch.manual_seed(42)
+    nb = math.ceil(S / 64)
+    q, k, v = rand_qkv(1, Hq, Hkv, S, D, torch.bfloat16, transposed=(S == 1000))
+    for density in (0.01, 0.1, 0.5, 1.0):
+        check(q, k, v, make_block_index(1, Hq, nb, density), config=VARIANTS[variant])
+    check(q, k, v, *reversed(make_kv_blocks(1, Hq, nb)), config=VARIANTS[variant])

@@ -250,12 +250,86 @@ def test_triton_kernels_through_the_model(kernel, tmp_path):
     assert outs[kernel][1] == pytest.approx(outs["naive"][1])
 
 
+def test_gate_designs_and_sparsity_methods_through_the_model(tiny_dir, tmp_path):
+    """Summary gates, pooled init, row-trimmed loss: a distill step, a save/reload, every method."""
+    model = load(
+        tiny_dir, seerattn_mode="distill", seerattn_gate_q_summaries=4, seerattn_gate_k_summaries=2,
+        seerattn_gate_init="pooled", seerattn_gate_loss_row_start=0.25,
+    )
+    model.freeze_base()
+    out = model(ids(S=300))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g.mask_linear_k.weight.grad).all() for g in model.gate_modules())
+    model.set_seerattn(seerattn_mode="sparse")
+    model.save_pretrained(tmp_path)
+    again = SeerLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, seerattn_min_sparse_length=0).eval()
+    x = ids(S=700)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model.eval()(x).logits)
+        densities = {}
+        for method in ("nz_ratio", "adaptive", "threshold", "top_p"):
+            again.set_seerattn(seerattn_sparsity_method=method, seerattn_nz_ratio=0.3, seerattn_threshold=0.05, seerattn_top_p=0.8)
+            o = again(x, labels=x)
+            assert torch.isfinite(o.loss), method
+            densities[method] = o.density
+    assert densities["adaptive"] <= densities["nz_ratio"] + 1e-9 < 1, densities
+
+
+def test_cheaper_ground_truth_schedule(tiny_dir, monkeypatch):
+    # gt_every_n_steps=2: forwards 0, 2 compute the pooled ground truth and have gate losses, 1 does not;
+    # gt_layers_per_step=1: one of the two layers per such forward
+    calls = []
+    real = seer_attention_module._pooling_attention
+    monkeypatch.setattr(seer_attention_module, "_pooling_attention", lambda *a: calls.append(1) or real(*a))
+    model = load(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_gt_every_n_steps=2,
+                 seerattn_gt_layers_per_step=1).train()  # fmt: skip
+    n_losses = []
+    for step in range(3):
+        calls.clear()
+        out = model(ids(B=1, S=200), labels=ids(B=1, S=200))
+        out.loss.backward()
+        n_losses.append((0 if out.gate_losses is None else len(out.gate_losses), len(calls)))
+    assert n_losses == [(1, 1), (0, 0), (1, 1)]
+    # the layer with ground truth rotates: forward 0 trains layer 0's gate, forward 2 layer 1's
+    grads = [layer.self_attn.attn_gate.mask_linear_k.weight.grad for layer in model.model.layers]
+    assert grads[0] is not None and grads[1] is not None
+
+
+def test_seerattn_fields_validation():
+    with pytest.raises(ValueError, match="seerattn_min_sparse_length"):
+        SeerLlamaConfig(**tiny_llama_config().to_dict(), seerattn_min_sparse_length="short")
+    with pytest.raises(ValueError, match="seerattn_gt_every_n_steps"):
+        SeerLlamaConfig(**tiny_llama_config().to_dict(), seerattn_gt_every_n_steps=0)
+    cfg = SeerLlamaConfig(**tiny_llama_config().to_dict(), seerattn_min_sparse_length="auto", seerattn_cuda_graphs=True)
+    assert cfg.seerattn_min_sparse_length == "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["nz_ratio", "adaptive"])
+def test_cuda_graphs_replay_equals_eager(method):
+    # head_dim 64 (the TopK kernel's and the fused gate's), every step free of host syncs
+    torch.manual_seed(0)
+    cfg = SeerLlamaConfig(**tiny_llama_config(hidden_size=256).to_dict(), seerattn_min_sparse_length=0,
+                          seerattn_nz_ratio=0.5, seerattn_kernel_implementation="TopK", seerattn_sparsity_method=method)  # fmt: skip
+    model = SeerLlamaForCausalLM(cfg).cuda().eval()
+    x = ids(B=1, S=300).cuda()
+    with torch.no_grad():
+        eager = model(x, use_cache=False)
+        model.set_seerattn(seerattn_cuda_graphs=True)
+        first = model(x, use_cache=False)
+        again = model(x, use_cache=False)
+    assert model._cuda_graph is not None and model._cuda_graph.graph is not None
+    torch.testing.assert_close(first.logits, eager.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again.logits, eager.logits, atol=1e-4, rtol=0)
+    assert abs(again.density - eager.density) < 1e-6
+
+
 @pytest.mark.parametrize("mode", ["sparse"])  # distill packed: test_padding_equals_unpadded and tests/modules
 def test_padded_batch_runs_packed_and_equals_one_by_one(mode, tmp_path, monkeypatch):
     # a padded batch runs as one packed (varlen) call per layer; each row equals its sequence alone
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
-    import seer_attn.models.modeling_seer_llama as modeling
+    import seer_attn.models.modeling_seer as modeling
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)

@@ -1,0 +1,204 @@
+"""Decode-stage sparsity on the GPU: per-step decode attention latency, and `generate()` tokens/s.
+
+1. Attention of one new token per sequence over a KV cache of `L` tokens, per layer, for the
+   Llama-3-8B shape (Hq 32, Hkv 8, D 128) and the SmolLM2 shape (Hq 9, Hkv 3, D 64):
+
+   - `sdpa`: `F.scaled_dot_product_attention` over the full cache (the `G` query heads of a KV
+     head folded into the query axis, so GQA needs no repeated K/V);
+   - `flex`: compiled FlexAttention over the full cache (`enable_gqa=True`; its decoding kernel);
+   - `seer`: the whole decode step of `seer_attn.modules.decode.sparse_decode_step`, gate included
+     (gate query, scores against the compressed keys, top-k at the token budget, block-sparse split-K
+     kernel, statistics); the per-token append to the compressed-key cache is not included (one small
+     copy per step, one compression per 64 steps);
+   - `kernel`: `sparse_decode_attn` alone on a fixed random selection of the same size.
+
+   Each is timed eagerly (`triton.testing.do_bench`, median) and, except flex, inside a CUDA graph
+   (`do_bench_cudagraph`): eager per-step timings at batch 1 are dominated by kernel launches.
+   Ratios are `sdpa / x` at the same timing mode.
+
+2. With `--generate`: end-to-end decode tokens/s of `generate()` (DynamicCache, eager) for SmolLM2
+   with YaRN x4 at `--gen-context`, dense vs sparse decoding (untrained decode gates: timings do not
+   depend on the weights), prefill excluded (a 1-token generate is subtracted).
+
+    python benchmarks/bench_decode.py --out benchmarks/results/bench_decode.json --generate
+
+About 3 minutes on an H100 with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from seer_attn.kernels.sparse_decode_attn import sparse_decode_attn
+from seer_attn.modules.decode import DecodeSettings, sparse_decode_step
+from seer_attn.modules.decode_gate import CompressedKeyCache, DecodeGate
+
+SHAPES = {"llama8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+BS = 64
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def bench(fn, graph: bool) -> float | None:
+    try:
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception as e:  # report the failure in the table rather than aborting the sweep
+        print(f"  ({'graph' if graph else 'eager'} timing failed: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        return None
+
+
+def rope_fn(dim: int, theta: float = 500000.0):
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device="cuda", dtype=torch.float32) / dim)
+
+    def tables(pos: torch.Tensor):
+        f = pos[..., None].float() * inv
+        emb = torch.cat([f, f], -1)
+        return emb.cos(), emb.sin()
+
+    return tables
+
+
+def attention_rows(args, flex) -> list[dict]:
+    rows = []
+    for name in args.shapes.split(","):
+        Hq, Hkv, D = SHAPES[name]
+        G = Hq // Hkv
+        gate = DecodeGate(Hq, Hkv, D, "Kmaxminavg", block_size=BS).cuda()
+        for L in _ints(args.contexts):
+            for B in _ints(args.batches):
+                torch.cuda.empty_cache()
+                q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+                q_pre = torch.randn_like(q)
+                k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                scale = 1 / math.sqrt(D)
+                state = CompressedKeyCache()
+                state.keys = torch.randn(B, Hkv, L // BS, D, device="cuda")
+                pos = torch.full((1, 1), L - 1, device="cuda", dtype=torch.long)
+                s = DecodeSettings(token_budget=args.budget, kernel="TopK", block_size=BS)
+                rope = rope_fn(D)
+                nsel = min(args.budget // BS - 1, L // BS)
+                idx = torch.rand(B, Hkv, 1, L // BS, device="cuda").topk(nsel, dim=-1).indices
+
+                fns = {
+                    "sdpa": lambda: F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, scale=scale),
+                    "seer": lambda: sparse_decode_step(gate, s, q, k, v, q_pre, None, pos, scale, rope, state)[0],
+                    "kernel": lambda: sparse_decode_attn(q, k, v, idx, scale, BS),
+                }
+                if flex is not None:
+                    fns["flex"] = lambda: flex(q, k, v, scale=scale, enable_gqa=True)
+                r = {"shape": name, "context": L, "batch": B, "budget": args.budget}
+                for m, fn in fns.items():
+                    r[f"{m}_ms"] = bench(fn, graph=False)
+                    if m != "flex":
+                        r[f"{m}_graph_ms"] = bench(fn, graph=True)
+                if flex is not None and r["flex_ms"] is None:
+                    print("  FlexAttention failed: skipped from here on", flush=True)
+                    flex = None
+                for m in ("seer", "kernel", "flex"):
+                    for mode in ("", "_graph"):
+                        a, b = r.get(f"sdpa{mode}_ms"), r.get(f"{m}{mode}_ms")
+                        if a and b:
+                            r[f"{m}{mode}_speedup"] = a / b
+                rows.append(r)
+                print(json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in r.items()}), flush=True)
+                del q, q_pre, k, v, state, idx, fns
+    return rows
+
+
+def generate_rows(args) -> list[dict]:
+    from seer_attn import SeerLlamaForCausalLM
+    from seer_attn.models import apply_yarn
+
+    config = SeerLlamaForCausalLM.config_from(
+        "smollm2-135m", seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_min_context=0,
+        seerattn_decode_token_budget=args.budget, seerattn_min_sparse_length=1 << 30,
+    )
+    apply_yarn(config, 4)
+    model = SeerLlamaForCausalLM.from_pretrained("smollm2-135m", config=config, dtype=torch.bfloat16).cuda().eval()
+    rows = []
+    for B in _ints(args.gen_batches):
+        ids = torch.randint(100, config.vocab_size - 1, (B, args.gen_context), device="cuda")
+
+        def run(n: int) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        r = {"model": "smollm2-135m yarn x4", "context": args.gen_context, "batch": B, "budget": args.budget}
+        for mode in ("dense", "sparse"):
+            model.set_seerattn(seerattn_mode=mode)
+            run(2)  # warm-up (autotuning, allocator)
+            t = run(1 + args.gen_tokens) - run(1)
+            r[f"{mode}_tokens_per_s"] = B * args.gen_tokens / t
+        r["speedup"] = r["sparse_tokens_per_s"] / r["dense_tokens_per_s"]
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="llama8b,smollm2")
+    p.add_argument("--contexts", default="8192,32768,131072")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--budget", type=int, default=4096, help="token budget of the sparse step (own block included)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes a while)")
+    p.add_argument("--generate", action="store_true", help="also time generate() for SmolLM2")
+    p.add_argument("--gen-context", type=int, default=32768)
+    p.add_argument("--gen-batches", default="1,8")
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--out", default="benchmarks/results/bench_decode.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py needs a CUDA GPU")
+
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.config.cache_size_limit = 64
+        flex = torch.compile(flex_attention, dynamic=True)
+    t0 = time.perf_counter()
+    rows = attention_rows(args, flex)
+    gen = generate_rows(args) if args.generate else []
+    meta = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "budget": args.budget, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "attention": rows, "generate": gen}, indent=2))
+
+    fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+    ratio = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
+    print(f"\ndecode attention per layer and step, budget {args.budget}, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}")
+    print("| shape | L | B | sdpa ms | flex ms | seer ms | seer vs sdpa | kernel vs sdpa | flex vs sdpa "
+          "| graph: sdpa ms | seer ms | seer vs sdpa |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['context']} | {r['batch']} | {fmt(r.get('sdpa_ms'))} | {fmt(r.get('flex_ms'))} "
+              f"| {fmt(r.get('seer_ms'))} | {ratio(r.get('seer_speedup'))} | {ratio(r.get('kernel_speedup'))} "
+              f"| {ratio(r.get('flex_speedup'))} | {fmt(r.get('sdpa_graph_ms'))} | {fmt(r.get('seer_graph_ms'))} "
+              f"| {ratio(r.get('seer_graph_speedup'))} |")
+    for r in gen:
+        print(f"generate {r['model']} L={r['context']} B={r['batch']}: dense {r['dense_tokens_per_s']:.1f} tok/s, "
+              f"sparse {r['sparse_tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x)")
+    print(f"({meta['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The gate alone (pool + project + RoPE + score + block selection), per layer: twin vs fused vs compiled.
+
+Usage (GPU):
+    python benchmarks/bench_gate.py                                   # llama8b + smollm2, 8k/32k/128k
+    python benchmarks/bench_gate.py --seqlens 32768 --compile-seqlens 32768 --out benchmarks/results/gate.json
+
+Columns (median ms of `triton.testing.do_bench`, B=1, bf16 q/k in the HF `[B, S, H, D]` layout):
+- `twin`: the PyTorch AttnGate (`score(pool_inputs(...))`) + `topk_block_index` + keep columns: the
+  path before the fused gate (`seer_attn.modules.fused_gate.gate_block_index_twin`);
+- `twin_graph`: the same replayed as one CUDA graph (what launch overhead costs it);
+- `compiled`: `torch.compile` of the twin (default mode, static shapes; compile time not included;
+  only at `--compile-seqlens`);
+- `fused`: `gate_block_index` (4 launches: Q summaries, K summaries, block logits, selection) with
+  the default `tf32x3` dots; `fused_graph` as one CUDA graph; `fused_ieee` / `fused_tf32` with other
+  dot precisions; `sum`/`kg`/`score`/`select`: its launches timed alone;
+- `fused_d0.5`: the same at density 0.5 (larger k); `fused_thr`: threshold selection (row softmax);
+- `diff` / `real_diff`: blocks selected differently from the twin, and those not at a near tie
+  (twin logit more than 1e-5 * max|logit| from the row's k-th value): random inputs, random gate.
+Designs beyond the default are timed through the fused path when `--designs` lists them (`nq2`,
+`nq4`, `nq8`: query summaries per block; `nq4nk2`: 4 query and 2 key summaries; `adaptive`,
+`adaptive_floor`: the layer-wide budget, without / with a per-row floor of half the top-k budget;
+`top_p`: per-row top-p 0.9).
+
+Outputs a markdown table, the targets of issue 11, and JSON at `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from seer_attn.kernels.block_mask import indices_to_mask, nz_ratio_to_k
+from seer_attn.kernels.gate_kernel import gate_scores, gate_select, gate_summaries
+from seer_attn.modules import fused_gate
+from seer_attn.modules.attn_gate import AttnGate
+from seer_attn.modules.seer_attention import SeerAttentionSettings
+
+SHAPES = {"llama8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+TARGETS = {("llama8b", 32768): 0.35, ("smollm2", 32768): 0.15, ("llama8b", 131072): 2.0}
+BS = 64
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def attempt(fn):
+    """`fn()`, or a short note of its error: one failing column must not end the run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        print(f"[bench_gate] failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return f"failed: {type(e).__name__}"
+
+
+def graphed(fn):
+    """`fn` (no host syncs, static inputs) captured as a CUDA graph; returns a replay function."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def rope(B, n, dg, stride, device):
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None] * stride
+    inv = 1.0 / (500000.0 ** (torch.arange(0, dg, 2, device=device, dtype=torch.float32) / dg))
+    ang = torch.cat([pos * inv, pos * inv], -1)[None].expand(B, n, dg)
+    return ang.cos(), ang.sin()
+
+
+def run(name, S, args, device) -> dict:
+    Hq, Hkv, D = SHAPES[name]
+    nb = math.ceil(S / BS)
+    torch.manual_seed(0)
+    gate = AttnGate(Hq, Hkv, D).to(device, torch.bfloat16).eval()
+    for p in gate.parameters():
+        p.data.normal_(0, 0.05)
+    q = torch.randn(1, S, Hq, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, S, Hkv, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = rope(1, nb, gate.hidden_size, BS, device)
+    st = SeerAttentionSettings(nz_ratio=args.nz, keep_diagonal=True)
+    r = {"shape": name, "S": S, "nz": args.nz, "k": nz_ratio_to_k(args.nz, nb)}
+
+    def twin():
+        return fused_gate.gate_block_index_twin(gate, q, k, cos, sin, st)
+
+    def fused():
+        return fused_gate.gate_block_index(gate, q, k, cos, sin, st)
+
+    with torch.no_grad():
+        r["twin"] = bench(twin)
+        r["twin_graph"] = attempt(lambda: bench(graphed(twin)))
+        if S in args.compile_seqlens:
+            t0 = time.time()
+            comp = torch.compile(twin, dynamic=False)
+            if not isinstance(attempt(comp), str):
+                r["compile_s"] = round(time.time() - t0, 1)
+                r["compiled"] = attempt(lambda: bench(comp))
+            else:
+                r["compiled"] = "failed"
+        r["fused"] = attempt(lambda: bench(fused))
+        r["fused_graph"] = attempt(lambda: bench(graphed(fused)))
+        old = fused_gate.GATE_PRECISION_OVERRIDE
+        for prec in ("ieee", "tf32"):
+            fused_gate.GATE_PRECISION_OVERRIDE = prec
+            r[f"fused_{prec}"] = attempt(lambda: bench(fused))
+        fused_gate.GATE_PRECISION_OVERRIDE = old
+        st5 = SeerAttentionSettings(nz_ratio=0.5)
+        r["fused_d0.5"] = attempt(lambda: bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st5)))
+        stt = SeerAttentionSettings(sparsity_method="threshold", threshold=5e-3)
+        r["fused_thr"] = attempt(lambda: bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, stt)))
+        # the launches alone
+        wk = gate.mask_linear_k.weight.detach()
+        r["sum"] = attempt(lambda: bench(lambda: gate_summaries(q, None, cos, sin, gate.q_pools, BS)))
+        r["kg"] = attempt(lambda: bench(lambda: gate_summaries(k, wk, cos, sin, gate.k_pools, BS, Hq // Hkv)))
+        parts = attempt(lambda: fused_gate.gate_summaries_fused(gate, q, k, cos, sin))
+        if not isinstance(parts, str):
+            r["score"] = attempt(lambda: bench(lambda: gate_scores(*parts)))
+            s = gate_scores(*parts)
+            r["select"] = attempt(lambda: bench(lambda: gate_select(s, "nz_ratio", r["k"])))
+            del s
+        for design in args.designs:
+            r[f"fused_{design}"] = attempt(lambda: time_design(design, Hq, Hkv, D, S, q, k, device))
+        r["diff"], r["real_diff"] = "-", "-"
+        if isinstance(r["fused"], float):
+            r["diff"], r["real_diff"] = agreement(gate, q, k, cos, sin, twin, fused, nb, r["k"], Hq, device)
+    return r
+
+
+def agreement(gate, q, k, cos, sin, twin, fused, nb, k_blocks, Hq, device) -> tuple[int, int]:
+    """Blocks selected differently by the fused path and the twin; those not at a near tie."""
+    logits = gate.score(*gate.pool_inputs(q, k), cos, sin, output="logits")
+    diff = indices_to_mask(fused().long(), nb) != indices_to_mask(twin().long(), nb)
+    n = int(diff.sum())
+    if not n:
+        return 0, 0
+    tri = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    kk = torch.clamp(torch.arange(nb, device=device) + 1, max=k_blocks)
+    srt = logits.masked_fill(~tri, float("-inf")).sort(-1, descending=True).values
+    kth = srt.gather(-1, (kk - 1).view(1, 1, nb, 1).expand(1, Hq, nb, 1))
+    gap = (logits - kth).abs()[diff]
+    return n, int((gap > 1e-5 * logits[logits.isfinite()].abs().max()).sum())
+
+
+def time_design(design, Hq, Hkv, D, S, q, k, device):
+    """Fused gate + selection of another design, or a note when the fused path does not cover it."""
+    designs = {
+        "nq2": ({"q_summaries": 2}, {}),
+        "nq4": ({"q_summaries": 4}, {}),
+        "nq8": ({"q_summaries": 8}, {}),
+        "nq4nk2": ({"q_summaries": 4, "k_summaries": 2}, {}),
+        "adaptive": ({}, {"sparsity_method": "adaptive"}),
+        "adaptive_floor": ({}, {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5}),
+        "top_p": ({}, {"sparsity_method": "top_p", "top_p": 0.9}),
+    }
+    if design not in designs:
+        raise SystemExit(f"unknown design {design!r}; known: {', '.join(designs)}")
+    kw, sel = designs[design]
+    st = SeerAttentionSettings(nz_ratio=0.1, **sel)
+    gate = AttnGate(Hq, Hkv, D, **kw).to(device, torch.bfloat16).eval()
+    reason = fused_gate.unsupported_reason(gate, st.sparsity_method)
+    if reason is not None:
+        return f"n/a ({reason})"
+    n = math.ceil(S / gate.rope_stride)
+    cos, sin = rope(1, n, gate.hidden_size, gate.rope_stride, device)
+    return bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st))
+
+
+def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="llama8b,smollm2")
+    p.add_argument("--seqlens", default="8192,32768,131072")
+    p.add_argument("--compile-seqlens", default="32768", help="lengths at which torch.compile is timed ('' = none)")
+    p.add_argument("--nz", type=float, default=0.1)
+    p.add_argument("--designs", default="nq4,nq4nk2,adaptive,top_p", help="other fused designs to time ('' = none)")
+    p.add_argument("--out", default="benchmarks/results/bench_gate.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gate.py needs a CUDA GPU")
+    args.compile_seqlens = {int(x) for x in args.compile_seqlens.split(",") if x}
+    args.designs = [d for d in args.designs.split(",") if d]
+    rows = []
+    for name in args.shapes.split(","):
+        for S in (int(x) for x in args.seqlens.split(",")):
+            t0 = time.time()
+            rows.append(run(name, S, args, "cuda"))
+            row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}
+            print(f"[bench_gate] {name} S={S} done in {time.time() - t0:.0f}s: {json.dumps(row)}", flush=True)
+            torch.cuda.empty_cache()
+    cols = ["twin", "twin_graph", "compiled", "fused", "fused_graph", "fused_ieee", "fused_tf32", "fused_d0.5", "fused_thr",
+            "sum", "kg", "score", "select"] + [f"fused_{d}" for d in args.designs] + ["diff", "real_diff"]  # fmt: skip
+    lines = [f"gate + selection per layer, d={args.nz}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {triton.__version__} (ms)", "",
+             "| shape | S | " + " | ".join(cols) + " | twin/fused |", "|" + "---|" * (len(cols) + 3)]  # fmt: skip
+    for r in rows:
+        sp = r["twin"] / r["fused"] if isinstance(r["fused"], float) else float("nan")
+        lines.append(f"| {r['shape']} | {r['S']} | " + " | ".join(fmt(r.get(c, "-")) for c in cols) + f" | {sp:.1f}x |")
+    lines += ["", "Issue 11 targets (gate + selection per layer):"]
+    for (name, S), target in TARGETS.items():
+        r = next((r for r in rows if r["shape"] == name and r["S"] == S), None)
+        if r is not None and isinstance(r["fused"], float):
+            verdict = "met" if r["fused"] <= target else "missed"
+            graph = fmt(r["fused_graph"])
+            lines.append(f"  {name} S={S}: fused {r['fused']:.3f} ms (graph {graph}), target <= {target} ms: {verdict}")
+    print("\n" + "\n".join(lines), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The `seerattn_*` config fields, defined once for every model family.
+
+`SeerAttnConfigMixin` is a dataclass mixin: a family's Seer config is
+`class SeerQwen2Config(SeerAttnConfigMixin, Qwen2Config): model_type = "seer_qwen2"`, and the fields,
+their defaults and `validate_seerattn` come from here.
+
+Every field can be overridden as a keyword of `from_pretrained`.
+
+| field | values | default | meaning |
+|---|---|---|---|
+| `seerattn_mode` | `dense`, `distill`, `sparse` | `sparse` | `dense`: the family's own attention, gates unused. `distill`: exact dense attention that also returns the pooled ground truth; the gates predict it and `loss` is the gate loss. `sparse`: gate -> block selection -> block-sparse attention (in training mode with trainable gates, the gate loss is added to the LM loss: fine-tuning); with a decode gate, `generate()` also decodes sparsely. `decode_eval`: teacher-forced decode mode, every token attends to its selected blocks and its own block (decode-mode PPL). `distill` trains the decode gate too. |
+| `seerattn_gate_type` | `Q<pools>_K<pools>` | `Qavg_Kmaxminavg` | pooling recipe (see `seer_attn.modules.attn_gate.valid_gate_types`). |
+| `seerattn_gate_block_size` | 64 (or 128) | 64 | tokens per block. |
+| `seerattn_gate_hidden_size` | int or None | None = head_dim | gate width. |
+| `seerattn_gate_q_summaries` | 1, 2, 4, 8 | 1 | query summaries per block (sub-block averages; block probability = mixture of their softmaxes). |
+| `seerattn_gate_k_summaries` | 1, 2, 4, 8 | 1 | key summaries per block (block probability = sum over them). |
+| `seerattn_gate_init` | `random`, `pooled` | `random` | fresh gates: small random weights, or the training-free pooled-attention scores (avg-pooled Q . K). |
+| `seerattn_sparsity_method` | `nz_ratio`, `threshold`, `top_p`, `adaptive` | `nz_ratio` | per-row top-k for a target density; a probability threshold; per-row top-p; or `adaptive`: the per-row top-k budget of `nz_ratio` spent on the highest gate probabilities over all rows and heads of a layer. |
+| `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
+| `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
+| `seerattn_adaptive_row_floor` | [0, 1] | 0.0 | method `adaptive`: each row first keeps this fraction of its top-k budget (0 fully global, 1 = top-k). |
+| `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
+| `seerattn_keep_sink` | bool | False | always keep key block 0. |
+| `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
+| `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
+| `seerattn_min_sparse_length` | int or `auto` | 16384 | inputs shorter than this run dense in `sparse` mode: below about 16k tokens the gate and the sparse kernel are not faster than SDPA (benchmarks/RESULTS.md); set 0 to measure sparse quality at any length. `auto`: the measured crossover of this model shape at this `nz_ratio` (`seer_attn.modules.crossover`). |
+| `seerattn_cuda_graphs` | bool | False | replay cache-free, no-grad prefill forwards (`use_cache=False`) as one CUDA graph per input shape (`seer_attn.models.cuda_graphs`). |
+| `seerattn_gt_every_n_steps` | int >= 1 | 1 | sparse fine-tuning: compute the dense ground truth (and gate loss) only every n-th training forward. |
+| `seerattn_gt_layers_per_step` | int >= 0 | 0 | sparse fine-tuning: only this many layers (rotating) compute the ground truth per forward; 0 = all (`seer_attn.modules.gt_schedule`). |
+| `seerattn_kernel_implementation` | `auto`, `TopK`, `CSR`, `naive` | `auto` | `auto`: Triton TopK (inference) / CSR (training) on CUDA, the PyTorch twins (`naive`) on CPU. |
+| `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
+| `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
+| `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
+| `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
+| `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `pooled`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, the gate's scoring without learned weights, sink + recent window, random) at the same budget. `pooled` needs `seerattn_gate_hidden_size` = head_dim. |
+| `seerattn_decode_gate_type` | None or `K<pools>` | None | decode gate (per-token scores over compressed key blocks, `seer_attn.modules.decode_gate`); None: no decode gate. Upstream's: `Kmaxminavg`. |
+| `seerattn_decode_q_pooling` | `proj`, `avg` | `proj` | how a GQA group's query heads become one gate query: learned projection (upstream's default) or mean. |
+| `seerattn_decode_gate_norm` | bool | True | RMSNorm on the decode gate's queries and keys. |
+| `seerattn_decode_selector` | `gate`, `oracle`, `quest`, `static` | `gate` | who picks the blocks while decoding: the decode gate, or a reference (true per-token block mass, Quest's min/max-of-K bound, sink + most recent). Decoding is sparse when there is a decode gate or the selector is not `gate`. |
+| `seerattn_decode_token_budget` | int >= 0 | 2048 | tokens each decoded token attends to: its own (partial) block plus the top `budget // block_size - 1` blocks. |
+| `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
+| `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
+| `seerattn_decode_min_context` | int >= 0 | 8192 | decoding steps with a shorter context run dense (provisional; `benchmarks/bench_decode.py` measures the crossover); 0 forces sparse decoding. |
+| `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
+| `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from transformers import PreTrainedConfig
+
+from seer_attn.kernels.block_mask import SPARSITY_METHODS
+from seer_attn.modules.decode import validate_decode_config
+from seer_attn.modules.attn_gate import SUMMARY_COUNTS, parse_gate_type
+
+__all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "apply_yarn"]
+
+_CHOICES = {
+    "seerattn_mode": ("dense", "distill", "sparse", "decode_eval"),
+    "seerattn_sparsity_method": SPARSITY_METHODS,
+    "seerattn_gate_init": ("random", "pooled"),
+    "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
+    "seerattn_loss": ("kl", "mse"),
+    "seerattn_distill_target": ("max", "mass"),
+    "seerattn_selector": ("gate", "oracle", "oracle_mass", "pooled", "static", "random"),
+}
+
+
+# A dataclass, so that transformers' config dataclass machinery (every PreTrainedConfig subclass is
+# made a dataclass) collects these fields into each family's Seer config.
+@dataclass(kw_only=True, repr=False)
+class SeerAttnConfigMixin:
+    """The `seerattn_*` fields and their validation (see the module docstring); mix in before the family config."""
+
+    seerattn_mode: str = "sparse"
+    seerattn_gate_type: str = "Qavg_Kmaxminavg"
+    seerattn_gate_block_size: int = 64
+    seerattn_gate_hidden_size: int | None = None
+    seerattn_gate_q_summaries: int = 1
+    seerattn_gate_k_summaries: int = 1
+    seerattn_gate_init: str = "random"
+    seerattn_sparsity_method: str = "nz_ratio"
+    seerattn_nz_ratio: float = 0.5
+    seerattn_threshold: float = 5e-3
+    seerattn_top_p: float = 0.9
+    seerattn_adaptive_row_floor: float = 0.0
+    seerattn_keep_sink: bool = False
+    seerattn_keep_diagonal: bool = True
+    seerattn_dense_last_rows: int = 0
+    seerattn_min_sparse_length: int | str = 16384
+    seerattn_cuda_graphs: bool = False
+    seerattn_gt_every_n_steps: int = 1
+    seerattn_gt_layers_per_step: int = 0
+    seerattn_kernel_implementation: str = "auto"
+    seerattn_loss: str = "kl"
+    seerattn_distill_target: str = "max"
+    seerattn_gate_loss_scale: float = 10.0
+    seerattn_gate_loss_row_start: float = 0.0
+    seerattn_selector: str = "gate"
+    seerattn_decode_gate_type: str | None = None
+    seerattn_decode_q_pooling: str = "proj"
+    seerattn_decode_gate_norm: bool = True
+    seerattn_decode_selector: str = "gate"
+    seerattn_decode_token_budget: int = 2048
+    seerattn_decode_threshold: float | None = None
+    seerattn_decode_start_layer: int = 0
+    seerattn_decode_min_context: int = 8192
+    seerattn_cross_document: bool = True
+    base_model: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_seerattn()
+
+    def validate_seerattn(self) -> None:
+        """Raise ValueError naming the first invalid `seerattn_*` field."""
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        parse_gate_type(self.seerattn_gate_type)
+        if self.seerattn_gate_block_size not in (16, 32, 64, 128):
+            raise ValueError(f"seerattn_gate_block_size must be 16, 32, 64 or 128, got {self.seerattn_gate_block_size}")
+        if not (0.0 < float(self.seerattn_nz_ratio) <= 1.0):
+            raise ValueError(f"seerattn_nz_ratio must be in (0, 1], got {self.seerattn_nz_ratio}")
+        for name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries"):
+            n = getattr(self, name)
+            if n not in SUMMARY_COUNTS or self.seerattn_gate_block_size % n:
+                raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {n}")
+        if not (0.0 <= float(self.seerattn_adaptive_row_floor) <= 1.0):
+            raise ValueError(f"seerattn_adaptive_row_floor must be in [0, 1], got {self.seerattn_adaptive_row_floor}")
+        if not (0.0 < float(self.seerattn_top_p) <= 1.0):
+            raise ValueError(f"seerattn_top_p must be in (0, 1], got {self.seerattn_top_p}")
+        if not (0.0 <= float(self.seerattn_gate_loss_row_start) < 1.0):
+            raise ValueError(f"seerattn_gate_loss_row_start must be in [0, 1), got {self.seerattn_gate_loss_row_start}")
+        msl = self.seerattn_min_sparse_length
+        if msl != "auto" and (isinstance(msl, bool) or not isinstance(msl, int) or msl < 0):
+            raise ValueError(f"seerattn_min_sparse_length must be an int >= 0 or 'auto', got {msl!r}")
+        if int(self.seerattn_gt_every_n_steps) < 1 or int(self.seerattn_gt_layers_per_step) < 0:
+            raise ValueError(
+                "seerattn_gt_every_n_steps must be >= 1 and seerattn_gt_layers_per_step >= 0, got "
+                f"{self.seerattn_gt_every_n_steps}, {self.seerattn_gt_layers_per_step}"
+            )
+        if float(self.seerattn_threshold) < 0:
+            raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
+        if not isinstance(self.seerattn_cross_document, bool):
+            raise ValueError(f"seerattn_cross_document must be a bool, got {self.seerattn_cross_document!r}")
+        if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:
+            raise ValueError(f"seerattn_gate_hidden_size must be even (RoPE), got {self.seerattn_gate_hidden_size}")
+        validate_decode_config(self)
+
+    @classmethod
+    def from_base_config(cls, config: PreTrainedConfig, **overrides):
+        """A Seer config carrying every field of a plain config of the same family, plus `overrides`."""
+        d = config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            d.pop(key, None)
+        d.update(overrides)
+        return cls(**d)
+
+
+SEERATTN_FIELDS = tuple(f.name for f in fields(SeerAttnConfigMixin) if f.name.startswith("seerattn_")) + ("base_model",)
+
+
+def apply_yarn(config: PreTrainedConfig, factor: float, original_max_position_embeddings: int | None = None) -> PreTrainedConfig:
+    """Extend the context `factor`-fold with YaRN, in place; returns `config`.
+
+    Sets `rope_parameters` to YaRN with `original_max_position_embeddings` (default: the current
+    `max_position_embeddings`) and multiplies `max_position_embeddings`. transformers >= 5 computes
+    YaRN's correction range from the *original* length, as the paper does (upstream's 4.44 used the
+    extended one). The gates' block RoPE follows automatically: it is built from the same config.
+    """
+    if factor <= 1:
+        raise ValueError(f"YaRN factor must be > 1, got {factor}")
+    params = dict(config.rope_parameters or {})
+    if params.get("rope_type", "default") not in ("default", "yarn"):
+        raise ValueError(f"cannot stack YaRN on rope_type {params['rope_type']!r}")
+    original = original_max_position_embeddings or params.get("original_max_position_embeddings") or config.max_position_embeddings
+    params.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original))
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * factor)
+    return config

@@ -1,0 +1,509 @@
+"""Decode-stage sparsity for one attention layer: what the model integration calls, model-independent.
+
+A layer's attention goes through :func:`decode_aware_attention`, which wraps the layer's ordinary
+(prefill) attention function and adds, depending on `seerattn_mode`:
+
+- `sparse` with a KV cache (`generate()`): every forward appends the new tokens' pre-RoPE keys to the
+  layer's :class:`~seer_attn.modules.decode_gate.CompressedKeyCache`, which lives on the transformers
+  cache object itself (so the caller's code does not change). A step with fewer queries than keys
+  (decoding) scores the completed blocks, keeps the top `token_budget // block_size - 1` of them
+  (or those above `threshold`) plus the token's own block, and runs the block-sparse decoding kernel.
+  Layers below `start_layer`, contexts shorter than `min_context` and padded batches decode densely;
+  prefill steps go to the wrapped attention.
+- `decode_eval`: teacher-forced decode mode over a whole sequence: *every* token attends only to its
+  selected blocks and its own block, exactly as if it were decoded (the decode-mode PPL protocol).
+- `distill`: the wrapped attention runs (training the prefill gate) and the decode gate's loss is
+  added to the layer's gate loss: KL from the per-token block target (max-pooled probabilities
+  reduced over the GQA group, method-spec §1.4) to the gate's softmax over the completed blocks, on
+  the rows from half the sequence onward (upstream's `loss_slice_ratio`).
+
+Block selectors (`seerattn_decode_selector`): `gate` (the trained DecodeGate), `oracle` (the true
+per-token attention mass of each block), `quest` (a training-free upper bound of `q . k` over the
+block from per-channel min/max of its post-RoPE keys, as Quest), `static` (the sink block, then the
+most recent blocks).
+
+The layer object passed in (`module`) must provide `config`, `layer_idx`, `attn_gate` (with an
+optional `decode_gate` child, see :func:`attach_decode_gate`), `gate_rotary_emb` and `seer_stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from seer_attn.kernels.naive import attn_with_token_pooling_naive, sparse_decode_attn_naive
+from seer_attn.modules.decode_gate import Q_POOLINGS, CompressedKeyCache, DecodeGate, parse_decode_gate_type
+from seer_attn.modules.seer_attention import SeerAttentionStats, dense_attention, resolve_kernel
+
+__all__ = [
+    "DECODE_SELECTORS",
+    "DecodeSettings",
+    "validate_decode_config",
+    "attach_decode_gate",
+    "decode_aware_attention",
+    "select_decode_blocks",
+    "sparse_decode_step",
+    "token_block_scores",
+    "decode_gate_loss",
+    "decode_states",
+]
+
+logger = logging.getLogger(__name__)
+DECODE_SELECTORS = ("gate", "oracle", "quest", "static")
+# the decode gate loss covers rows from this fraction of the sequence onward (upstream's loss_slice_ratio)
+LOSS_ROW_FRACTION = 0.5
+_STATE_ATTR = "_seer_decode_states"
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.warning(msg)
+
+
+@dataclass
+class DecodeSettings:
+    """The `seerattn_decode_*` knobs of one layer (built from a config)."""
+
+    mode: str = "sparse"
+    block_size: int = 64
+    selector: str = "gate"
+    token_budget: int = 2048
+    threshold: float | None = None
+    start_layer: int = 0
+    min_context: int = 0
+    kernel: str = "auto"
+    loss: str = "kl"
+    distill_target: str = "max"
+
+    @classmethod
+    def from_config(cls, config) -> "DecodeSettings":
+        return cls(
+            mode=config.seerattn_mode,
+            block_size=config.seerattn_gate_block_size,
+            selector=config.seerattn_decode_selector,
+            token_budget=int(config.seerattn_decode_token_budget),
+            threshold=None if config.seerattn_decode_threshold is None else float(config.seerattn_decode_threshold),
+            start_layer=int(config.seerattn_decode_start_layer),
+            min_context=int(config.seerattn_decode_min_context),
+            kernel=config.seerattn_kernel_implementation,
+            loss=config.seerattn_loss,
+            distill_target=config.seerattn_distill_target,
+        )
+
+
+def validate_decode_config(config) -> None:
+    """Raise ValueError naming the first invalid `seerattn_decode_*` field."""
+    if config.seerattn_decode_gate_type is not None:
+        parse_decode_gate_type(config.seerattn_decode_gate_type)
+    if config.seerattn_decode_q_pooling not in Q_POOLINGS:
+        raise ValueError(f"seerattn_decode_q_pooling must be one of {Q_POOLINGS}, got {config.seerattn_decode_q_pooling!r}")
+    if config.seerattn_decode_selector not in DECODE_SELECTORS:
+        raise ValueError(
+            f"seerattn_decode_selector must be one of {DECODE_SELECTORS}, got {config.seerattn_decode_selector!r}"
+        )
+    for name in ("seerattn_decode_token_budget", "seerattn_decode_start_layer", "seerattn_decode_min_context"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    threshold = config.seerattn_decode_threshold
+    if threshold is not None:
+        if float(threshold) < 0:
+            raise ValueError(f"seerattn_decode_threshold must be >= 0 or None, got {threshold}")
+        if config.seerattn_decode_selector in ("quest", "static"):
+            raise ValueError(
+                f"seerattn_decode_threshold needs probabilities: use it with the 'gate' or 'oracle' selector, "
+                f"not {config.seerattn_decode_selector!r}"
+            )
+
+
+def attach_decode_gate(attn_gate: torch.nn.Module, config, head_dim: int) -> DecodeGate | None:
+    """Give a layer's `attn_gate` a `decode_gate` child when `seerattn_decode_gate_type` is set.
+
+    Living under `attn_gate`, the decode gate's weights are saved, loaded, frozen and initialised with
+    the prefill gate's (everything keyed on `.attn_gate.`), in the same gate-only checkpoint.
+    """
+    if config.seerattn_decode_gate_type is None:
+        return None
+    gate = DecodeGate(
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        gate_type=config.seerattn_decode_gate_type,
+        hidden_size=attn_gate.hidden_size,
+        block_size=config.seerattn_gate_block_size,
+        q_pooling=config.seerattn_decode_q_pooling,
+        use_norm=config.seerattn_decode_gate_norm,
+    )
+    attn_gate.decode_gate = gate
+    return gate
+
+
+def decode_states(cache) -> dict[int, CompressedKeyCache]:
+    """The per-layer decode-gate states attached to a transformers cache object (created on first use).
+
+    The cache's `reorder_cache` (beam search) is wrapped so the states follow its batch reordering.
+    """
+    states = getattr(cache, _STATE_ATTR, None)
+    if states is None:
+        states = {}
+        setattr(cache, _STATE_ATTR, states)
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is not None:
+
+            def reorder_cache(beam_idx, _reorder=reorder, _states=states):
+                _reorder(beam_idx)
+                for state in _states.values():
+                    state.reorder(beam_idx)
+
+            cache.reorder_cache = reorder_cache
+    return states
+
+
+def _candidates(rows: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
+    # bool [n, width]: block j is a candidate for the token at sequence index t iff j < t // block_size
+    return torch.arange(width, device=rows.device)[None, :] < (rows // block_size)[:, None]
+
+
+def select_decode_blocks(
+    scores: torch.Tensor, block_size: int, token_budget: int = 2048, threshold: float | None = None, probs: bool = False
+) -> torch.Tensor:
+    """Blocks each token attends to besides its own, `-1` where nothing is selected.
+
+    Args:
+        scores (torch.Tensor): `[B, Hkv, n, nc]`, `-inf` for blocks that are no candidates.
+        block_size (int): tokens per block.
+        token_budget (int): attended tokens per token, its own block included: the top
+            `token_budget // block_size - 1` candidates are kept. Default: `2048`.
+        threshold (float, Optional): instead of the budget, keep candidates whose probability exceeds it
+            (softmax of `scores` over the candidates, or `scores` renormalised when `probs`).
+        probs (bool): `scores` are non-negative masses rather than logits. Default: `False`.
+
+    Returns:
+        int64 `[B, Hkv, n, K]` block indices (unique per row; `-1` = none).
+    """
+    nc = scores.shape[-1]
+    if threshold is not None:
+        if probs:
+            p = scores.clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+            p = p / p.sum(-1, keepdim=True)
+        else:
+            p = torch.softmax(scores, dim=-1)
+        # a row without candidates is NaN here and compares False
+        keep = p > threshold
+        return torch.where(keep, torch.arange(nc, device=scores.device), -1)
+    k = min(max(token_budget // block_size - 1, 0), nc)
+    if k == 0:
+        return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
+    vals, idx = scores.float().topk(k, dim=-1)
+    return torch.where(torch.isneginf(vals), -1, idx)
+
+
+def _quest_scores(q: torch.Tensor, k: torch.Tensor, nc: int, block_size: int, chunk: int = 4096) -> torch.Tensor:
+    # max over the block's keys of q . k is at most sum_d max(q_d kmax_d, q_d kmin_d)
+    #   = q . (kmax + kmin) / 2 + |q| . (kmax - kmin) / 2: two matmuls
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    kb = k[:, :, : nc * block_size].float().view(B, Hkv, nc, block_size, D)
+    kmax, kmin = kb.amax(3), kb.amin(3)
+    center, radius = (kmax + kmin) / 2, (kmax - kmin) / 2
+    out = torch.empty(B, Hkv, n, nc, dtype=torch.float32, device=q.device)
+    for r0 in range(0, n, chunk):
+        qg = q[:, :, r0 : r0 + chunk].float().view(B, Hkv, Hq // Hkv, -1, D)
+        bound = torch.einsum("bhgnd,bhcd->bhgnc", qg, center) + torch.einsum("bhgnd,bhcd->bhgnc", qg.abs(), radius)
+        out[:, :, r0 : r0 + chunk] = bound.amax(2)
+    return out
+
+
+def token_block_scores(
+    selector: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float,
+    block_size: int,
+    kernel: str = "naive",
+    gate_logits: Callable[[int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Scores of the completed blocks for the last `n` of `L` tokens, `-inf` for non-candidates.
+
+    Args:
+        selector (str): one of :data:`DECODE_SELECTORS`.
+        q (torch.Tensor): post-RoPE queries `[B, Hq, n, D]` (tokens `L - n .. L - 1`).
+        k, v (torch.Tensor): post-RoPE keys and values `[B, Hkv, L, D]`.
+        gate_logits: for `gate`: `nc -> [B, Hkv, n, nc]` logits of the decode gate, non-candidates `-inf`.
+        kernel (str): `naive`, or a Triton kernel name (the oracle then uses `attn_with_token_pooling`
+            when it scores a whole sequence).
+
+    Returns:
+        `[B, Hkv, n, nc]` fp32 with `nc = L // block_size`; higher = keep first. `oracle` scores are masses.
+    """
+    B, Hq, n, D = q.shape
+    L = k.shape[2]
+    nc = L // block_size
+    rows = torch.arange(L - n, L, device=q.device)
+    if selector == "gate":
+        if gate_logits is None:
+            raise ValueError("seerattn_decode_selector='gate' needs a decode gate: set seerattn_decode_gate_type")
+        # the gate masks its non-candidates itself
+        return gate_logits(nc)
+    if selector == "oracle":
+        with torch.no_grad():
+            if kernel != "naive" and n == L and D in (64, 128):
+                from seer_attn.kernels.attn_token_pooling_kernel import attn_with_token_pooling
+
+                _, pooled = attn_with_token_pooling(q, k, v, sm_scale, block_size, pooling="mass")
+            else:
+                _, pooled = attn_with_token_pooling_naive(q, k, v, sm_scale, block_size, pooling="mass")
+        scores = pooled[..., :nc].float()
+    elif selector == "quest":
+        scores = _quest_scores(q, k, nc, block_size)
+    elif selector == "static":
+        recency = torch.arange(nc, device=q.device, dtype=torch.float32)
+        recency[:1] = float("inf")  # the sink block outranks everything
+        scores = recency.expand(B, k.shape[1], n, nc)
+    else:
+        raise ValueError(f"unknown decode selector {selector!r}; choose from {DECODE_SELECTORS}")
+    return scores.masked_fill(~_candidates(rows, nc, block_size), float("-inf"))
+
+
+def _attend(q, k, v, index, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
+    if kernel == "naive":
+        return sparse_decode_attn_naive(q, k, v, index, sm_scale, block_size)
+    from seer_attn.kernels.sparse_decode_attn import sparse_decode_attn
+
+    return sparse_decode_attn(q, k, v, index, sm_scale, block_size)
+
+
+def _rope_fn(module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    rope = module.gate_rotary_emb
+
+    def tables(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope(torch.zeros((), device=positions.device, dtype=torch.float32), positions)
+
+    return tables
+
+
+def _causal_blocks_before(m: int, bs: int) -> int:
+    # sum over tokens t < m of (t // bs + 1): blocks up to and including each token's own block
+    q, r = divmod(m, bs)
+    return bs * q * (q + 1) // 2 + r * (q + 1)
+
+
+def sparse_decode_step(
+    gate: DecodeGate | None,
+    s: DecodeSettings,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    positions: torch.Tensor,
+    sm_scale: float,
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    state: CompressedKeyCache | None = None,
+) -> tuple[torch.Tensor, SeerAttentionStats]:
+    """Block selection + block-sparse attention for the last `n` of `L` tokens (no host sync).
+
+    Args:
+        gate: the decode gate (needed by the `gate` selector).
+        s (DecodeSettings): selector, budget / threshold, block size, kernel.
+        q (torch.Tensor): post-RoPE queries `[B, Hq, n, D]`; k, v: `[B, Hkv, L, D]` (cache included).
+        q_pre (torch.Tensor): pre-RoPE queries `[B, Hq, n, D]`.
+        k_pre (torch.Tensor): pre-RoPE keys `[B, Hkv, L, D]`; read only without `state` (teacher forcing).
+        positions (torch.Tensor): position ids `[B or 1, L]` without `state`, `[B or 1, n]` with it.
+        rope: the gate's RoPE tables, `positions [B, m] -> (cos, sin) [B, m, Dg]`.
+        state (CompressedKeyCache, Optional): compressed keys of the completed blocks (generation).
+
+    Returns:
+        o `[B, Hq, n, D]`, and stats counting attended and causal blocks per KV head.
+    """
+    B, Hq, n, _ = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    bs = s.block_size
+    kernel = resolve_kernel(s.kernel, q.device, needs_grad=False)
+    gate_logits = None
+    if gate is not None:
+
+        def gate_logits(nc: int) -> torch.Tensor:
+            rows = torch.arange(L - n, L, device=q.device)
+            with torch.no_grad():
+                qg = gate.queries(q_pre, *rope(positions[:, -n:].expand(B, n)))
+                if state is not None:
+                    kc = state.keys
+                else:
+                    kc = gate.compress_keys(k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : bs]))
+                if kc is None:
+                    return qg.new_empty(B, Hkv, n, 0)
+                return gate.score(qg, kc[:, :, :nc], rows)
+
+    scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits)
+    index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
+    o = _attend(q, k, v, index, sm_scale, bs, kernel)
+    own = torch.arange(L - n, L, device=q.device) // bs
+    kept = ((index >= 0) & (index < own[:, None])).sum() + B * Hkv * n
+    causal = B * Hkv * (_causal_blocks_before(L, bs) - _causal_blocks_before(L - n, bs))
+    return o, SeerAttentionStats(kept_blocks=kept, causal_blocks=causal, sparse=True)
+
+
+def _unpadded(attention_mask) -> bool:
+    return attention_mask is None or bool(attention_mask.all())
+
+
+def decode_gate_loss(
+    module, gate: DecodeGate, s: DecodeSettings, q, k, v, q_pre, k_pre, positions, sm_scale
+) -> torch.Tensor | None:
+    """The decode gate's distillation loss on one unpadded batch (None when no row has a candidate block).
+
+    Rows from `LOSS_ROW_FRACTION` of the sequence onward (and past the first block); the target is
+    the per-token block map (`seerattn_distill_target`: max or mass) restricted to the completed
+    blocks and renormalised; the loss (`seerattn_loss`) compares it with the gate's softmax.
+    """
+    B, _, S, _ = q.shape
+    bs = s.block_size
+    r0 = max(int(S * LOSS_ROW_FRACTION), bs)
+    if r0 >= S:
+        return None
+    kernel = resolve_kernel(s.kernel, q.device, needs_grad=False)
+    with torch.no_grad():
+        if kernel != "naive" and q.shape[-1] in (64, 128):
+            from seer_attn.kernels.attn_token_pooling_kernel import attn_with_token_pooling
+
+            _, target = attn_with_token_pooling(q, k, v, sm_scale, bs, pooling=s.distill_target)
+        else:
+            _, target = attn_with_token_pooling_naive(q, k, v, sm_scale, bs, pooling=s.distill_target)
+        rows = torch.arange(r0, S, device=q.device)
+        cand = _candidates(rows, target.shape[-1], bs)
+        target = target[:, :, r0:].float() * cand
+        target = target / (target.sum(-1, keepdim=True) + 1e-9)
+    rope = _rope_fn(module)
+    positions = positions.expand(B, S)
+    logits = gate(
+        q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(positions[:, : (S // bs) * bs : bs]), rows
+    )
+    logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
+    if s.loss == "kl":
+        kl = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), torch.zeros_like(target))
+        return kl.sum(-1).mean()
+    if s.loss == "mse":
+        return F.mse_loss(logp.exp() * cand, target)
+    raise ValueError(f"gate loss must be 'kl' or 'mse', got {s.loss!r}")
+
+
+def decode_aware_attention(
+    module,
+    attention_fn: Callable,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A layer's attention with decode-stage sparsity (see the module docstring).
+
+    Args:
+        module: the attention layer (`config`, `layer_idx`, `attn_gate`, `gate_rotary_emb`, `seer_stats`).
+        attention_fn: the layer's ordinary attention, called as
+            `attention_fn(module, query, key, value, attention_mask, scaling=..., q_pre=..., k_pre=..., **kwargs)`
+            for everything this function does not handle itself.
+        query (torch.Tensor): post-RoPE `[B, Hq, S_q, D]`.
+        key, value (torch.Tensor): `[B, Hkv, S_k, D]`, cache included.
+        attention_mask (torch.Tensor, Optional): 2-D padding mask `[B, S_k]`.
+        q_pre, k_pre (torch.Tensor): pre-RoPE queries and keys of this step.
+        past_key_values: the transformers cache object, if any (decode-gate states are attached to it).
+        kwargs: passed on to `attention_fn` (`position_ids`, ...).
+
+    Returns:
+        `([B, S_q, Hq, D], None)`, as `attention_fn`; statistics in `module.seer_stats`.
+    """
+    config = module.config
+    s = DecodeSettings.from_config(config)
+    gate = getattr(module.attn_gate, "decode_gate", None)
+    if (gate is None) != (config.seerattn_decode_gate_type is None):
+        raise RuntimeError(
+            f"seerattn_decode_gate_type is {config.seerattn_decode_gate_type!r} but the model was built "
+            f"{'without' if gate is None else 'with'} decode gates: set it when loading the model, not afterwards"
+        )
+    layer_on = module.layer_idx >= s.start_layer
+    enabled = gate is not None or s.selector != "gate"
+    B, Hq, Sq, _ = query.shape
+    Sk = key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    positions = position_ids if position_ids is not None else torch.arange(Sk - Sq, Sk, device=query.device)[None]
+
+    if s.mode == "decode_eval":
+        if Sq != Sk:
+            raise ValueError(
+                "seerattn_mode='decode_eval' scores whole sequences (teacher forcing); "
+                "generate with seerattn_mode='sparse'"
+            )
+        if not _unpadded(attention_mask):
+            raise ValueError("seerattn_mode='decode_eval' needs unpadded inputs (no zeros in attention_mask)")
+        dtype = value.dtype
+        query, key = query.to(dtype), key.to(dtype)
+        if not (enabled and layer_on):
+            module.seer_stats = SeerAttentionStats()
+            return dense_attention(query, key, value, scaling).transpose(1, 2), None
+        o, module.seer_stats = sparse_decode_step(
+            gate, s, query, key, value, q_pre, k_pre, positions, scaling, _rope_fn(module)
+        )
+        return o.transpose(1, 2), None
+
+    if s.mode == "sparse" and enabled and layer_on and past_key_values is not None:
+        if not _unpadded(attention_mask):
+            _log_once("seer_attn: decode sparsity needs unpadded batches; this padded batch decodes densely")
+        else:
+            state = None
+            if gate is not None and s.selector == "gate":
+                state = decode_states(past_key_values).setdefault(module.layer_idx, CompressedKeyCache())
+                if state.num_tokens != Sk - Sq:
+                    raise RuntimeError(
+                        f"layer {module.layer_idx}: the decode gate has seen {state.num_tokens} tokens but the KV cache "
+                        f"holds {Sk - Sq} before this step (was the cache cropped, or filled with decode sparsity off? "
+                        "static caches and assisted decoding are not supported)"
+                    )
+                state.append(gate, k_pre, positions, _rope_fn(module))
+            if Sq < Sk and Sk >= s.min_context:
+                dtype = value.dtype
+                o, module.seer_stats = sparse_decode_step(
+                    gate, s, query.to(dtype), key.to(dtype), value, q_pre, k_pre, positions, scaling, _rope_fn(module), state
+                )
+                return o.transpose(1, 2), None
+
+    out = attention_fn(module, query, key, value, attention_mask, scaling=scaling, q_pre=q_pre, k_pre=k_pre, **kwargs)
+    if s.mode == "distill" and gate is not None:
+        loss = _distill_loss(module, gate, s, query, key, value, q_pre, k_pre, attention_mask, positions, scaling)
+        if loss is not None:
+            stats = module.seer_stats
+            stats.gate_loss = loss if stats.gate_loss is None else stats.gate_loss + loss
+    return out
+
+
+def _distill_loss(module, gate, s, query, key, value, q_pre, k_pre, attention_mask, positions, scaling):
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("seerattn_mode='distill' takes whole sequences, not cached steps")
+    dtype = value.dtype
+    query, key = query.to(dtype), key.to(dtype)
+    B = query.shape[0]
+    positions = positions.expand(B, -1)
+    if _unpadded(attention_mask):
+        return decode_gate_loss(module, gate, s, query, key, value, q_pre, k_pre, positions, scaling)
+    losses = []
+    for b in range(B):
+        idx = attention_mask[b].nonzero().squeeze(-1)
+        pick = lambda t: t[b : b + 1, :, idx]  # noqa: E731
+        loss = decode_gate_loss(
+            module, gate, s, pick(query), pick(key), pick(value), pick(q_pre), pick(k_pre), positions[b : b + 1, idx], scaling
+        )
+        if loss is not None:
+            losses.append(loss)
+    return torch.stack(losses).mean() if losses else None

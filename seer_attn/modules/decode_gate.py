@@ -1,0 +1,292 @@
+"""DecodeGate: for each decoding token, ranks the completed key blocks of the KV cache.
+
+Prefill gates score (query block, key block) pairs. While decoding there is one new query at a time,
+so this gate keeps the sequence-compressed keys and scores them against the *current token's*
+query (method-spec §1.4, "SeerAttention-R"):
+
+- keys: pre-RoPE K pooled per block (any of max / min / avg, concatenated in that order), a per-KV-head
+  linear map to the gate width `Dg`, an optional RMSNorm, then RoPE at the block's first-token
+  position (exactly as the prefill gate rotates its blocks);
+- query: the pre-RoPE queries of the `G = Hq / Hkv` heads that share a KV head, merged into one gate
+  query per KV head, either by a learned head-mixing projection (`"proj"`, upstream's default: the
+  `G` head vectors are concatenated and mapped `G * D -> Dg`) or by their mean (`"avg"`, needs
+  `Dg == D`); the same optional RMSNorm, then RoPE at the token's own position;
+- scores: one logit per (KV head, completed key block), `q . k / sqrt(Dg)`, so a GQA group shares
+  one set of blocks.
+
+Only *completed* blocks are scored: a token's own block (the partial block being filled while
+decoding) has no compressed key yet and is always attended by the sparse kernels, so block `j` is a
+candidate for the token at sequence index `t` iff `j < t // block_size`.
+
+Training scores every token of a sequence against the compressed blocks of that same sequence
+(:meth:`DecodeGate.forward`). Decoding grows a :class:`CompressedKeyCache` one token at a time: a
+block is compressed (and rotated at its start position) the moment its last token arrives, which
+gives exactly what compressing the whole prefix at once gives.
+
+Nothing here imports transformers: RoPE tables come in as arguments (or as a callable).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from seer_attn.modules.attn_gate import POOL_TYPES, MultiHeadLinear, apply_rope, pool_blocks
+
+__all__ = [
+    "DecodeGate",
+    "CompressedKeyCache",
+    "valid_decode_gate_types",
+    "parse_decode_gate_type",
+    "Q_POOLINGS",
+]
+
+Q_POOLINGS = ("proj", "avg")
+
+# positions [B, n] -> (cos, sin) [B, n, Dg]
+RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def valid_decode_gate_types() -> list[str]:
+    """All decode gate names: `K<pools>` with pools a non-empty ordered subset of max, min, avg."""
+    return ["K" + "".join(c) for r in range(1, len(POOL_TYPES) + 1) for c in itertools.combinations(POOL_TYPES, r)]
+
+
+def parse_decode_gate_type(name: str) -> tuple[str, ...]:
+    """`"Kmaxminavg"` -> `("max", "min", "avg")`; unknown names raise ValueError."""
+    if name not in valid_decode_gate_types():
+        raise ValueError(f"unknown decode gate type {name!r}; valid types are: {', '.join(valid_decode_gate_types())}")
+    return tuple(p for p in POOL_TYPES if p in name[1:])
+
+
+class DecodeGate(nn.Module):
+    """Per-token block scorer for one attention layer (decode-stage sparsity).
+
+    Args:
+        num_heads (int): query heads `Hq`.
+        num_kv_heads (int): key/value heads `Hkv` (divides `Hq`).
+        head_dim (int): `D`.
+        gate_type (str): key pooling recipe, e.g. `"Kmaxminavg"` (see :func:`valid_decode_gate_types`).
+            Default: `"Kmaxminavg"`.
+        hidden_size (int, Optional): gate width `Dg` (even, for RoPE). Default: `head_dim`.
+        block_size (int): tokens per key block. Default: `64`.
+        q_pooling (str): how the `G` query heads of a group become one gate query: `"proj"` (learned
+            `G * D -> Dg` map per KV head) or `"avg"` (their mean; needs `Dg == D`). Default: `"proj"`.
+        use_norm (bool): RMSNorm (learned per-channel scale) on gate queries and keys. Default: `True`.
+
+    Computes in fp32 whatever the dtype of its inputs and weights.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        gate_type: str = "Kmaxminavg",
+        hidden_size: int | None = None,
+        block_size: int = 64,
+        q_pooling: str = "proj",
+        use_norm: bool = True,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if q_pooling not in Q_POOLINGS:
+            raise ValueError(f"q_pooling must be one of {Q_POOLINGS}, got {q_pooling!r}")
+        self.k_pools = parse_decode_gate_type(gate_type)
+        self.gate_type, self.q_pooling, self.block_size = gate_type, q_pooling, block_size
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.hidden_size = hidden_size or head_dim
+        if self.hidden_size % 2:
+            raise ValueError(f"gate hidden size must be even for RoPE, got {self.hidden_size}")
+        if q_pooling == "avg" and self.hidden_size != head_dim:
+            raise ValueError(f"q_pooling='avg' needs hidden_size == head_dim ({head_dim}), got {self.hidden_size}")
+        self.k_linear = MultiHeadLinear(head_dim * len(self.k_pools), self.hidden_size, num_kv_heads)
+        self.q_linear = MultiHeadLinear(self.group * head_dim, self.hidden_size, num_kv_heads) if q_pooling == "proj" else None
+        self.q_norm = nn.RMSNorm(self.hidden_size, eps=1e-6) if use_norm else None
+        self.k_norm = nn.RMSNorm(self.hidden_size, eps=1e-6) if use_norm else None
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Linear maps N(0, std), norm scales 1."""
+        for lin in (self.k_linear, self.q_linear):
+            if lin is not None:
+                lin.reset_parameters(std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def _norm(self, norm: nn.RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+        if norm is None:
+            return x
+        # fp32 whatever the dtype the model cast the gate to
+        return nn.functional.rms_norm(x, (x.shape[-1],), norm.weight.float(), norm.eps)
+
+    def compress_keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Compressed, rotated keys of complete blocks.
+
+        Args:
+            k (torch.Tensor): pre-RoPE keys `[B, Hkv, nb * block_size, D]` (whole blocks only).
+            cos, sin (torch.Tensor): RoPE tables `[B, nb, Dg]` at each block's first-token position.
+
+        Returns:
+            `[B, Hkv, nb, Dg]` fp32.
+        """
+        if k.dim() != 4 or k.shape[1] != self.num_kv_heads or k.shape[-1] != self.head_dim:
+            raise ValueError(f"decode gate built for Hkv={self.num_kv_heads}, D={self.head_dim}; got k {tuple(k.shape)}")
+        if k.shape[2] % self.block_size:
+            raise ValueError(f"compress_keys takes whole blocks of {self.block_size} tokens, got {k.shape[2]} tokens")
+        kb = torch.cat([pool_blocks(k, self.block_size, kind) for kind in self.k_pools], dim=-1)
+        kb = self._norm(self.k_norm, self.k_linear(kb))
+        if cos.shape[-2] != kb.shape[2] or cos.shape[-1] != self.hidden_size:
+            raise ValueError(f"key RoPE tables must be [B, {kb.shape[2]}, {self.hidden_size}], got {tuple(cos.shape)}")
+        return apply_rope(kb, cos.float(), sin.float())
+
+    def queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One gate query per (KV head, token).
+
+        Args:
+            q (torch.Tensor): pre-RoPE queries `[B, Hq, n, D]`.
+            cos, sin (torch.Tensor): RoPE tables `[B, n, Dg]` at each token's own position.
+
+        Returns:
+            `[B, Hkv, n, Dg]` fp32.
+        """
+        if q.dim() != 4 or q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
+            raise ValueError(f"decode gate built for Hq={self.num_heads}, D={self.head_dim}; got q {tuple(q.shape)}")
+        B, _, n, D = q.shape
+        grouped = q.float().view(B, self.num_kv_heads, self.group, n, D)
+        if self.q_linear is not None:
+            # [B, Hkv, n, G * D]: the group's head vectors side by side
+            x = self.q_linear(grouped.permute(0, 1, 3, 2, 4).reshape(B, self.num_kv_heads, n, self.group * D))
+        else:
+            x = grouped.mean(2)
+        x = self._norm(self.q_norm, x)
+        if cos.shape[-2] != n or cos.shape[-1] != self.hidden_size:
+            raise ValueError(f"query RoPE tables must be [B, {n}, {self.hidden_size}], got {tuple(cos.shape)}")
+        return apply_rope(x, cos.float(), sin.float())
+
+    def score(self, qg: torch.Tensor, kc: torch.Tensor, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Scaled logits of gate queries against compressed keys, `-inf` where a block is no candidate.
+
+        Args:
+            qg (torch.Tensor): `[B, Hkv, n, Dg]` from :meth:`queries`.
+            kc (torch.Tensor): `[B, Hkv, nc, Dg]` from :meth:`compress_keys` (blocks `0 .. nc-1`).
+            rows (torch.Tensor): int `[n]`, sequence index of each query token; block `j` is a
+                candidate for row `t` iff `j < t // block_size`.
+            width (int, Optional): output width (>= nc; extra columns are `-inf`). Default: `nc`.
+
+        Returns:
+            `[B, Hkv, n, width]` fp32.
+        """
+        logits = torch.matmul(qg, kc.transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        nc = kc.shape[2]
+        width = nc if width is None else width
+        if width > nc:
+            logits = nn.functional.pad(logits, (0, width - nc), value=float("-inf"))
+        cols = torch.arange(width, device=logits.device)
+        candidate = cols[None, :] < (rows.to(logits.device)[:, None] // self.block_size)
+        return logits.masked_fill(~candidate, float("-inf"))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_cos: torch.Tensor,
+        q_sin: torch.Tensor,
+        k_cos: torch.Tensor,
+        k_sin: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training form: score tokens of a sequence against all of its completed blocks.
+
+        Args:
+            q (torch.Tensor): pre-RoPE queries of the scored tokens `[B, Hq, n, D]` (e.g. the second
+                half of the sequence).
+            k (torch.Tensor): pre-RoPE keys of the whole sequence `[B, Hkv, S, D]`.
+            q_cos, q_sin (torch.Tensor): `[B, n, Dg]` at the scored tokens' positions.
+            k_cos, k_sin (torch.Tensor): `[B, S // block_size, Dg]` at the complete blocks' first tokens.
+            rows (torch.Tensor): int `[n]`, sequence index of each scored token.
+
+        Returns:
+            logits `[B, Hkv, n, ceil(S / block_size)]` fp32, `-inf` for blocks that are not candidates
+            (the token's own block and later ones).
+        """
+        S = k.shape[2]
+        full = (S // self.block_size) * self.block_size
+        kc = self.compress_keys(k[:, :, :full], k_cos, k_sin)
+        return self.score(self.queries(q, q_cos, q_sin), kc, rows, width=math.ceil(S / self.block_size))
+
+
+class CompressedKeyCache:
+    """One layer's decode-gate state while generating: compressed keys of the completed blocks.
+
+    Holds `keys` `[B, Hkv, nc, Dg]` (fp32, compressed and rotated at each block's first position)
+    and the pre-RoPE keys of the partial block being filled (`pending`, fewer than `block_size`
+    tokens) with their positions. A block is compressed when its last token arrives, by
+    :meth:`DecodeGate.compress_keys` on exactly the tokens and start position prefill would use, so
+    the cache equals compressing the whole prefix at once. A one-token step is one small copy into a
+    preallocated block buffer (plus the compression, once per block).
+    """
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None  # [B, Hkv, block_size, D] pre-RoPE keys of the partial block
+        self._pos: torch.Tensor | None = None  # [B, block_size] their positions
+        self._fill = 0
+        self.num_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def pending(self) -> torch.Tensor | None:
+        """Pre-RoPE keys of the partial block, `[B, Hkv, p, D]` (`p < block_size`)."""
+        return None if self._buf is None else self._buf[:, :, : self._fill]
+
+    @torch.no_grad()
+    def append(self, gate: DecodeGate, k: torch.Tensor, positions: torch.Tensor, rope: RopeFn) -> None:
+        """Add new tokens' keys; compress every block they complete.
+
+        Args:
+            gate (DecodeGate): the layer's decode gate.
+            k (torch.Tensor): pre-RoPE keys of the new tokens `[B, Hkv, n, D]`.
+            positions (torch.Tensor): int `[B or 1, n]` position ids of the new tokens.
+            rope: `positions [B, m] -> (cos, sin) [B, m, Dg]`, the gate's RoPE tables.
+        """
+        B, H, n, D = k.shape
+        bs = gate.block_size
+        if self._buf is None:
+            self._buf = k.new_empty(B, H, bs, D)
+            self._pos = torch.empty(B, bs, dtype=torch.long, device=k.device)
+        elif self._buf.shape[0] != B:
+            raise ValueError(f"decode gate cache holds batch {self._buf.shape[0]}, got keys for batch {B}")
+        positions = positions.to(k.device).expand(B, n)
+        if self._fill + n < bs:
+            self._buf[:, :, self._fill : self._fill + n] = k
+            self._pos[:, self._fill : self._fill + n] = positions
+            self._fill += n
+        else:
+            # the partial block, then the new tokens: compress every whole block among them
+            buf = torch.cat([self._buf[:, :, : self._fill], k.to(self._buf.dtype)], dim=2)
+            pos = torch.cat([self._pos[:, : self._fill], positions], dim=1)
+            full = (buf.shape[2] // bs) * bs
+            new = gate.compress_keys(buf[:, :, :full], *rope(pos[:, 0:full:bs]))
+            self.keys = new if self.keys is None else torch.cat([self.keys, new], dim=2)
+            self._fill = buf.shape[2] - full
+            self._buf[:, :, : self._fill] = buf[:, :, full:]
+            self._pos[:, : self._fill] = pos[:, full:]
+        self.num_tokens += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select / reorder batch rows (beam search), as the KV cache does."""
+        for name in ("keys", "_buf", "_pos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))

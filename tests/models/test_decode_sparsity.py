@@ -1,0 +1,260 @@
+"""Decode-stage sparsity in the model, on a tiny random Llama (block size 16 so that short sequences
+span many blocks): generation with an unlimited budget == dense generation (greedy and beam search),
+sparse generation == teacher-forced decode mode over the same tokens (so the incremental
+compressed-K cache and the selection match the whole-sequence path), distillation trains the decode
+gate, gate-only checkpoints carry it, and the dense rules (start layer, min context, padding)."""
+
+import logging
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import seer_attn.modules.decode as decode_module
+from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+from seer_attn.modules.decode import decode_states
+from seer_attn.modules.decode_gate import DecodeGate
+
+BS = 16
+DECODE = dict(
+    seerattn_decode_gate_type="Kmaxminavg", seerattn_gate_block_size=BS, seerattn_decode_min_context=0,
+    seerattn_min_sparse_length=1 << 20,  # dense prefill: these tests are about decoding
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(42)
+    d = tmp_path_factory.mktemp("tiny_llama_decode")
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=128, vocab_size=128, max_position_embeddings=2048,
+    )
+    LlamaForCausalLM(config).save_pretrained(d)
+    return str(d)
+
+
+def load(tiny_dir, **kw):
+    model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, **{**DECODE, **kw}).eval()
+    torch.manual_seed(0)
+    model.reset_gates(std=0.3)  # decisive gate scores: no near-ties between selection paths
+    return model
+
+
+def prompt(B=1, S=20, seed=0):
+    return torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, x, n=40, **kw):
+    out = model.generate(
+        x, max_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kw
+    )
+    return out.sequences, torch.stack(out.scores, 1), out.past_key_values
+
+
+def test_decode_config_fields():
+    c = SeerLlamaConfig()
+    assert c.seerattn_decode_gate_type is None and c.seerattn_decode_token_budget == 2048
+    assert c.seerattn_decode_selector == "gate" and c.seerattn_decode_threshold is None
+    for bad, match in (
+        (dict(seerattn_decode_gate_type="Kminmax"), "decode gate type"),
+        (dict(seerattn_decode_selector="best"), "seerattn_decode_selector"),
+        (dict(seerattn_decode_token_budget=-1), "seerattn_decode_token_budget"),
+        (dict(seerattn_decode_selector="quest", seerattn_decode_threshold=0.1), "probabilities"),
+        (dict(seerattn_decode_q_pooling="max"), "seerattn_decode_q_pooling"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SeerLlamaConfig(**bad)
+
+
+def test_unlimited_budget_generation_equals_dense(tiny_dir):
+    model = load(tiny_dir, seerattn_decode_token_budget=10**6)
+    x = prompt(B=2)
+    calls = []
+    real = decode_module._attend
+    decode_module._attend = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        seq, scores, cache = greedy(model, x)
+    finally:
+        decode_module._attend = real
+    assert len(calls) == 39 * 2  # every decoding step of both layers went through the sparse path
+    states = decode_states(cache)
+    assert {i: (s.num_tokens, s.num_blocks) for i, s in states.items()} == {0: (59, 59 // BS), 1: (59, 59 // BS)}
+    model.set_seerattn(seerattn_mode="dense")
+    dseq, dscores, _ = greedy(model, x)
+    assert torch.equal(seq, dseq)
+    torch.testing.assert_close(scores, dscores, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=48), dict(seerattn_decode_threshold=0.3)])
+def test_sparse_generation_equals_teacher_forced_decode_mode(tiny_dir, fields):
+    """Budget 48 = own block + 2 blocks: the 20-token prompt is dense either way, every later token is
+    truly sparse. Teacher-forced decode mode compresses the whole prefix at once; generation grows the
+    compressed cache block by block: the logits must agree at every step (also with a threshold)."""
+    model = load(tiny_dir, **fields)
+    x = prompt()
+    seq, scores, _ = greedy(model, x, n=60)
+    model.set_seerattn(seerattn_mode="decode_eval")
+    with torch.no_grad():
+        out = model(seq[:, :-1], use_cache=False)
+    torch.testing.assert_close(out.logits[:, x.shape[1] - 1 :], scores, atol=1e-4, rtol=0)
+    assert out.density is not None and out.density < 0.9
+    # and it is really sparse: dense decoding gives other logits
+    model.set_seerattn(seerattn_mode="dense")
+    with torch.no_grad():
+        dense = model(seq[:, :-1], use_cache=False).logits
+    assert (dense[:, -20:] - out.logits[:, -20:]).abs().max() > 1e-3
+
+
+def test_multi_token_step_equals_teacher_forced_decode_mode(tiny_dir):
+    # a 30-token step over a 40-token cache (speculative decoding): per-token selection, blocks
+    # completed inside the step are compressed before they are scored
+    model = load(tiny_dir, seerattn_decode_token_budget=48)
+    x = prompt(S=70)
+    with torch.no_grad():
+        cache = model(x[:, :40], use_cache=True).past_key_values
+        step = model(x[:, 40:], past_key_values=cache, use_cache=True).logits
+        model.set_seerattn(seerattn_mode="decode_eval")
+        tf = model(x, use_cache=False).logits
+    torch.testing.assert_close(step, tf[:, 40:], atol=1e-4, rtol=0)
+    assert decode_states(cache)[1].num_blocks == 70 // BS
+
+
+@pytest.mark.parametrize("selector", ["oracle", "quest", "static"])
+def test_reference_selectors(tiny_dir, selector):
+    # no decode gate needed; unlimited budget == dense, a small one differs from dense
+    model = load(tiny_dir, seerattn_decode_gate_type=None, seerattn_decode_selector=selector, seerattn_decode_token_budget=10**6)
+    x = prompt()
+    seq, scores, _ = greedy(model, x, n=30)
+    model.set_seerattn(seerattn_mode="dense")
+    dseq, dscores, _ = greedy(model, x, n=30)
+    torch.testing.assert_close(scores, dscores, atol=1e-4, rtol=0)
+    model.set_seerattn(seerattn_mode="sparse", seerattn_decode_token_budget=32)
+    sseq, sscores, _ = greedy(model, x, n=30)
+    model.set_seerattn(seerattn_mode="decode_eval")
+    with torch.no_grad():
+        tf = model(sseq[:, :-1], use_cache=False).logits
+    torch.testing.assert_close(tf[:, x.shape[1] - 1 :], sscores, atol=1e-4, rtol=0)
+
+
+def test_beam_search_unlimited_budget_equals_dense(tiny_dir):
+    model = load(tiny_dir, seerattn_decode_token_budget=10**6)
+    x = prompt(seed=1)
+    kw = dict(max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
+    seq = model.generate(x, **kw)
+    model.set_seerattn(seerattn_mode="dense")
+    assert torch.equal(seq, model.generate(x, **kw))
+
+
+def test_dense_rules(tiny_dir, caplog):
+    model = load(tiny_dir, seerattn_decode_token_budget=32)
+    x = prompt()
+    model.set_seerattn(seerattn_mode="dense")
+    _, dense, _ = greedy(model, x, n=30)
+    for fields in (dict(seerattn_decode_start_layer=2), dict(seerattn_decode_min_context=10**6)):
+        model.set_seerattn(**{"seerattn_mode": "sparse", "seerattn_decode_start_layer": 0, "seerattn_decode_min_context": 0, **fields})
+        _, scores, _ = greedy(model, x, n=30)
+        torch.testing.assert_close(scores, dense, atol=1e-4, rtol=0)
+    # padded batches decode densely, and say so
+    model.set_seerattn(seerattn_mode="sparse", seerattn_decode_start_layer=0, seerattn_decode_min_context=0)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :3] = 0
+    with caplog.at_level(logging.WARNING):
+        decode_module._logged.clear()
+        model.generate(prompt(B=2), attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert "padded batch decodes densely" in caplog.text
+
+
+def test_decode_gate_misuse(tiny_dir):
+    model = load(tiny_dir, seerattn_decode_gate_type=None)
+    model.set_seerattn(seerattn_decode_gate_type="Kmax")
+    with pytest.raises(RuntimeError, match="when loading the model"):
+        model(prompt())
+    model = load(tiny_dir)
+    model.set_seerattn(seerattn_mode="decode_eval")
+    with pytest.raises(ValueError, match="whole sequences"):
+        greedy(model, prompt(), n=2)
+
+
+def test_distill_trains_decode_gate_and_checkpoint_carries_it(tiny_dir, tmp_path):
+    model = load(tiny_dir, seerattn_mode="distill")
+    model.freeze_base()
+    decode_params = {n: p for n, p in model.named_parameters() if ".decode_gate." in n}
+    assert decode_params and all(p.requires_grad for p in decode_params.values())
+    x = prompt(B=2, S=100)
+    out = model(x, logits_to_keep=1)
+    no_decode = load(tiny_dir, seerattn_mode="distill", seerattn_decode_gate_type=None)
+    no_decode.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        prefill_only = no_decode(x, logits_to_keep=1).gate_losses
+    assert (out.gate_losses.detach() > prefill_only + 1e-4).all()  # the decode loss is added per layer
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decode_params.values())
+    # padded batches: per-sequence decode loss, finite
+    mask = torch.ones_like(x)
+    mask[0, :30] = 0
+    padded = model(x, attention_mask=mask, logits_to_keep=1)
+    assert torch.isfinite(padded.gate_losses).all()
+
+    model.save_pretrained(tmp_path, save_base=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert any(".decode_gate." in k for k in saved)
+    reloaded = SeerLlamaForCausalLM.from_pretrained(str(tmp_path), base_model=tiny_dir, dtype=torch.float32)
+    assert isinstance(reloaded.model.layers[1].self_attn.attn_gate.decode_gate, DecodeGate)
+    for name, p in reloaded.named_parameters():
+        if ".decode_gate." in name:
+            torch.testing.assert_close(p, decode_params[name].detach())
+
+
+@pytest.mark.slow
+def test_smollm2_unlimited_budget_generation_equals_dense(smollm2, eval_text):
+    """The real model with (untrained) decode gates: greedy decoding across block boundaries with an
+    unlimited budget is token-for-token the dense decoding."""
+    from seer_attn.modules.decode import attach_decode_gate
+
+    model, tok = smollm2
+    x = tok(eval_text, return_tensors="pt").input_ids[:, :186]
+    fields = ("seerattn_mode", "seerattn_decode_gate_type", "seerattn_decode_token_budget", "seerattn_decode_min_context")
+    saved = {k: getattr(model.config, k) for k in fields}
+    model.set_seerattn(seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_token_budget=10**6, seerattn_decode_min_context=0)
+    for layer in model.model.layers:
+        attach_decode_gate(layer.self_attn.attn_gate, model.config, layer.self_attn.head_dim).reset_parameters()
+    try:
+        model.set_seerattn(seerattn_mode="sparse")
+        seq, scores, cache = greedy(model, x, n=14)
+        assert decode_states(cache)[29].num_blocks == 199 // 64 == 3
+        model.set_seerattn(seerattn_mode="dense")
+        dseq, dscores, _ = greedy(model, x, n=14)
+        assert torch.equal(seq, dseq)
+        torch.testing.assert_close(scores, dscores, atol=2e-3, rtol=0)
+    finally:
+        for layer in model.model.layers:
+            del layer.self_attn.attn_gate.decode_gate
+        model.set_seerattn(**saved)
+
+
+@pytest.mark.gpu
+def test_smollm2_triton_decoding_gpu(eval_text):
+    """On CUDA the Triton kernels run (decode kernel, token-pooling oracle): unlimited budget == dense
+    token for token, and budget-256 generation == teacher-forced decode mode."""
+    from seer_attn import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    model = SeerLlamaForCausalLM.from_pretrained(
+        "smollm2-135m", dtype=torch.float32, seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_min_context=0,
+        seerattn_decode_token_budget=10**6,
+    ).cuda().eval()
+    x = tok(eval_text, return_tensors="pt").input_ids[:, :200].cuda()
+    seq, scores, _ = greedy(model, x, n=150)
+    model.set_seerattn(seerattn_mode="dense")
+    dseq, dscores, _ = greedy(model, x, n=150)
+    assert torch.equal(seq, dseq)
+    for selector in ("gate", "oracle"):
+        model.set_seerattn(seerattn_mode="sparse", seerattn_decode_token_budget=256, seerattn_decode_selector=selector)
+        seq, scores, _ = greedy(model, x, n=150)
+        model.set_seerattn(seerattn_mode="decode_eval")
+        with torch.no_grad():
+            tf = model(seq[:, :-1], use_cache=False).logits
+        torch.testing.assert_close(tf[:, x.shape[1] - 1 :], scores, atol=2e-3, rtol=0)

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from seer_attn.modules.attn_gate import apply_rope, pool_blocks
+from seer_attn.modules.decode_gate import CompressedKeyCache, DecodeGate, parse_decode_gate_type, valid_decode_gate_types
+
+
+def rope(positions, d=16, theta=10000.0):
+    """`[B, n]` positions -> cos, sin `[B, n, d]` (plain RoPE, enough to check positions)."""
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    f = positions.float()[..., None] * inv
+    emb = torch.cat([f, f], -1)
+    return emb.cos(), emb.sin()
+
+
+def make_gate(q_pooling="proj", use_norm=True, gate_type="Kmaxminavg", hidden=None, bs=16, Hq=6, Hkv=2, D=16):
+    torch.manual_seed(0)
+    gate = DecodeGate(Hq, Hkv, D, gate_type=gate_type, hidden_size=hidden, block_size=bs, q_pooling=q_pooling, use_norm=use_norm)
+    gate.reset_parameters(0.2)
+    if use_norm:
+        with torch.no_grad():
+            gate.q_norm.weight.uniform_(0.5, 1.5)
+            gate.k_norm.weight.uniform_(0.5, 1.5)
+    return gate
+
+
+def test_decode_gate_type_names():
+    names = valid_decode_gate_types()
+    assert len(names) == 7 and "Kmaxminavg" in names and "Kminmax" not in names
+    assert parse_decode_gate_type("Kmaxavg") == ("max", "avg")
+    with pytest.raises(ValueError, match="valid types"):
+        parse_decode_gate_type("Qavg_Kmax")
+    with pytest.raises(ValueError, match="hidden_size == head_dim"):
+        DecodeGate(4, 2, 16, hidden_size=32, q_pooling="avg")
+    with pytest.raises(ValueError, match="q_pooling"):
+        DecodeGate(4, 2, 16, q_pooling="sum")
+
+
+@pytest.mark.parametrize("q_pooling,use_norm,hidden", [("proj", True, None), ("proj", False, 8), ("avg", True, None)])
+def test_decode_gate_matches_reference(q_pooling, use_norm, hidden):
+    """Every step written out by hand: pooled K -> per-KV-head linear -> norm -> RoPE at the block start;
+    grouped Q -> (projection | mean) -> norm -> RoPE at the token; scaled dot product; candidates j < t // bs."""
+    bs, Hq, Hkv, D, S = 16, 6, 2, 16, 71
+    gate = make_gate(q_pooling, use_norm, "Kmaxmin", hidden, bs, Hq, Hkv, D)
+    Dg = gate.hidden_size
+    q, k = torch.randn(2, Hq, S, D), torch.randn(2, Hkv, S, D)
+    rows = torch.arange(S)
+    pos = rows[None].expand(2, S)
+    nbf = S // bs
+    logits = gate(q, k, *rope(pos, Dg), *rope(pos[:, :: bs][:, :nbf], Dg), rows)
+    assert logits.shape == (2, Hkv, S, math.ceil(S / bs))
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w if use_norm else x
+
+    kb = torch.cat([pool_blocks(k[:, :, : nbf * bs], bs, "max"), pool_blocks(k[:, :, : nbf * bs], bs, "min")], -1)
+    kb = torch.stack([kb[:, h] @ gate.k_linear.weight[h] for h in range(Hkv)], 1)
+    kb = apply_rope(norm(kb, gate.k_norm.weight if use_norm else None), *rope(pos[:, ::bs][:, :nbf], Dg))
+    G = Hq // Hkv
+    if q_pooling == "proj":
+        qg = torch.stack([torch.cat([q[:, h * G + g] for g in range(G)], -1) @ gate.q_linear.weight[h] for h in range(Hkv)], 1)
+    else:
+        qg = torch.stack([q[:, h * G : (h + 1) * G].mean(1) for h in range(Hkv)], 1)
+    qg = apply_rope(norm(qg, gate.q_norm.weight if use_norm else None), *rope(pos, Dg))
+    ref = qg @ kb.transpose(-1, -2) / math.sqrt(Dg)
+    for t in range(S):
+        nc = t // bs
+        torch.testing.assert_close(logits[:, :, t, :nc], ref[:, :, t, :nc], atol=1e-5, rtol=1e-5)
+        assert torch.isneginf(logits[:, :, t, nc:]).all()
+
+
+def test_compressed_key_cache_incremental_equals_prefix():
+    """Prompt, then single tokens and a 3-token step, across several block boundaries: after every
+    step the cache equals compressing the whole prefix at once (each block rotated at its start)."""
+    bs, Hkv, D = 16, 2, 16
+    gate = make_gate(bs=bs, Hkv=Hkv, D=D)
+    total, prompt = 75, 21
+    k = torch.randn(2, Hkv, total, D)
+    pos = torch.arange(total)[None] + 5  # position ids need not start at 0: blocks rotate at their own
+    rope_fn = lambda p: rope(p, gate.hidden_size)  # noqa: E731
+    cache = CompressedKeyCache()
+    steps = [prompt] + [1] * 20 + [3] + [1] * (total - prompt - 23)
+    t = 0
+    for n in steps:
+        cache.append(gate, k[:, :, t : t + n], pos[:, t : t + n], rope_fn)
+        t += n
+        full = (t // bs) * bs
+        assert cache.num_tokens == t and cache.num_blocks == t // bs
+        assert cache.pending.shape[2] == t - full
+        if full:
+            ref = gate.compress_keys(k[:, :, :full], *rope_fn(pos[:, :full:bs].expand(2, -1)))
+            torch.testing.assert_close(cache.keys, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(cache.pending, k[:, :, full:t])
+    assert t == total
+    # beam reordering follows the batch
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.keys[0], cache.keys[1]) and torch.equal(cache.pending[0], k[1, :, (total // bs) * bs :])
