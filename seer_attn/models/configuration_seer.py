@@ -146,6 +146,9 @@ class SeerAttnConfigMixin:
             raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
         if not isinstance(self.seerattn_cross_document, bool):
             raise ValueError(f"seerattn_cross_document must be a bool, got {self.seerattn_cross_document!r}")
+        if not self.seerattn_cross_document and self.seerattn_cuda_graphs:
+            # documents are found on the host (one sync per forward): nothing a replayed graph can do
+            raise ValueError("seerattn_cross_document=False cannot be combined with seerattn_cuda_graphs")
         if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:
             raise ValueError(f"seerattn_gate_hidden_size must be even (RoPE), got {self.seerattn_gate_hidden_size}")
         validate_decode_config(self)
