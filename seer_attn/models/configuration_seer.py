@@ -12,13 +12,13 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_gate_type` | `Q<pools>_K<pools>` | `Qavg_Kmaxminavg` | pooling recipe (see `seer_attn.modules.attn_gate.valid_gate_types`). |
 | `seerattn_gate_block_size` | 64 (or 128) | 64 | tokens per block. |
 | `seerattn_gate_hidden_size` | int or None | None = head_dim | gate width. |
-| `seerattn_gate_q_summaries` | 1, 2, 4, 8 | 1 | query summaries per block (sub-block averages; block probability = mixture of their softmaxes). |
-| `seerattn_gate_k_summaries` | 1, 2, 4, 8 | 1 | key summaries per block (block probability = sum over them). |
-| `seerattn_gate_init` | `random`, `pooled` | `random` | fresh gates: small random weights, or the training-free pooled-attention scores (avg-pooled Q . K). |
-| `seerattn_sparsity_method` | `nz_ratio`, `threshold`, `top_p`, `adaptive` | `nz_ratio` | per-row top-k for a target density; a probability threshold; per-row top-p; or `adaptive`: the per-row top-k budget of `nz_ratio` spent on the highest gate probabilities over all rows and heads of a layer. |
+| `seerattn_gate_q_summaries` | 1, 2, 4, 8 | 4 | query summaries per block (sub-block averages; block probability = mixture of their softmaxes). |
+| `seerattn_gate_k_summaries` | 1, 2, 4, 8 | 2 | key summaries per block (block probability = sum over them). |
+| `seerattn_gate_init` | `random`, `pooled` | `pooled` | fresh gates: small random weights, or the training-free pooled-attention scores (avg-pooled Q . K). |
+| `seerattn_sparsity_method` | `nz_ratio`, `threshold`, `top_p`, `adaptive` | `adaptive` | per-row top-k for a target density; a probability threshold; per-row top-p; or `adaptive`: the per-row top-k budget of `nz_ratio` spent on the highest gate probabilities over all rows and heads of a layer. |
 | `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
 | `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
-| `seerattn_adaptive_row_floor` | [0, 1] | 0.0 | method `adaptive`: each row first keeps this fraction of its top-k budget (0 fully global, 1 = top-k). |
+| `seerattn_adaptive_row_floor` | [0, 1] | 0.5 | method `adaptive`: each row first keeps this fraction of its top-k budget (0 fully global, 1 = top-k). |
 | `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
@@ -29,7 +29,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_gt_layers_per_step` | int >= 0 | 0 | sparse fine-tuning: only this many layers (rotating) compute the ground truth per forward; 0 = all (`seer_attn.modules.gt_schedule`). |
 | `seerattn_kernel_implementation` | `auto`, `TopK`, `CSR`, `naive` | `auto` | `auto`: Triton TopK (inference) / CSR (training) on CUDA, the PyTorch twins (`naive`) on CPU. |
 | `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
-| `seerattn_distill_target` | `max`, `mass` | `max` | ground truth map: 2D max-pool of probabilities (upstream) or block mass. |
+| `seerattn_distill_target` | `max`, `mass` | `mass` | ground truth map: 2D max-pool of probabilities (upstream) or block mass (better at low density in the gate study). |
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
 | `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
 | `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `pooled`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, the gate's scoring without learned weights, sink + recent window, random) at the same budget. `pooled` needs `seerattn_gate_hidden_size` = head_dim. |
@@ -78,14 +78,16 @@ class SeerAttnConfigMixin:
     seerattn_gate_type: str = "Qavg_Kmaxminavg"
     seerattn_gate_block_size: int = 64
     seerattn_gate_hidden_size: int | None = None
-    seerattn_gate_q_summaries: int = 1
-    seerattn_gate_k_summaries: int = 1
-    seerattn_gate_init: str = "random"
-    seerattn_sparsity_method: str = "nz_ratio"
+    # the default recipe is the best of the gate study (docs/RESULTS.md, "Gate quality"): 4 query and
+    # 2 key summaries per block, pooled initialisation, mass target, adaptive selection with a row floor
+    seerattn_gate_q_summaries: int = 4
+    seerattn_gate_k_summaries: int = 2
+    seerattn_gate_init: str = "pooled"
+    seerattn_sparsity_method: str = "adaptive"
     seerattn_nz_ratio: float = 0.5
     seerattn_threshold: float = 5e-3
     seerattn_top_p: float = 0.9
-    seerattn_adaptive_row_floor: float = 0.0
+    seerattn_adaptive_row_floor: float = 0.5
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
@@ -95,7 +97,7 @@ class SeerAttnConfigMixin:
     seerattn_gt_layers_per_step: int = 0
     seerattn_kernel_implementation: str = "auto"
     seerattn_loss: str = "kl"
-    seerattn_distill_target: str = "max"
+    seerattn_distill_target: str = "mass"
     seerattn_gate_loss_scale: float = 10.0
     seerattn_gate_loss_row_start: float = 0.0
     seerattn_selector: str = "gate"

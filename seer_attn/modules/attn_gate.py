@@ -184,7 +184,7 @@ class AttnGate(nn.Module):
         if "avg" not in self.q_pools or "avg" not in self.k_pools or self.hidden_size != self.head_dim:
             raise ValueError(
                 f"init_from_pooled needs 'avg' in both pools and hidden_size == head_dim; gate {self.gate_type!r} "
-                f"has hidden_size {self.hidden_size}, head_dim {self.head_dim}"
+                f"has hidden_size {self.hidden_size}, head_dim {self.head_dim} (use seerattn_gate_init='random' for it)"
             )
         eye = torch.eye(self.head_dim)
         for lin, pools in ((self.mask_linear_q, self.q_pools), (self.mask_linear_k, self.k_pools)):

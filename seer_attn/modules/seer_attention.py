@@ -331,8 +331,10 @@ def seer_attention(
     output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
+            # the pooled selector scores whole blocks: RoPE at block starts, one table entry in r
+            r = settings.block_size // getattr(gate, "rope_stride", settings.block_size)
             scores = baseline_scores(settings.selector, q, k, v, sm_scale, settings.block_size, kernel,
-                                     q_pre=q_pre, k_pre=k_pre, cos=cos, sin=sin, output=output)
+                                     q_pre=q_pre, k_pre=k_pre, cos=cos[:, ::r], sin=sin[:, ::r], output=output)
     elif train_gate:
         if in_backward() and target_cache:
             # activation-checkpoint recomputation: the dense ground truth of this very forward is

@@ -60,8 +60,17 @@ def hf(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+CLASSIC_GATE = dict(
+    seerattn_gate_q_summaries=1, seerattn_gate_k_summaries=1, seerattn_gate_init="random", seerattn_sparsity_method="nz_ratio"
+)
+
+
 def seer(path, **kw):
     kw.setdefault("seerattn_min_sparse_length", 0)  # short test inputs must still take the sparse path
+    # the mechanics below are checked on the classic gate (one summary per side, random init,
+    # per-row top-k); the default recipe has its own tests (test_gate_designs_*, tests/models/test_seer_llama.py)
+    for key, value in CLASSIC_GATE.items():
+        kw.setdefault(key, value)
     return AutoSeerForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 

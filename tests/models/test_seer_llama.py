@@ -35,8 +35,17 @@ def base(tiny_dir):
     return LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
+CLASSIC_GATE = dict(
+    seerattn_gate_q_summaries=1, seerattn_gate_k_summaries=1, seerattn_gate_init="random", seerattn_sparsity_method="nz_ratio"
+)
+
+
 def load(tiny_dir, **kw):
     kw.setdefault("seerattn_min_sparse_length", 0)  # short test inputs must still take the sparse path
+    # the mechanics below are checked on the classic gate (one summary per side, random init,
+    # per-row top-k); the default recipe has its own tests (test_gate_designs_*, test_default_recipe_*)
+    for key, value in CLASSIC_GATE.items():
+        kw.setdefault(key, value)
     return SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, **kw).eval()
 
 
@@ -380,3 +389,20 @@ def test_cross_document_off_equals_documents_alone(tiny_dir, mode):
         torch.testing.assert_close(packed.loss, torch.stack([o.loss for o in alone]).mean(), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="cross_document"):
         model.set_seerattn(seerattn_cross_document="no")
+
+
+def test_default_recipe_runs_sparse_with_adaptive_budget(tiny_dir):
+    """The library defaults (4 query / 2 key summaries, pooled init, adaptive selection with a row
+    floor) as a user gets them: a fresh gate already ranks like pooled attention, and the realised
+    density stays under the per-row top-k's at the same nz_ratio."""
+    model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, seerattn_min_sparse_length=0).eval()
+    cfg = model.config
+    assert (cfg.seerattn_gate_q_summaries, cfg.seerattn_gate_k_summaries, cfg.seerattn_gate_init, cfg.seerattn_sparsity_method) == (
+        4, 2, "pooled", "adaptive"
+    )
+    x = ids(S=1000)
+    with torch.no_grad():
+        adaptive = model(x, labels=x).density
+        model.set_seerattn(seerattn_sparsity_method="nz_ratio")
+        topk = model(x, labels=x).density
+    assert adaptive <= topk < 1

@@ -41,13 +41,17 @@ def _fixed_batch(tiny_llama_dir, tiny_text_jsonl):
 
 def test_trainer_lowers_gate_loss_and_checkpoint_is_gate_only(tiny_llama_dir, tiny_text_jsonl, tmp_path):
     batch = _fixed_batch(tiny_llama_dir, tiny_text_jsonl)
-    before = SeerLlamaForCausalLM.from_pretrained(tiny_llama_dir, seerattn_mode="distill")
+    # the trainer's mechanics, on the classic gate (one summary per side, random init)
+    before = SeerLlamaForCausalLM.from_pretrained(
+        tiny_llama_dir, seerattn_mode="distill", seerattn_gate_init="random", seerattn_gate_q_summaries=1, seerattn_gate_k_summaries=1
+    )
     torch.manual_seed(0)
     before.reset_gates()
     with torch.no_grad():
         loss_before = before(input_ids=batch, logits_to_keep=1).loss.item()
 
-    out = _run(tmp_path / "run", tiny_llama_dir, tiny_text_jsonl, "--max_steps", "15", "--learning_rate", "3e-2",
+    out = _run(tmp_path / "run", tiny_llama_dir, tiny_text_jsonl, "--max_steps", "15", "--learning_rate", "3e-2", "--seerattn_gate_init", "random",
+               "--seerattn_gate_q_summaries", "1", "--seerattn_gate_k_summaries", "1",
                "--per_device_train_batch_size", "2", "--layer_log_steps", "5")
     after = SeerLlamaForCausalLM.from_pretrained(out, seerattn_mode="distill")
     with torch.no_grad():

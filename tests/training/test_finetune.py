@@ -57,7 +57,8 @@ def test_sparse_gradients_equal_dense_when_all_blocks_kept(tiny_dir):
 
 def test_sparse_training_adds_gate_loss_and_reaches_base(tiny_dir):
     model = SeerLlamaForCausalLM.from_pretrained(
-        tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_min_sparse_length=0, dtype=torch.float32
+        tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_min_sparse_length=0, dtype=torch.float32,
+        seerattn_sparsity_method="nz_ratio",
     ).train()
     x = torch.randint(0, 128, (1, 256))
     out = model(x, labels=x, logits_to_keep=1)
