@@ -53,5 +53,5 @@ def test_smollm2_as_qwen2_equals_llama(llama_and_qwen2, eval_text, fields):
     assert ppl_qwen2 == pytest.approx(ppl_llama, rel=1e-5)
     assert b.density == pytest.approx(a.density)
     if fields["seerattn_mode"] == "sparse":
-        assert 0.4 < a.density < 0.8
+        assert 0.2 < a.density < 0.8  # really sparse (5 blocks: one top-k block plus the diagonal per row)
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
