@@ -25,11 +25,13 @@ Every field can be overridden as a keyword of `SeerLlamaForCausalLM.from_pretrai
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 from transformers import LlamaConfig
 
 from seer_attn.modules.attn_gate import parse_gate_type
 
-__all__ = ["SeerLlamaConfig", "SEERATTN_FIELDS", "apply_yarn"]
+__all__ = ["SeerLlamaConfig", "SEERATTN_FIELDS", "apply_yarn", "check_seerattn_field"]
 
 _CHOICES = {
     "seerattn_mode": ("dense", "distill", "sparse"),
@@ -39,6 +41,36 @@ _CHOICES = {
     "seerattn_distill_target": ("max", "mass"),
     "seerattn_selector": ("gate", "oracle", "oracle_mass", "static", "random"),
 }
+
+
+def check_seerattn_field(name: str, value) -> None:
+    """Raise ValueError when `value` is not valid for the `seerattn_*` field `name` (other names pass)."""
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+    elif name == "seerattn_gate_type":
+        parse_gate_type(value)
+    elif name == "seerattn_gate_block_size":
+        if value not in (16, 32, 64, 128):
+            raise ValueError(f"seerattn_gate_block_size must be 16, 32, 64 or 128, got {value!r}")
+    elif name == "seerattn_nz_ratio":
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value <= 1.0:
+            raise ValueError(f"seerattn_nz_ratio must be a number in (0, 1], got {value!r}")
+    elif name == "seerattn_threshold":
+        if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
+            raise ValueError(f"seerattn_threshold must be a number >= 0, got {value!r}")
+    elif name == "seerattn_gate_hidden_size":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % 2):
+            raise ValueError(f"seerattn_gate_hidden_size must be None or a positive even int (RoPE), got {value!r}")
+    elif name in ("seerattn_dense_last_rows", "seerattn_min_sparse_length"):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    elif name in ("seerattn_keep_sink", "seerattn_keep_diagonal"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    elif name == "seerattn_gate_loss_scale":
+        if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
+            raise ValueError(f"seerattn_gate_loss_scale must be a number >= 0, got {value!r}")
 
 
 class SeerLlamaConfig(LlamaConfig):
@@ -66,20 +98,15 @@ class SeerLlamaConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         self.validate_seerattn()
 
+    def __setattr__(self, name, value):
+        # validated on assignment, so `config.seerattn_nz_ratio = 1.5` fails here, not at some later forward
+        check_seerattn_field(name, value)
+        super().__setattr__(name, value)
+
     def validate_seerattn(self) -> None:
         """Raise ValueError naming the first invalid `seerattn_*` field."""
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        parse_gate_type(self.seerattn_gate_type)
-        if self.seerattn_gate_block_size not in (16, 32, 64, 128):
-            raise ValueError(f"seerattn_gate_block_size must be 16, 32, 64 or 128, got {self.seerattn_gate_block_size}")
-        if not (0.0 < float(self.seerattn_nz_ratio) <= 1.0):
-            raise ValueError(f"seerattn_nz_ratio must be in (0, 1], got {self.seerattn_nz_ratio}")
-        if float(self.seerattn_threshold) < 0:
-            raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
-        if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:
-            raise ValueError(f"seerattn_gate_hidden_size must be even (RoPE), got {self.seerattn_gate_hidden_size}")
+        for name in SEERATTN_FIELDS:
+            check_seerattn_field(name, getattr(self, name))
 
     @classmethod
     def from_llama_config(cls, config: LlamaConfig, **overrides) -> "SeerLlamaConfig":

@@ -19,8 +19,10 @@ hub id, `.gguf`) or the embedded `smollm2-135m`, and any `seerattn_*` field as a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +41,9 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from seer_attn.models.configuration_seer_llama import SEERATTN_FIELDS, SeerLlamaConfig
+from seer_attn.models.configuration_seer_llama import SEERATTN_FIELDS, SeerLlamaConfig, check_seerattn_field
 from seer_attn.kernels.block_mask import indices_to_mask
-from seer_attn.models.loading import resolve_model_source
+from seer_attn.models.loading import resolve_base_model, resolve_model_source
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
 from seer_attn.modules.seer_attention import (
     SeerAttentionSettings,
@@ -63,13 +65,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "seer_attn"
 GATE_WEIGHTS_NAME = "model.safetensors"
-_logged: set[str] = set()
+_warned_dense: set[str] = set()
+_GATE_SHAPE_FIELDS = ("seerattn_gate_type", "seerattn_gate_block_size", "seerattn_gate_hidden_size")
 
 
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        logger.info(msg)
+def _warn_ran_dense(settings: SeerAttentionSettings, Sq: int, Sk: int) -> None:
+    """A forward asked to be sparse ran dense: say why, once per reason and process (nothing silent)."""
+    if Sq != Sk:
+        reason, why = "decode", f"steps with a KV cache ({Sq} new tokens against {Sk} keys) run dense attention; the gate scores prefill only"
+    elif settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0:
+        reason, why = "nz_ratio", "seerattn_nz_ratio=1.0 keeps every block, so sparse mode runs exact dense attention"
+    else:
+        reason, why = "short", (
+            f"the input ({Sk} tokens) is shorter than seerattn_min_sparse_length={settings.min_sparse_length}, so sparse "
+            "mode ran dense attention (below it the sparse path is not faster); set seerattn_min_sparse_length=0 "
+            "to run sparse at any length"
+        )
+    if reason not in _warned_dense:
+        _warned_dense.add(reason)
+        logger.warning("seer_attn: %s. The output's density is 1.0. (Logged once per process.)", why)
 
 
 def _dense_with_padding(q, k, v, key_padding: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -151,9 +165,12 @@ def seer_attention_forward(
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
     if settings.mode == "dense" or Sq != Sk:
-        if settings.mode != "dense":
-            _log_once("seer_attn: steps with a KV cache (fewer queries than keys) run dense attention")
-        module.seer_stats = SeerAttentionStats()
+        if settings.mode == "dense":
+            module.seer_stats = SeerAttentionStats()
+        else:  # every key block of every new query is computed: density 1.0
+            n = B * Hq * math.ceil(Sk / settings.block_size)
+            module.seer_stats = SeerAttentionStats(kept_blocks=n, causal_blocks=n)
+            _warn_ran_dense(settings, Sq, Sk)
         return _dense_with_padding(query, key, value, attention_mask, scaling).transpose(1, 2), None
 
     train_gate = (
@@ -190,6 +207,8 @@ def seer_attention_forward(
                 losses.append(sb.gate_loss)
         stats.gate_loss = torch.stack(losses).mean() if losses else None
     module.seer_stats = stats
+    if settings.mode == "sparse" and not stats.sparse:
+        _warn_ran_dense(settings, Sq, Sk)
     return o.transpose(1, 2), None
 
 
@@ -234,6 +253,24 @@ class SeerLlamaAttention(LlamaAttention):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+@contextlib.contextmanager
+def _saved_for_inference(config: SeerLlamaConfig):
+    """Within the block, a `distill` config reads `sparse` and records `seerattn_trained_mode`."""
+    if config.seerattn_mode != "distill":
+        yield
+        return
+    before = config.__dict__.get("seerattn_trained_mode")
+    config.seerattn_mode, config.seerattn_trained_mode = "sparse", "distill"
+    try:
+        yield
+    finally:
+        config.seerattn_mode = "distill"
+        if before is None:
+            del config.seerattn_trained_mode
+        else:
+            config.seerattn_trained_mode = before
 
 
 @dataclass
@@ -346,13 +383,21 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         return n
 
     def set_seerattn(self, **fields) -> None:
-        """Change `seerattn_*` fields at run time (validated), e.g. `set_seerattn(seerattn_nz_ratio=0.3)`."""
+        """Change `seerattn_*` fields at run time, e.g. `set_seerattn(seerattn_nz_ratio=0.3)`.
+
+        All or nothing: every value is validated before any is set, so a rejected call leaves the
+        config as it was. The fields that shape the gate weights cannot change after loading.
+        """
         unknown = set(fields) - set(SEERATTN_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; valid: {SEERATTN_FIELDS}")
+        fixed = sorted(k for k in fields if k in _GATE_SHAPE_FIELDS and fields[k] != getattr(self.config, k))
+        if fixed:
+            raise ValueError(f"{fixed} define the gate weights; pass them to from_pretrained instead of set_seerattn")
+        for k, v in fields.items():
+            check_seerattn_field(k, v)
         for k, v in fields.items():
             setattr(self.config, k, v)
-        self.config.validate_seerattn()
 
     def forward(
         self,
@@ -417,13 +462,17 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
     def save_pretrained(self, save_directory, save_base: bool | None = None, is_main_process: bool = True, **kwargs):
         """Save the gates (and config); with `save_base=True`, or when there is no `base_model`, everything.
 
+        A checkpoint is for inference: a model saved in `distill` mode is written with
+        `seerattn_mode="sparse"` and `seerattn_trained_mode="distill"`, so `from_pretrained` gives the
+        sparse model (pass `seerattn_mode="distill"` to continue distilling).
         A gate-only folder holds `config.json` (with `base_model`) and `model.safetensors` with the
         `*.attn_gate.*` tensors only: a small fraction of the base model's size.
         """
         if save_base is None:
             save_base = self.config.base_model is None
         if save_base:
-            return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+            with _saved_for_inference(self.config):
+                return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return None
         from safetensors.torch import save_file
@@ -431,7 +480,8 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
-        self.config.save_pretrained(out)
+        with _saved_for_inference(self.config):
+            self.config.save_pretrained(out)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(out)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.gate_state_dict().items()}
@@ -462,7 +512,8 @@ class SeerLlamaForCausalLM(LlamaForCausalLM):
                 return super().from_pretrained(source.path, *model_args, config=config, **kwargs)
             if not config.base_model:
                 raise ValueError(f"{source.path} holds gate weights only but its config names no base_model")
-            base = resolve_model_source(config.base_model)
+            named_in = "the base_model keyword" if "base_model" in overrides else None
+            base = resolve_base_model(source.path, config.base_model, named_in)
             if base.kind == "gguf":
                 model = cls._from_gguf(base, config, **kwargs)
             else:
@@ -554,7 +605,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
         base = SeerLlamaConfig.from_pretrained(source.path).base_model
         if not base:
             raise ValueError(f"{source.path} names no base_model to take the tokenizer from")
-        return load_tokenizer(base, **kwargs)
+        base_source = resolve_base_model(source.path, base)
+        if base_source.kind == "seer_gates":
+            return load_tokenizer(base_source.path, **kwargs)
+        return AutoTokenizer.from_pretrained(base_source.path, **base_source.hf_kwargs(), **kwargs)
     return AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs(), **kwargs)
 
 
