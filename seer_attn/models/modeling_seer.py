@@ -114,7 +114,7 @@ def _warn_ran_dense(config, settings: SeerAttentionSettings, Sq: int, Sk: int) -
             f"seerattn_decode_min_context={config.seerattn_decode_min_context} tokens, layers from "
             f"seerattn_decode_start_layer={config.seerattn_decode_start_layer} on, and an unpadded batch"
         )
-    elif settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0:
+    elif settings.sparsity_method in ("nz_ratio", "adaptive") and settings.nz_ratio >= 1.0:
         reason, why = "nz_ratio", "seerattn_nz_ratio=1.0 keeps every block, so sparse mode ran exact dense attention"
     else:
         reason, why = "short", (

@@ -27,10 +27,21 @@ def _run(code: str, name: str) -> None:
     exec(compile(code, f"README.md ({name})", "exec"), {"__name__": "__readme__"})
 
 
-def test_readme_has_two_python_examples():
+def test_readme_has_three_python_examples():
     examples = _examples()
-    assert len(examples) == 2, "a new README example needs a test here"
+    assert len(examples) == 3, "a new README example needs a test here"
     assert "SeerLlamaForCausalLM" in examples[0] and "block_sparse_attn_csr" in examples[1]
+    assert "AutoSeerForCausalLM" in examples[2]
+
+
+def test_readme_families_example_compiles():
+    # it downloads five 7-8B models: only checked to be valid Python naming supported families here
+    # (tests/models/test_families.py runs every family on tiny configs)
+    code = _examples()[2]
+    compile(code, "README.md (model families)", "exec")
+    from seer_attn.models.modeling_seer import SEER_FAMILIES
+
+    assert {"llama", "qwen2", "qwen3", "mistral", "phi3"} <= set(SEER_FAMILIES)
 
 
 def test_readme_api_example_runs(tiny_llama_dir, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import seer_attn.models.loading as loading
-import seer_attn.models.modeling_seer_llama as modeling
+import seer_attn.models.modeling_seer as modeling
 from seer_attn import SeerLlamaForCausalLM
 
 

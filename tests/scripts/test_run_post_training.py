@@ -65,6 +65,7 @@ def test_main_job_runs_end_to_end_with_summary(tiny_llama_dir, tmp_path):
         "MODEL": tiny_llama_dir,
         "DATASET": str(data),
         "EVAL_DATASETS": str(data),
+        "CHECK_DISJOINT": "0",  # one file for both, to stay tiny
         "OUTPUT_DIR": str(tmp_path / "out"),
         "MAX_STEPS": "2",
         "TRAIN_LENGTH": "256",
