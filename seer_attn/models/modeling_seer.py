@@ -53,6 +53,7 @@ accepts such a gate-only folder, a full Seer folder, a plain model of the family
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -69,9 +70,9 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from seer_attn.kernels.block_mask import indices_to_mask
-from seer_attn.models.configuration_seer import SEERATTN_FIELDS, SeerAttnConfigMixin
+from seer_attn.models.configuration_seer import GATE_SHAPE_FIELDS, SEERATTN_FIELDS, SeerAttnConfigMixin, check_seerattn_field
 from seer_attn.models.cuda_graphs import GraphedPrefill, graphable
-from seer_attn.models.loading import SEER_MODEL_TYPE_PREFIX, resolve_model_source
+from seer_attn.models.loading import SEER_MODEL_TYPE_PREFIX, resolve_base_model, resolve_model_source
 from seer_attn.modules.gt_schedule import gt_active
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
 from seer_attn.modules.decode import attach_decode_gate, decode_aware_attention
@@ -101,13 +102,35 @@ __all__ = [
 logger = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "seer_attn"
 GATE_WEIGHTS_NAME = "model.safetensors"
-_logged: set[str] = set()
+_warned_dense: set[str] = set()
 
 
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        logger.info(msg)
+def _warn_ran_dense(config, settings: SeerAttentionSettings, Sq: int, Sk: int) -> None:
+    """A forward asked to be sparse ran dense: say why, once per reason and process (nothing silent)."""
+    if Sq != Sk:
+        reason, why = "decode", (
+            f"steps with a KV cache ({Sq} new tokens against {Sk} keys) ran dense attention: decode sparsity needs a "
+            "decode gate (seerattn_decode_gate_type) or a reference seerattn_decode_selector, a context of at least "
+            f"seerattn_decode_min_context={config.seerattn_decode_min_context} tokens, layers from "
+            f"seerattn_decode_start_layer={config.seerattn_decode_start_layer} on, and an unpadded batch"
+        )
+    elif settings.sparsity_method in ("nz_ratio", "adaptive") and settings.nz_ratio >= 1.0:
+        reason, why = "nz_ratio", "seerattn_nz_ratio=1.0 keeps every block, so sparse mode ran exact dense attention"
+    else:
+        reason, why = "short", (
+            f"the input ({Sk} tokens) is shorter than seerattn_min_sparse_length={settings.min_sparse_length}, so sparse "
+            "mode ran dense attention (below it the sparse path is not faster); set seerattn_min_sparse_length=0 "
+            "to run sparse at any length"
+        )
+    if reason not in _warned_dense:
+        _warned_dense.add(reason)
+        logger.warning("seer_attn: %s. The output's density is 1.0. (Logged once per process.)", why)
+
+
+def _visible_blocks(m: int, bs: int) -> int:
+    # sum over the tokens t < m of (t // bs + 1): the key blocks up to and including each token's own
+    q, r = divmod(m, bs)
+    return bs * q * (q + 1) // 2 + r * (q + 1)
 
 
 def _dense_with_padding(
@@ -205,9 +228,14 @@ def seer_attention_forward(
     # documents of a row kept apart (cache-free forwards only: a decode step has no documents)
     split = not module.config.seerattn_cross_document and Sq == Sk
     if (settings.mode == "dense" and not split) or Sq != Sk:
-        if settings.mode != "dense":
-            _log_once("seer_attn: steps with a KV cache (fewer queries than keys) run dense attention")
-        module.seer_stats = SeerAttentionStats()
+        if settings.mode == "dense":
+            module.seer_stats = SeerAttentionStats()
+        else:  # every causal key block of every new token is computed: density 1.0
+            n = _visible_blocks(Sk, settings.block_size) - _visible_blocks(Sk - Sq, settings.block_size)
+            n *= B * key.shape[1]  # counted per KV head, as sparse decode steps count (seer_attn.modules.decode)
+            module.seer_stats = SeerAttentionStats(kept_blocks=n, causal_blocks=n)
+            if settings.mode == "sparse":
+                _warn_ran_dense(module.config, settings, Sq, Sk)
         return _dense_with_padding(query, key, value, attention_mask, scaling, sliding_window).transpose(1, 2), None
     if sliding_window is not None and Sk > sliding_window:
         raise ValueError(
@@ -270,6 +298,8 @@ def seer_attention_forward(
                 losses.append(sb.gate_loss)
         stats.gate_loss = torch.stack(losses).mean() if losses else None
     module.seer_stats = stats
+    if settings.mode == "sparse" and not stats.sparse:
+        _warn_ran_dense(module.config, settings, Sq, Sk)
     return o.transpose(1, 2), None
 
 
@@ -416,6 +446,24 @@ class SeerAttentionMixin:
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+@contextlib.contextmanager
+def _saved_for_inference(config):
+    """Within the block, a `distill` config reads `sparse` and records `seerattn_trained_mode`."""
+    if config.seerattn_mode != "distill":
+        yield
+        return
+    before = config.__dict__.get("seerattn_trained_mode")
+    config.seerattn_mode, config.seerattn_trained_mode = "sparse", "distill"
+    try:
+        yield
+    finally:
+        config.seerattn_mode = "distill"
+        if before is None:
+            del config.seerattn_trained_mode
+        else:
+            config.seerattn_trained_mode = before
 
 
 @dataclass
@@ -588,13 +636,28 @@ class SeerForCausalLMMixin:
         return n
 
     def set_seerattn(self, **fields) -> None:
-        """Change `seerattn_*` fields at run time (validated), e.g. `set_seerattn(seerattn_nz_ratio=0.3)`."""
+        """Change `seerattn_*` fields at run time, e.g. `set_seerattn(seerattn_nz_ratio=0.3)`.
+
+        All or nothing: a rejected call (a bad value, or a bad combination) leaves the config as it
+        was. The fields that shape the gate weights (`GATE_SHAPE_FIELDS`) cannot change after loading.
+        """
         unknown = set(fields) - set(SEERATTN_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; valid: {SEERATTN_FIELDS}")
+        fixed = sorted(k for k in fields if k in GATE_SHAPE_FIELDS and fields[k] != getattr(self.config, k))
+        if fixed:
+            raise ValueError(f"{fixed} define the gate weights; pass them to from_pretrained instead of set_seerattn")
         for k, v in fields.items():
-            setattr(self.config, k, v)
-        self.config.validate_seerattn()
+            check_seerattn_field(k, v)
+        before = {k: getattr(self.config, k) for k in fields}
+        try:
+            for k, v in fields.items():
+                setattr(self.config, k, v)
+            self.config.validate_seerattn()  # the combinations
+        except Exception:
+            for k, v in before.items():
+                setattr(self.config, k, v)
+            raise
 
     def forward(
         self,
@@ -707,13 +770,17 @@ class SeerForCausalLMMixin:
     def save_pretrained(self, save_directory, save_base: bool | None = None, is_main_process: bool = True, **kwargs):
         """Save the gates (and config); with `save_base=True`, or when there is no `base_model`, everything.
 
+        A checkpoint is for inference: a model saved in `distill` mode is written with
+        `seerattn_mode="sparse"` and `seerattn_trained_mode="distill"`, so `from_pretrained` gives the
+        sparse model (pass `seerattn_mode="distill"` to continue distilling).
         A gate-only folder holds `config.json` (with `base_model`) and `model.safetensors` with the
         `*.attn_gate.*` tensors only: a small fraction of the base model's size.
         """
         if save_base is None:
             save_base = self.config.base_model is None
         if save_base:
-            return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+            with _saved_for_inference(self.config):
+                return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return None
         from safetensors.torch import save_file
@@ -721,7 +788,8 @@ class SeerForCausalLMMixin:
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
-        self.config.save_pretrained(out)
+        with _saved_for_inference(self.config):
+            self.config.save_pretrained(out)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(out)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.gate_state_dict().items()}
@@ -763,7 +831,8 @@ class SeerForCausalLMMixin:
                 return super().from_pretrained(source.path, *model_args, config=config, **kwargs)
             if not config.base_model:
                 raise ValueError(f"{source.path} holds gate weights only but its config names no base_model")
-            base = resolve_model_source(config.base_model)
+            named_in = "the base_model keyword" if "base_model" in overrides else None
+            base = resolve_base_model(source.path, config.base_model, named_in)
             if base.kind == "gguf":
                 model = cls._from_gguf(base, config, **kwargs)
             else:
@@ -857,5 +926,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
         base = json.loads((Path(source.path) / "config.json").read_text()).get("base_model")
         if not base:
             raise ValueError(f"{source.path} names no base_model to take the tokenizer from")
-        return load_tokenizer(base, **kwargs)
+        base_source = resolve_base_model(source.path, base)
+        if base_source.kind == "seer_gates":
+            return load_tokenizer(base_source.path, **kwargs)
+        return AutoTokenizer.from_pretrained(base_source.path, **base_source.hf_kwargs(), **kwargs)
     return AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs(), **kwargs)

@@ -320,7 +320,8 @@ def seer_attention(
     if settings.mode != "sparse":
         raise ValueError(f"unknown seerattn_mode {settings.mode!r}")
 
-    dense_by_rule = (settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0) or S < settings.min_sparse_length
+    # nz_ratio 1.0 keeps every causal block (top-k and adaptive alike): exactly dense
+    dense_by_rule = (settings.sparsity_method in ("nz_ratio", "adaptive") and settings.nz_ratio >= 1.0) or S < settings.min_sparse_length
     if dense_by_rule and not train_gate:
         if record:
             _record(stats, q, k, v, sm_scale, settings, None)
@@ -648,7 +649,7 @@ def seer_attention_varlen(
     if settings.mode != "sparse":
         raise ValueError(f"unknown seerattn_mode {settings.mode!r}")
 
-    all_dense = settings.sparsity_method == "nz_ratio" and settings.nz_ratio >= 1.0
+    all_dense = settings.sparsity_method in ("nz_ratio", "adaptive") and settings.nz_ratio >= 1.0
     short = [s < settings.min_sparse_length for s in seqlens]
     if (all_dense or all(short)) and not train_gate:
         return dense_attention_varlen(q, k, v, cu_seqlens, seqlens, sm_scale), stats
