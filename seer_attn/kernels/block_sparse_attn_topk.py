@@ -72,8 +72,9 @@ _KERNELS = ("row", "dual", "pair", "headpair", "legacy")
 # D=128 (register pressure)
 BLOCKS_PER_STEP = {64: 2, 128: 1}
 _LOG2E = 1.4426950408889634
-# sorts push invalid entries past every real block index with this key
-_BIG = 2**30
+# sorts push invalid entries past every real block index with this key (a constexpr: compiled
+# Triton refuses plain globals in kernels; the interpreter accepts them)
+_BIG = tl.constexpr(2**30)
 
 
 @triton.autotune(
