@@ -58,9 +58,11 @@ __all__ = ["block_sparse_attn_topk", "TOPK_FWD_CONFIG"]
 # The launch used by default, per head_dim. Switch the library default here after a sweep
 # (`python benchmarks/sweep_topk.py` prints the winning entry as a dict). Pair kernels need
 # block_size <= 64; with larger blocks the same settings run on the "row" kernel.
+# the winner of benchmarks/sweep_topk.py on an H200 (2026-11-22, benchmarks/RESULTS.md): one query
+# block per program with tensor-descriptor (TMA) loads; where TMA is unavailable the plain loads run
 TOPK_FWD_CONFIG = {
-    64: dict(kernel="row", nj=2, num_warps=4, num_stages=3),
-    128: dict(kernel="row", nj=1, num_warps=4, num_stages=3),
+    64: dict(kernel="row", tma=True, num_warps=4, num_stages=3),
+    128: dict(kernel="row", tma=True, num_warps=4, num_stages=3),
 }
 _CONFIG_DEFAULTS = dict(
     kernel="row", nj=1, num_warps=4, num_stages=3, tma=False, persistent=0, lpt=False, ws=False
