@@ -38,7 +38,6 @@ def run(model, x, **fields):
     [
         dict(seerattn_mode="dense"),
         dict(seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_selector="gate", seerattn_sparsity_method="nz_ratio"),
-        dict(seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_selector="oracle", seerattn_sparsity_method="nz_ratio"),
     ],
     ids=["dense", "gate", "oracle"],
 )
