@@ -39,7 +39,7 @@ def run(model, x, **fields):
         dict(seerattn_mode="dense"),
         dict(seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_selector="gate", seerattn_sparsity_method="nz_ratio"),
     ],
-    ids=["dense", "gate", "oracle"],
+    ids=["dense", "gate"],
 )
 def test_smollm2_as_qwen2_equals_llama(llama_and_qwen2, eval_text, fields):
     llama, qwen2, tok = llama_and_qwen2
