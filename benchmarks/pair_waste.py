@@ -54,7 +54,9 @@ def oracle_masks(length: int, densities, device="cpu") -> dict[float, list[torch
     src = resolve_model_source("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(src.path, attn_implementation="eager", **src.hf_kwargs()).eval()
     tok = load_tokenizer("smollm2-135m")
-    path = os.path.join(os.environ.get("SEER_SHARED", "/work/shared"), "data", "pg19-mini", "test.jsonl")
+    # ../shared beside the repository (override with SEER_SHARED)
+    shared = os.environ.get("SEER_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+    path = os.path.join(shared, "data", "pg19-mini", "test.jsonl")
     with open(path, encoding="utf-8") as f:
         text = json.loads(f.readline())["text"]
     ids = tok(text[: length * 8], return_tensors="pt").input_ids[:, :length]
