@@ -96,8 +96,12 @@ def run(name, S, args, device) -> dict:
     def twin():
         return fused_gate.gate_block_index_twin(gate, q, k, cos, sin, st)
 
-    def fused():
-        return fused_gate.gate_block_index(gate, q, k, cos, sin, st)
+    def fused(count=False):
+        # count=True: (index, count) with no -1 padding, what the model's sparse path asks for
+        return fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=count)
+
+    def fused_model():
+        return fused(True)
 
     with torch.no_grad():
         r["twin"] = bench(twin)
@@ -110,17 +114,17 @@ def run(name, S, args, device) -> dict:
                 r["compiled"] = attempt(lambda: bench(comp))
             else:
                 r["compiled"] = "failed"
-        r["fused"] = attempt(lambda: bench(fused))
-        r["fused_graph"] = attempt(lambda: bench(graphed(fused)))
+        r["fused"] = attempt(lambda: bench(fused_model))
+        r["fused_graph"] = attempt(lambda: bench(graphed(fused_model)))
         old = fused_gate.GATE_PRECISION_OVERRIDE
         for prec in ("ieee", "tf32"):
             fused_gate.GATE_PRECISION_OVERRIDE = prec
-            r[f"fused_{prec}"] = attempt(lambda: bench(fused))
+            r[f"fused_{prec}"] = attempt(lambda: bench(fused_model))
         fused_gate.GATE_PRECISION_OVERRIDE = old
         st5 = SeerAttentionSettings(nz_ratio=0.5)
-        r["fused_d0.5"] = attempt(lambda: bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st5)))
+        r["fused_d0.5"] = attempt(lambda: bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st5, return_count=True)))
         stt = SeerAttentionSettings(sparsity_method="threshold", threshold=5e-3)
-        r["fused_thr"] = attempt(lambda: bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, stt)))
+        r["fused_thr"] = attempt(lambda: bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, stt, return_count=True)))
         # the launches alone
         wk = gate.mask_linear_k.weight.detach()
         r["sum"] = attempt(lambda: bench(lambda: gate_summaries(q, None, cos, sin, gate.q_pools, BS)))
@@ -129,7 +133,7 @@ def run(name, S, args, device) -> dict:
         if not isinstance(parts, str):
             r["score"] = attempt(lambda: bench(lambda: gate_scores(*parts)))
             s = gate_scores(*parts)
-            r["select"] = attempt(lambda: bench(lambda: gate_select(s, "nz_ratio", r["k"])))
+            r["select"] = attempt(lambda: bench(lambda: gate_select(s, "nz_ratio", r["k"], return_count=True)))
             del s
         for design in args.designs:
             r[f"fused_{design}"] = attempt(lambda: time_design(design, Hq, Hkv, D, S, q, k, device))
@@ -164,6 +168,8 @@ def time_design(design, Hq, Hkv, D, S, q, k, device):
         "adaptive": ({}, {"sparsity_method": "adaptive"}),
         "adaptive_floor": ({}, {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5}),
         "top_p": ({}, {"sparsity_method": "top_p", "top_p": 0.9}),
+        # the library default recipe (4 query / 2 key summaries, adaptive with row floor 0.5)
+        "default": ({"q_summaries": 4, "k_summaries": 2}, {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5}),
     }
     if design not in designs:
         raise SystemExit(f"unknown design {design!r}; known: {', '.join(designs)}")
@@ -175,7 +181,7 @@ def time_design(design, Hq, Hkv, D, S, q, k, device):
         return f"n/a ({reason})"
     n = math.ceil(S / gate.rope_stride)
     cos, sin = rope(1, n, gate.hidden_size, gate.rope_stride, device)
-    return bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st))
+    return bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=True))
 
 
 def fmt(v):
@@ -188,7 +194,7 @@ def main():
     p.add_argument("--seqlens", default="8192,32768,131072")
     p.add_argument("--compile-seqlens", default="32768", help="lengths at which torch.compile is timed ('' = none)")
     p.add_argument("--nz", type=float, default=0.1)
-    p.add_argument("--designs", default="nq4,nq4nk2,adaptive,top_p", help="other fused designs to time ('' = none)")
+    p.add_argument("--designs", default="default,nq4,nq4nk2,adaptive,top_p", help="other fused designs to time ('' = none)")
     p.add_argument("--out", default="benchmarks/results/bench_gate.json")
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -71,6 +71,9 @@ def main() -> None:
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
     config.seerattn_min_sparse_length = 0
+    # the packed (varlen) path supports one summary per block only (seer_attention_varlen); the default
+    # gate (4 query / 2 key summaries) runs padded batches sequence by sequence instead
+    config.seerattn_gate_q_summaries = config.seerattn_gate_k_summaries = 1
     torch.manual_seed(0)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = SeerLlamaForCausalLM(config).to(device, dtype).eval()
@@ -80,7 +83,8 @@ def main() -> None:
     mask = (torch.arange(S, device=device)[None] < torch.tensor(lens, device=device)[:, None]).long()
     packed_ids = ids[mask.bool()][None]
     packed_pos = torch.cat([torch.arange(m, device=device) for m in lens])[None]
-    sparse = dict(seerattn_mode="sparse", seerattn_nz_ratio=args.nz_ratio)
+    # per-row top-k: the packed (varlen) path supports nz_ratio and threshold, not the adaptive default
+    sparse = dict(seerattn_mode="sparse", seerattn_nz_ratio=args.nz_ratio, seerattn_sparsity_method="nz_ratio")
     fast_kernel = "CSR" if args.smoke else "auto"
     loop_kernel = "CSR" if args.smoke else "TopK"
 

@@ -97,7 +97,7 @@ def _bench(fn) -> float:
 
 
 def _gpu_name() -> str:
-    return _gpu_name() if DEVICE == "cuda" else "cpu smoke run"
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu smoke run"
 
 
 def time_forward(model, ids, warmup: int = 2, reps: int = 5) -> float:
@@ -416,11 +416,15 @@ def main() -> None:
             args.train = train and Path(cfg).stem in args.train_models.split(",")
         results.append(run_model(args, cfg, lengths))
         args.train = train
+        _write(args, lengths, results)  # after every model: a run cut short keeps what it measured
+    log(f"done; JSON at {args.out}, tables at {Path(args.out).with_suffix('.md')}")
+
+
+def _write(args, lengths, results) -> None:
     meta = {"gpu": _gpu_name(), "torch": torch.__version__, "lengths": lengths, "wall_s": round(time.time() - T0)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     Path(args.out).with_suffix(".md").write_text(f"{meta}\n" + "\n".join(REPORT) + "\n")
-    log(f"done; JSON at {args.out}, tables at {Path(args.out).with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,10 @@ def generation_check(model, ids: list[int], new_tokens: int, prompt_tokens: int 
     x = torch.tensor([ids[:prompt_tokens]], device=device)
     saved = {k: getattr(model.config, k) for k in _RESET_FIELDS}
     selector = "gate" if model.config.seerattn_decode_gate_type is not None else "static"
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    # an explicit all-ones mask: generate() would otherwise infer padding from pad_token_id, and a start
+    # token equal to it (SmolLM2's is 0) makes the batch "padded", which decodes densely
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(x))  # fmt: skip
     try:
         model.set_seerattn(seerattn_mode="sparse", seerattn_decode_selector=selector, seerattn_decode_token_budget=1 << 30,
                            seerattn_decode_threshold=None, seerattn_decode_min_context=0)

@@ -49,6 +49,10 @@ _LOG2E = 1.4426950408889634
 # times the alternatives). BLOCK_N / BLOCK_M are sub-tiles of the 64-token gate block.
 # - "dq" MODE: "atomic" (dK/dV kernel also adds dQ with fp32 atomics) or "separate" (a dQ pass).
 # - "dkdv" KEY_BLOCKS: gate blocks per dK/dV program (1: 64 keys, 2: 128 keys).
+# benchmarks/sweep_csr.py (H100, session 3) preferred a separate dQ pass and 4-warp dK/dV at D=128
+# (fwd+bwd at 32k, d 0.1, random masks: 1.26x SmolLM2, 1.52x Llama-8B shape), but the SmolLM2 fine-tuning
+# step with those defaults was slower in the same session (908 vs 773 ms, benchmarks/RESULTS.md): kept
+# as they were until the model-level step confirms a change.
 _CONFIGS = {
     "fwd": {64: dict(BLOCK_N=64, num_warps=4, num_stages=4), 128: dict(BLOCK_N=64, num_warps=4, num_stages=2)},
     "dq": {

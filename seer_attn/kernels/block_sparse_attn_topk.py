@@ -663,7 +663,7 @@ def _pair_lists(num: torch.Tensor, idx: torch.Tensor, heads: bool, G: int) -> tu
 
 
 def plan_topk_fwd(
-    block_index: torch.Tensor, block_count: torch.Tensor | None, nb: int, G: int, cfg: dict
+    block_index: torch.Tensor, block_count: torch.Tensor | None, nb: int, G: int, cfg: dict, canonical: bool = False
 ) -> dict:
     """Everything the attention kernel reads besides q/k/v (a few small launches, no host sync).
 
@@ -672,7 +672,11 @@ def plan_topk_fwd(
     `cfg["lpt"]`) and `n_items`. Benchmarks build it once to time the attention kernel alone.
     """
     plan = {}
-    plan["num"], plan["idx"] = _canonical_lists(block_index, block_count, nb)
+    if canonical:
+        # already canonical (e.g. from gate_select): read as they are
+        plan["num"], plan["idx"] = block_count.to(torch.int32).contiguous(), block_index.to(torch.int32).contiguous()
+    else:
+        plan["num"], plan["idx"] = _canonical_lists(block_index, block_count, nb)
     B, H = block_index.shape[:2]
     counts = plan["num"].view(-1)
     if cfg["kernel"] in ("pair", "headpair"):
@@ -783,6 +787,7 @@ def block_sparse_attn_topk(
     block_size: int = 64,
     block_count: torch.Tensor | None = None,
     config: dict | None = None,
+    canonical: bool = False,
 ) -> torch.Tensor:
     """Causal block-sparse attention over the key blocks listed per query block (forward only).
 
@@ -804,6 +809,10 @@ def block_sparse_attn_topk(
         config (dict, Optional): kernel variant and launch settings in place of `TOPK_FWD_CONFIG[D]`
             (keys it leaves out take the defaults; for benchmarks). Every variant computes the same
             function.
+        canonical (bool): the caller promises that every row `block_index[..., i, :block_count[..., i]]`
+            is already ascending, without repeats and within `[0, i]` (as `gate_select` writes
+            it); the list-preparation launch is skipped and the lists are read as they are. Needs
+            `block_count`. Default: `False` (any order, repeats and out-of-range entries accepted).
 
     Returns:
         o (torch.Tensor): `[B, Hq, S, D]` in `q.dtype`, same memory layout as `q`. Rows whose block
@@ -826,5 +835,7 @@ def block_sparse_attn_topk(
         return _legacy_topk_fwd(q, k, v, block_index, scale, block_size)
     if cfg["kernel"] == "headpair" and G % 2:
         raise ValueError(f"block_sparse_attn_topk: the 'headpair' kernel needs an even GQA group, got Hq/Hkv = {G}")
-    plan = plan_topk_fwd(block_index, block_count, nb, G, cfg)
+    if canonical and block_count is None:
+        raise ValueError("block_sparse_attn_topk: canonical=True needs block_count (the length of each row's list)")
+    plan = plan_topk_fwd(block_index, block_count, nb, G, cfg, canonical=canonical)
     return launch_topk_fwd(q, k, v, plan, scale, block_size, cfg)

@@ -22,9 +22,11 @@ is the twin and defines the meaning; it runs dozens of small fp32 launches and c
    ``gate_adaptive_fwd_kernel`` / ``gate_adaptive_find_kernel`` find the layer-wide threshold of
    `adaptive` exactly by a three-pass radix select over histograms of the probabilities' int32 images
    (ties at the threshold are ranked with an atomic counter: exactly the budget, in arbitrary order).
-   Kept indices are written compacted and ascending, right-aligned and ``-1`` padded, sink in front
-   and diagonal at the end, so rows are already sorted the way ``block_sparse_attn_topk`` reads them
-   (its list-preparation launch canonicalises the rows).
+   Kept indices are written *canonical*: each kept block once (keep rules included), ascending from
+   column 0, with the count per row, which ``block_sparse_attn_topk(..., canonical=True)`` reads with
+   no list-preparation launch (that launch sorted rows as wide as ``nb`` for ``adaptive``: at 128k it
+   cost more than the attention). ``adaptive`` computes the probabilities once and parks their int32
+   images in the index buffer for the later passes.
 
 No host syncs anywhere (every size follows from the shapes), so the path can be CUDA-graphed.
 
@@ -410,21 +412,26 @@ def _topk_rows(b_key, m_r, m_v, o_r, K_SEL):
 
 
 @triton.jit
-def _write_rows(p_row, b_sel, o_r, o_j, m_r, W, stride_iw, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
-                R: tl.constexpr, NBP: tl.constexpr, WP: tl.constexpr):  # fmt: skip
-    # right-aligned, ascending: [-1 ... | sink | kept blocks | diagonal]
-    n_all = tl.sum(b_sel.to(tl.int32), 1) + KEEP_SINK + KEEP_DIAG
-    base = W - n_all
-    o_w = tl.arange(0, WP)
-    m_pad = m_r[:, None] & (o_w[None, :] < base[:, None])
-    tl.store(p_row[:, None] + o_w[None, :] * stride_iw, tl.full([R, WP], -1, dtype=tl.int32), mask=m_pad)
-    slot = base[:, None] + KEEP_SINK + tl.cumsum(b_sel.to(tl.int32), 1) - 1
+def _write_rows(p_row, p_cnt, b_sel, o_r, o_j, m_r, m_v, W, stride_iw, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+                PAD: tl.constexpr, R: tl.constexpr, NBP: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # canonical rows, as block_sparse_attn_topk(canonical=True) reads them: the kept blocks (keep rules
+    # included, each block once) ascending from column 0, then -1 (PAD) or whatever was there; the
+    # count per row goes to p_cnt
+    if KEEP_SINK:
+        b_sel = b_sel | (m_v & (o_j[None, :] == 0))
+    if KEEP_DIAG:
+        b_sel = b_sel | (m_v & (o_j[None, :] == o_r[:, None]))
+    b_sel = b_sel & m_v
+    b_one = b_sel.to(tl.int32)
+    slot = tl.cumsum(b_one, 1) - 1
+    n = tl.sum(b_one, 1)
     b_col = tl.broadcast_to(o_j[None, :], (R, NBP)).to(tl.int32)
     tl.store(p_row[:, None] + slot * stride_iw, b_col, mask=b_sel)
-    if KEEP_SINK:
-        tl.store(p_row + base * stride_iw, tl.zeros([R], dtype=tl.int32), mask=m_r)
-    if KEEP_DIAG:
-        tl.store(p_row + (W - 1) * stride_iw, o_r.to(tl.int32), mask=m_r)
+    if PAD:
+        o_w = tl.arange(0, WP)
+        m_pad = m_r[:, None] & (o_w[None, :] >= n[:, None]) & (o_w[None, :] < W)
+        tl.store(p_row[:, None] + o_w[None, :] * stride_iw, tl.full([R, WP], -1, dtype=tl.int32), mask=m_pad)
+    tl.store(p_cnt + o_r, n, mask=m_r)
 
 
 @triton.autotune(configs=prune_configs([triton.Config({}, num_warps=w) for w in (4, 8)]), key=["NBP", "R", "METHOD"])
@@ -432,6 +439,7 @@ def _write_rows(p_row, b_sel, o_r, o_j, m_r, W, stride_iw, KEEP_SINK: tl.constex
 def gate_select_fwd_kernel(
     s,
     idx,
+    cnt,
     stride_sb,
     stride_sh,
     stride_sm,
@@ -449,6 +457,7 @@ def gate_select_fwd_kernel(
     METHOD: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
+    PAD: tl.constexpr,
     NBP: tl.constexpr,
     WP: tl.constexpr,
     R: tl.constexpr,
@@ -486,7 +495,7 @@ def gate_select_fwd_kernel(
         b_sel = b_gt | (b_eq & (mass_gt[:, None] + rank.to(tl.float32) * p_t[:, None] < threshold))
     b_sel = b_sel | (m_v & (o_r >= DENSE_FROM)[:, None])
     p_row = idx + i_b * stride_ib + i_h * stride_ih + o_r * stride_im
-    _write_rows(p_row, b_sel, o_r, o_j, m_r, W, stride_iw, KEEP_SINK, KEEP_DIAG, R, NBP, WP)
+    _write_rows(p_row, cnt + i_bh * NB, b_sel, o_r, o_j, m_r, m_v, W, stride_iw, KEEP_SINK, KEEP_DIAG, PAD, R, NBP, WP)
 
 
 # adaptive selection: radix select of one threshold per batch element over all heads and rows,
@@ -496,10 +505,16 @@ ADAPTIVE_BITS = 10
 ADAPTIVE_PASSES = 3
 
 
+# while the threshold is searched, each row of the index buffer holds the int32 images of the row's
+# probabilities (forced blocks as _FORCED, above every image); the last pass overwrites it with the index
+_FORCED: tl.constexpr = tl.constexpr(0x7FFFFFFF)
+
+
 @triton.jit
 def gate_adaptive_fwd_kernel(
     s,
     idx,
+    cnt,
     hist,
     state,
     counter,
@@ -522,32 +537,43 @@ def gate_adaptive_fwd_kernel(
     SHIFT: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
+    PAD: tl.constexpr,
     NBP: tl.constexpr,
     R: tl.constexpr,
     NBINS: tl.constexpr,
     BITS: tl.constexpr,
 ):
     # PHASE 0: histogram of the next digit of the non-forced probabilities that match the digits found
-    # so far; PHASE 1: keep forced blocks, probabilities above the threshold, and the first `need` ties
+    # so far (FIRST: compute the probabilities and forced blocks once, and park their images in idx);
+    # PHASE 1: keep forced blocks, probabilities above the threshold, and the first `need` ties
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HQ, i_bh % HQ
     o_r = i_m * R + tl.arange(0, R)
     o_j = tl.arange(0, NBP)
-    b_s, m_r, m_v = _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB)
-    b_key = _sortable_key(_row_probs(b_s, m_r, m_v))
-    # forced blocks (+inf in the twin): the keep rules and each row's floor of most probable blocks
-    b_forced = m_v & (o_j[None, :] < 0)
-    if KEEP_DIAG:
-        b_forced = b_forced | (m_v & (o_j[None, :] == o_r[:, None]))
-    if KEEP_SINK:
-        b_forced = b_forced | (m_v & (o_j[None, :] == 0))
-    if HAS_FLOOR:
-        b_forced = b_forced | _topk_rows(b_key.to(tl.int64), m_r, m_v, o_r, FLOOR_K)
+    p_row = idx + i_b * stride_ib + i_h * stride_ih + o_r * stride_im
+    p_key = p_row[:, None] + o_j[None, :] * stride_iw
+    if FIRST:
+        b_s, m_r, m_v = _load_rows(s, i_b, i_h, o_r, o_j, stride_sb, stride_sh, stride_sm, stride_sn, NB)
+        b_key = _sortable_key(_row_probs(b_s, m_r, m_v))
+        # forced blocks (+inf in the twin): the keep rules and each row's floor of most probable blocks
+        b_forced = m_v & (o_j[None, :] < 0)
+        if KEEP_DIAG:
+            b_forced = b_forced | (m_v & (o_j[None, :] == o_r[:, None]))
+        if KEEP_SINK:
+            b_forced = b_forced | (m_v & (o_j[None, :] == 0))
+        if HAS_FLOOR:
+            b_forced = b_forced | _topk_rows(b_key.to(tl.int64), m_r, m_v, o_r, FLOOR_K)
+        tl.atomic_add(fcount + i_b, tl.sum(tl.sum(b_forced.to(tl.int32), 1), 0))
+        b_key = tl.where(b_forced, _FORCED, b_key)
+        tl.store(p_key, b_key, mask=m_v)
+    else:
+        m_r = o_r < NB
+        m_v = (o_j[None, :] <= o_r[:, None]) & m_r[:, None]
+        b_key = tl.load(p_key, mask=m_v, other=0)
+        b_forced = m_v & (b_key == _FORCED)
     m_free = m_v & ~b_forced
     prefix = tl.load(state + i_b * 2)
-    if FIRST:
-        tl.atomic_add(fcount + i_b, tl.sum(tl.sum(b_forced.to(tl.int32), 1), 0))
     if PHASE == 0:
         m_h = m_free & ((b_key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
         b_digit = tl.where(m_h, (b_key >> SHIFT) & (NBINS - 1), 0)
@@ -565,8 +591,8 @@ def gate_adaptive_fwd_kernel(
         first = tl.atomic_add(counter + i_b, tl.sum(n_row, 0))
         rank = first + tl.cumsum(n_row, 0)[:, None] - n_row[:, None] + tl.cumsum(b_eq.to(tl.int32), 1) - 1
         b_sel = b_forced | b_gt | (b_eq & (rank < need)) | (m_v & (o_r >= DENSE_FROM)[:, None])
-        p_row = idx + i_b * stride_ib + i_h * stride_ih + o_r * stride_im
-        _write_rows(p_row, b_sel, o_r, o_j, m_r, NB, stride_iw, 0, 0, R, NBP, NBP)
+        # (every store below depends on row reductions of the loaded keys: the row is read before it is overwritten)
+        _write_rows(p_row, cnt + i_bh * NB, b_sel, o_r, o_j, m_r, m_v, NB, stride_iw, 0, 0, PAD, R, NBP, NBP)
 
 
 @triton.jit
@@ -744,8 +770,9 @@ def gate_select(
     top_p: float = 1.0,
     budget: int = 0,
     row_floor_k: int = 0,
-) -> torch.Tensor:
-    """Block scores -> kept key blocks per query block, int32 `[B, H, nb, W]`, rows ascending, `-1` padded in front.
+    return_count: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block scores -> kept key blocks per query block, int32 `[B, H, nb, W]`: canonical rows.
 
     Args:
         scores (torch.Tensor): fp32 `[B, H, nb, nb]` logits (or log-probabilities); only the causal
@@ -759,15 +786,17 @@ def gate_select(
             is raised to the largest forced count of the batch), found by an exact radix select
             (three histogram passes, no sort, no host sync); ties at the threshold are taken in an
             arbitrary order (as `torch.topk`).
-        keep_sink, keep_diagonal (bool): also keep block 0 / the diagonal block. For top-k,
-            threshold and top-p they are listed in extra columns (a repeat when selected anyway:
-            `block_sparse_attn_topk` and `indices_to_mask` count it once); adaptive counts them
-            inside the budget.
+        keep_sink, keep_diagonal (bool): also keep block 0 / the diagonal block (on top of the
+            `k` for top-k, threshold and top-p; adaptive counts them inside the budget).
         dense_last_rows (int): the last n rows keep every causal block.
+        return_count (bool): also return the count of kept blocks per row, int32 `[B, H, nb]`; the
+            entries past a row's count are then left unwritten (not `-1`). This is the pair
+            `block_sparse_attn_topk(..., block_count=count, canonical=True)` takes with no list
+            preparation.
 
     Returns:
-        `W = min(k, nb)` for top-k, else `nb`, plus one column per keep rule except for adaptive.
-        Rows are sorted ascending, which `block_sparse_attn_topk` takes as they are (-1 entries are skipped).
+        `W = min(k + keep rules, nb)` for top-k without dense rows, else `nb`.
+        Every row is canonical: its kept blocks, each once, ascending from column 0, then `-1`.
     """
     if scores.dim() != 4 or scores.dtype != torch.float32 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"gate_select: scores must be fp32 [B, H, nb, nb], got {scores.dtype} {tuple(scores.shape)}")
@@ -780,22 +809,25 @@ def gate_select(
     R = max(1, min(16, 4096 // nbp))
     dense_from = nb - dense_last_rows if dense_last_rows > 0 else nb
     grid = (triton.cdiv(nb, R), B * H)
+    count = torch.empty(B, H, nb, device=scores.device, dtype=torch.int32)
     if method == "adaptive":
-        return _adaptive_select(scores, budget, row_floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid)
+        idx = _adaptive_select(scores, count, budget, row_floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid,
+                               not return_count)  # fmt: skip
+        return (idx, count) if return_count else idx
     k = max(1, min(int(k), nb))
     width = k if (method == "nz_ratio" and dense_last_rows == 0) else nb
-    W = width + int(keep_sink) + int(keep_diagonal)
+    W = min(width + int(keep_sink) + int(keep_diagonal), nb)
     idx = torch.empty(B, H, nb, W, device=scores.device, dtype=torch.int32)
     gate_select_fwd_kernel[grid](
-        scores, idx, *scores.stride(), *idx.stride(),
+        scores, idx, count, *scores.stride(), *idx.stride(),
         nb, W, k, float(top_p if method == "top_p" else threshold), dense_from,
         HQ=H, METHOD=methods.index(method), KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal),
-        NBP=nbp, WP=triton.next_power_of_2(W), R=R,
+        PAD=not return_count, NBP=nbp, WP=triton.next_power_of_2(W), R=R,
     )  # fmt: skip
-    return idx
+    return (idx, count) if return_count else idx
 
 
-def _adaptive_select(scores, budget, floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid) -> torch.Tensor:
+def _adaptive_select(scores, count, budget, floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid, pad) -> torch.Tensor:
     B, H, nb, _ = scores.shape
     nbins = 1 << ADAPTIVE_BITS
     dev = scores.device
@@ -805,17 +837,17 @@ def _adaptive_select(scores, budget, floor_k, keep_sink, keep_diagonal, dense_fr
     counter = torch.zeros(B, device=dev, dtype=torch.int32)
     fcount = torch.zeros(B, device=dev, dtype=torch.int32)
     idx = torch.empty(B, H, nb, nb, device=dev, dtype=torch.int32)
-    common = dict(HQ=H, HAS_FLOOR=floor_k > 0, KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal), NBP=nbp, R=R,
-                  NBINS=nbins, BITS=ADAPTIVE_BITS)  # fmt: skip
-    args = (scores, idx, None, state, counter, fcount, *scores.stride(), *idx.stride(), nb, dense_from, max(floor_k, 1))
-    # one launch configuration for every phase, so all of them compute bit-identical probabilities
+    common = dict(HQ=H, HAS_FLOOR=floor_k > 0, KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal), PAD=pad, NBP=nbp,
+                  R=R, NBINS=nbins, BITS=ADAPTIVE_BITS)  # fmt: skip
+    args = (scores, idx, count, None, state, counter, fcount, *scores.stride(), *idx.stride(), nb, dense_from, max(floor_k, 1))
+    # the first pass computes the probabilities and parks their images in idx; the others read them
     for p in range(ADAPTIVE_PASSES):
         shift = ADAPTIVE_BITS * (ADAPTIVE_PASSES - 1 - p)
-        gate_adaptive_fwd_kernel[grid](*args[:2], hist[p], *args[3:], PHASE=0, SHIFT=shift, FIRST=p == 0, num_warps=4, **common)
+        gate_adaptive_fwd_kernel[grid](*args[:3], hist[p], *args[4:], PHASE=0, SHIFT=shift, FIRST=p == 0, num_warps=4, **common)
         gate_adaptive_find_kernel[(B,)](
             hist[p], state, fcount, int(budget), B, SHIFT=shift, NBINS=nbins, FIRST=p == 0, BP=triton.next_power_of_2(B)
         )
-    gate_adaptive_fwd_kernel[grid](*args[:2], hist[0], *args[3:], PHASE=1, SHIFT=0, FIRST=False, num_warps=4, **common)
+    gate_adaptive_fwd_kernel[grid](*args[:3], hist[0], *args[4:], PHASE=1, SHIFT=0, FIRST=False, num_warps=4, **common)
     return idx
 
 
@@ -836,7 +868,8 @@ def fused_gate_index(
     keep_diagonal: bool = True,
     dense_last_rows: int = 0,
     precision: str | None = None,
-) -> torch.Tensor:
+    return_count: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The whole gate at inference: pre-RoPE `q` `[B, Hq, S, D]`, `k` `[B, Hkv, S, D]` -> block index.
 
     `w_q` None (the default gate: one Q pool, `Dg == D`): `w_k` is `[Hq, len(k_pools) * D, Dg]`, one
@@ -850,4 +883,4 @@ def fused_gate_index(
     g_out = Hq // Hkv if w_q is None else 1
     kg = gate_summaries(k, w_k, cos, sin, k_pools, block_size, g_out, precision)
     scores = gate_scores(qg, kg, precision=precision)
-    return gate_select(scores, method, k_blocks, threshold, keep_sink, keep_diagonal, dense_last_rows)
+    return gate_select(scores, method, k_blocks, threshold, keep_sink, keep_diagonal, dense_last_rows, return_count=return_count)

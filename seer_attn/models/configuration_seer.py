@@ -23,7 +23,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
 | `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
-| `seerattn_min_sparse_length` | int or `auto` | 16384 | inputs shorter than this run dense in `sparse` mode: below about 16k tokens the gate and the sparse kernel are not faster than SDPA (benchmarks/RESULTS.md); set 0 to measure sparse quality at any length. `auto`: the measured crossover of this model shape at this `nz_ratio` (`seer_attn.modules.crossover`). |
+| `seerattn_min_sparse_length` | int or `auto` | `auto` | inputs shorter than this run dense in `sparse` mode (with a warning): below it the gate and the sparse kernel are not faster than SDPA. `auto`: the crossover measured for this model shape at this `nz_ratio` (`seer_attn.modules.crossover`: SmolLM2 24k, Llama-3-8B shape 12k on an H100; other shapes from a fit over the measured ones); set 0 to measure sparse quality at any length. |
 | `seerattn_cuda_graphs` | bool | False | replay cache-free, no-grad prefill forwards (`use_cache=False`) as one CUDA graph per input shape (`seer_attn.models.cuda_graphs`). |
 | `seerattn_gt_every_n_steps` | int >= 1 | 1 | sparse fine-tuning: compute the dense ground truth (and gate loss) only every n-th training forward. |
 | `seerattn_gt_layers_per_step` | int >= 0 | 0 | sparse fine-tuning: only this many layers (rotating) compute the ground truth per forward; 0 = all (`seer_attn.modules.gt_schedule`). |
@@ -163,7 +163,7 @@ class SeerAttnConfigMixin:
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
-    seerattn_min_sparse_length: int | str = 16384
+    seerattn_min_sparse_length: int | str = "auto"
     seerattn_cuda_graphs: bool = False
     seerattn_gt_every_n_steps: int = 1
     seerattn_gt_layers_per_step: int = 0

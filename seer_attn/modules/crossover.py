@@ -29,7 +29,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_SPARSE_LENGTH = 16384
 
 # (Hq, Hkv, head_dim, hidden_size) -> {nz_ratio: shortest length from which sparse beats dense SDPA}
-MEASURED_CROSSOVERS: dict[tuple[int, int, int, int], dict[float, int]] = {}
+# H100 80GB, torch 2.11 + triton 3.6, eager (no CUDA graphs), the library's default gate and sparsity
+# method, random weights; `python benchmarks/bench_prefill.py --suite` (benchmarks/RESULTS.md, session 3).
+# Below these lengths the sparse path's ~0.8-1 ms of fixed per-layer cost (host-side launches of the
+# gate, selection and kernel) exceeds what it saves.
+MEASURED_CROSSOVERS: dict[tuple[int, int, int, int], dict[float, int]] = {
+    (9, 3, 64, 576): {0.5: 24576, 0.1: 24576},  # SmolLM2-135M
+    (32, 8, 128, 4096): {0.5: 12288, 0.1: 12288},  # Llama-3-8B shape
+}
 
 
 def _interp(points: dict[float, float], nz: float) -> float:

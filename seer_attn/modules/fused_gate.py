@@ -5,8 +5,8 @@ it defines the result and stays the trainable path. When no gradient is needed a
 on CUDA, `AttnGate.forward` and the sparse branch of `seer_attention` come here instead:
 
 - :func:`gate_logits`: the same `[B, Hq, nb, nb]` logits / probabilities as `AttnGate.forward`;
-- :func:`gate_block_index`: gate + selection in four launches, the kept blocks as sorted, `-1`
-  padded int32 indices `[B, Hq, nb, W]` for `block_sparse_attn_topk` (its list plan canonicalises any row).
+- :func:`gate_block_index`: gate + selection in four launches, the kept blocks as canonical int32
+  lists `[B, Hq, nb, W]` (+ counts) that `block_sparse_attn_topk(canonical=True)` reads as they are.
 
 A design the kernels do not cover (see :func:`unsupported_reason`) runs the twin and says so once in
 the log. `set_fused_gate(False)` (or `SEER_ATTN_FUSED_GATE=0`) turns the fused path off, e.g. to
@@ -159,8 +159,12 @@ def gate_logits(gate, q, k, cos, sin, output: str) -> torch.Tensor:
     return s.exp() if mixture else torch.softmax(s, dim=-1)
 
 
-def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
-    """Gate + selection: sorted, `-1`-padded int32 `[B, Hq, nb, W]` kept key blocks per query block.
+def gate_block_index(gate, q, k, cos, sin, settings, return_count: bool = False):
+    """Gate + selection: canonical int32 `[B, Hq, nb, W]` kept key blocks per query block.
+
+    Rows are ascending and `-1` padded; with `return_count`, `(index, count [B, Hq, nb])` with the
+    entries past each row's count left unwritten, which `block_sparse_attn_topk(..., block_count=count,
+    canonical=True)` reads with no list preparation.
 
     `settings` carries `sparsity_method`, `nz_ratio`, `threshold`, `keep_sink`, `keep_diagonal`,
     `dense_last_rows` (a `SeerAttentionSettings`). Same blocks as :func:`gate_block_index_twin`
@@ -188,15 +192,16 @@ def gate_block_index(gate, q, k, cos, sin, settings) -> torch.Tensor:
         top_p=getattr(settings, "top_p", 1.0),
         budget=budget,
         row_floor_k=floor_k if method == "adaptive" else 0,
+        return_count=return_count,
     )
 
 
-def select_index(gate, q, k, cos, sin, settings, kernel: str) -> torch.Tensor | None:
-    """The sparse branch's hook: :func:`gate_block_index` when the TopK kernel runs and the fused
-    path applies (:func:`use_fused`), else None (the caller runs the twin)."""
+def select_index(gate, q, k, cos, sin, settings, kernel: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sparse branch's hook: `(index, count)` of :func:`gate_block_index` when the TopK kernel runs
+    and the fused path applies (:func:`use_fused`), else None (the caller runs the twin)."""
     if kernel != "TopK" or not use_fused(gate, q, settings.sparsity_method):
         return None
-    return gate_block_index(gate, q, k, cos, sin, settings)
+    return gate_block_index(gate, q, k, cos, sin, settings, return_count=True)
 
 
 def gate_block_index_twin(gate, q, k, cos, sin, settings) -> torch.Tensor:

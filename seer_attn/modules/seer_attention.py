@@ -328,7 +328,7 @@ def seer_attention(
         return dense_attention(q, k, v, sm_scale), stats
 
     kernel = resolve_kernel(settings.kernel, q.device, needs_grad)
-    index = None
+    index = count = None
     output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector != "gate":
         with torch.no_grad():
@@ -352,7 +352,8 @@ def seer_attention(
     else:
         with torch.no_grad():
             # fused gate + selection (CUDA, supported designs): sorted indices straight for the TopK kernel
-            index = fused_gate.select_index(gate, q_pre, k_pre, cos, sin, settings, kernel)
+            fused = fused_gate.select_index(gate, q_pre, k_pre, cos, sin, settings, kernel)
+            index, count = fused if fused is not None else (None, None)
             scores = gate(q_pre, k_pre, cos, sin, output=output) if index is None else None
     if dense_by_rule:
         if record:
@@ -375,8 +376,13 @@ def seer_attention(
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,
         )
-    # counted later, once for all layers: no host sync and few launches per layer
-    if index is not None:
+    if count is not None:
+        # fused gate: canonical lists, entries past each row's count unwritten
+        stats.kept_blocks = count.sum()
+        if record:
+            index = torch.where(torch.arange(index.shape[-1], device=index.device) < count[..., None], index, -1)
+    elif index is not None:
+        # counted later, once for all layers: no host sync and few launches per layer
         stats.kept_index = index
     else:
         stats.kept_blocks = mask.sum()
@@ -394,7 +400,8 @@ def seer_attention(
             count, idx = mask_to_kv_blocks(mask)
             o = block_sparse_attn_topk(q, k, v, idx, sm_scale, settings.block_size, block_count=count)
         else:
-            o = block_sparse_attn_topk(q, k, v, index, sm_scale, settings.block_size)
+            o = block_sparse_attn_topk(q, k, v, index, sm_scale, settings.block_size, block_count=count,
+                                       canonical=count is not None)  # fmt: skip
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr
 

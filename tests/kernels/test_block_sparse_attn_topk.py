@@ -177,6 +177,21 @@ def test_block_sparse_attn_topk_canonical_lists():
         assert (lists[..., 1:] > lists[..., :-1])[live[..., 1:]].all()
 
 
+@pytest.mark.parametrize("variant", ["row", "pair"])
+def test_block_sparse_attn_topk_canonical_input(variant):
+    # canonical=True (the fused gate's lists) reads the lists as they are: same output as the general
+    # path, whatever lies past each row's count
+    q, k, v = rand_qkv(1, 4, 2, 200, 64, torch.float16)
+    nb = 4
+    count, index = make_kv_blocks(1, 4, nb, seed=3)
+    num, lists = topk_mod._canonical_lists(index, count, nb)
+    junk = torch.where(torch.arange(nb, device=DEVICE) < num[..., None], lists, nb + 7)
+    config = VARIANTS[variant]
+    ref = block_sparse_attn_topk(q, k, v, index, block_count=count, config=config)
+    out = block_sparse_attn_topk(q, k, v, junk, block_count=num, config=config, canonical=True)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("heads", [False, True])
 def test_block_sparse_attn_topk_pair_lists(heads):
     # merged lists of row pairs (two query blocks, or two heads of one KV group), with keep flags
@@ -217,6 +232,8 @@ def test_block_sparse_attn_topk_errors(monkeypatch):
         block_sparse_attn_topk(q, k, v, idx, block_count=count[:, :2])
     with pytest.raises(TypeError, match="block_count"):
         block_sparse_attn_topk(q, k, v, idx, block_count=count.float())
+    with pytest.raises(ValueError, match="canonical=True needs block_count"):
+        block_sparse_attn_topk(q, k, v, idx, canonical=True)
     with pytest.raises(ValueError, match="even"):
         block_sparse_attn_topk(q[:, :3], k[:, :1], v[:, :1], idx[:, :3], config={"kernel": "headpair"})
     with pytest.raises(ValueError, match="unknown config"):

@@ -48,6 +48,20 @@ def fused_summaries(gate, q, k, cos, sin):
     return qg, kg
 
 
+def assert_canonical(idx, count=None):
+    """Rows as `gate_select` promises them: kept blocks ascending from column 0, each once, causal, then -1
+    (with `count`: the counts match and only the entries before them are compared)."""
+    nb, W = idx.shape[-2], idx.shape[-1]
+    live = torch.arange(W, device=idx.device) < (count[..., None] if count is not None else (idx >= 0).sum(-1, keepdim=True))
+    if count is None:
+        assert torch.equal(idx >= 0, live), "-1 entries must all come after the kept blocks"
+    x = torch.where(live, idx.long(), -1)
+    rows = torch.arange(nb, device=idx.device)[:, None]
+    assert ((x <= rows) | ~live).all() and ((x >= 0) | ~live).all()
+    step = x[..., 1:] - x[..., :-1]
+    assert ((step > 0) | ~live[..., 1:]).all(), "kept blocks must be strictly ascending"
+
+
 def assert_same_blocks_up_to_ties(mask, ref_mask, scores, edge, tol):
     """Blocks kept by one side only must score within `tol` of the row's selection edge `[B, H, nb]`."""
     diff = mask != ref_mask
@@ -116,8 +130,12 @@ def test_gate_select(nb, method, nz, keep_sink, keep_diag, dense_rows):
     k = nz_ratio_to_k(nz, nb) if nz else 1
     idx = gate_select(scores, method, k, 0.05, keep_sink, keep_diag, dense_rows)
     assert idx.dtype == torch.int32 and idx.shape[:3] == (1, 2, nb)
-    # ascending rows, -1 padding in front: what block_sparse_attn_topk reads
-    assert torch.equal(idx, idx.sort(-1).values)
+    # canonical rows: what block_sparse_attn_topk(canonical=True) reads
+    assert_canonical(idx)
+    idx_c, count = gate_select(scores, method, k, 0.05, keep_sink, keep_diag, dense_rows, return_count=True)
+    assert_canonical(idx_c, count)
+    assert torch.equal(count, (idx >= 0).sum(-1).int())
+    assert torch.equal(torch.where(idx >= 0, idx_c, -1), idx)
     mask = indices_to_mask(idx.long(), nb)
     causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
@@ -146,7 +164,11 @@ def test_gate_select_top_p_and_adaptive(nb, method, param, keep_sink, keep_diag,
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
     idx = gate_select(scores, method, keep_sink=keep_sink, keep_diagonal=keep_diag, dense_last_rows=dense_rows,
                       top_p=param, budget=H * topk_budget(param, nb))  # fmt: skip
-    assert torch.equal(idx, idx.sort(-1).values)
+    assert_canonical(idx)
+    idx_c, count = gate_select(scores, method, keep_sink=keep_sink, keep_diagonal=keep_diag, dense_last_rows=dense_rows,
+                               top_p=param, budget=H * topk_budget(param, nb), return_count=True)  # fmt: skip
+    assert_canonical(idx_c, count)
+    assert torch.equal(torch.where(idx >= 0, idx_c, -1), idx)
     ref = select_blocks(probs, method, nz_ratio=param, keep_sink=keep_sink, keep_diagonal=keep_diag,
                         dense_last_rows=dense_rows, top_p=param)  # fmt: skip
     # random scores, identical probabilities up to rounding: the same blocks

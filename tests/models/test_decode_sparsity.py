@@ -42,10 +42,12 @@ def load(tiny_dir, **kw):
 
 
 def prompt(B=1, S=20, seed=0):
-    return torch.randint(0, 128, (B, S), generator=torch.Generator().manual_seed(seed))
+    # no token 0: it is the pad id below, and generate() would read it as padding (dense decoding)
+    return torch.randint(1, 128, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(model, x, n=40, **kw):
+    kw.setdefault("attention_mask", torch.ones_like(x))  # an unpadded batch, whatever its tokens
     out = model.generate(
         x, max_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kw
     )
@@ -140,7 +142,7 @@ def test_reference_selectors(tiny_dir, selector):
 def test_beam_search_unlimited_budget_equals_dense(tiny_dir):
     model = load(tiny_dir, seerattn_decode_token_budget=10**6)
     x = prompt(seed=1)
-    kw = dict(max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x))
     seq = model.generate(x, **kw)
     model.set_seerattn(seerattn_mode="dense")
     assert torch.equal(seq, model.generate(x, **kw))

@@ -61,7 +61,12 @@ def test_gate_block_index(method, keep_sink, dense_rows, n_q):
     nb = idx.shape[-2]
     # random weights at this size have no near ties: the sets are identical
     assert torch.equal(indices_to_mask(idx.long(), nb), indices_to_mask(ref.long(), nb))
-    assert torch.equal(idx, idx.sort(-1).values)
+    # canonical rows (ascending from column 0, then -1) and, with return_count, the same lists
+    live = idx >= 0
+    assert torch.equal(live, torch.arange(idx.shape[-1]) < live.sum(-1, keepdim=True))
+    assert (idx[..., 1:] > idx[..., :-1])[live[..., 1:]].all()
+    idx_c, count = fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=True)
+    assert torch.equal(count, live.sum(-1).int()) and torch.equal(torch.where(live, idx_c, -1), idx)
 
 
 def test_unsupported_designs_are_named():
@@ -96,18 +101,21 @@ def test_use_fused_logs_fallback_once(monkeypatch, caplog):
         fused_gate.set_fused_gate(True)
 
 
-def test_seer_attention_through_fused_gate(monkeypatch):
-    # the sparse branch with the fused gate gives the same output as with the twin gate
+@pytest.mark.parametrize("method", ["nz_ratio", "adaptive"])
+def test_seer_attention_through_fused_gate(monkeypatch, method):
+    # the sparse branch with the fused gate (canonical lists + counts straight into the TopK kernel)
+    # gives the same output and kept count as with the twin gate
     gate, q_pre, k_pre, cos, sin = setup(S=260, dtype=torch.float32, seed=5)
     v = torch.randn_like(k_pre)
-    st = SeerAttentionSettings(mode="sparse", nz_ratio=0.5, kernel="TopK", keep_sink=True)
+    st = SeerAttentionSettings(mode="sparse", nz_ratio=0.5, kernel="TopK", keep_sink=True, sparsity_method=method,
+                               adaptive_row_floor=0.5)  # fmt: skip
     scale = 1 / 8
     with torch.no_grad():
         ref, ref_stats = seer_attention(q_pre, k_pre, v, q_pre, k_pre, gate, cos, sin, scale, st)
         monkeypatch.setattr(fused_gate, "use_fused", lambda gate, q, method=None: True)
         calls = []
         real = fused_gate.gate_block_index
-        monkeypatch.setattr(fused_gate, "gate_block_index", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(fused_gate, "gate_block_index", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         out, stats = seer_attention(q_pre, k_pre, v, q_pre, k_pre, gate, cos, sin, scale, st)
     assert calls and stats.sparse
     assert int(stats.kept) == int(ref_stats.kept)
