@@ -34,7 +34,8 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
 | `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `pooled`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, the gate's scoring without learned weights, sink + recent window, random) at the same budget. `pooled` needs `seerattn_gate_hidden_size` = head_dim. |
 | `seerattn_decode_gate_type` | None or `K<pools>` | None | decode gate (per-token scores over compressed key blocks, `seer_attn.modules.decode_gate`); None: no decode gate. Upstream's: `Kmaxminavg`. |
-| `seerattn_decode_q_pooling` | `proj`, `avg` | `proj` | how a GQA group's query heads become one gate query: learned projection (upstream's default) or mean. |
+| `seerattn_decode_q_pooling` | `proj`, `avg`, `heads` | `heads` | how a GQA group's query heads are scored: one learned query per head with the block scores combined as a mixture of the heads' softmaxes (`heads`, measured best: docs/RESULTS.md), or one gate query from a learned projection (upstream's default) or their mean. |
+| `seerattn_decode_gate_init` | `random`, `pooled` | `pooled` | fresh decode gates: the training-free scores (the query against the avg-pooled keys; needs `avg` in the type and the default width), or small random weights. |
 | `seerattn_decode_gate_norm` | bool | True | RMSNorm on the decode gate's queries and keys. |
 | `seerattn_decode_selector` | `gate`, `oracle`, `quest`, `static` | `gate` | who picks the blocks while decoding: the decode gate, or a reference (true per-token block mass, Quest's min/max-of-K bound, sink + most recent). Decoding is sparse when there is a decode gate or the selector is not `gate`. |
 | `seerattn_decode_token_budget` | int >= 0 | 2048 | tokens each decoded token attends to: its own (partial) block plus the top `budget // block_size - 1` blocks. |
@@ -63,6 +64,7 @@ _CHOICES = {
     "seerattn_mode": ("dense", "distill", "sparse", "decode_eval"),
     "seerattn_sparsity_method": SPARSITY_METHODS,
     "seerattn_gate_init": ("random", "pooled"),
+    "seerattn_decode_gate_init": ("random", "pooled"),
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
     "seerattn_loss": ("kl", "mse"),
     "seerattn_distill_target": ("max", "mass"),
@@ -174,8 +176,9 @@ class SeerAttnConfigMixin:
     seerattn_gate_loss_row_start: float = 0.0
     seerattn_selector: str = "gate"
     seerattn_decode_gate_type: str | None = None
-    seerattn_decode_q_pooling: str = "proj"
+    seerattn_decode_q_pooling: str = "heads"
     seerattn_decode_gate_norm: bool = True
+    seerattn_decode_gate_init: str = "pooled"
     seerattn_decode_selector: str = "gate"
     seerattn_decode_token_budget: int = 2048
     seerattn_decode_threshold: float | None = None

@@ -118,7 +118,10 @@ def _warn_ran_dense(config, settings: SeerAttentionSettings, Sq: int, Sk: int) -
         reason, why = "nz_ratio", "seerattn_nz_ratio=1.0 keeps every block, so sparse mode ran exact dense attention"
     else:
         reason, why = "short", (
-            f"the input ({Sk} tokens) is shorter than seerattn_min_sparse_length={settings.min_sparse_length}, so sparse "
+            f"the input ({Sk} tokens) is shorter than seerattn_min_sparse_length={settings.min_sparse_length}"
+            + (" (auto: the measured crossover for this model shape and nz_ratio)"
+               if getattr(config, "seerattn_min_sparse_length", None) == "auto" else "")
+            + ", so sparse "
             "mode ran dense attention (below it the sparse path is not faster); set seerattn_min_sparse_length=0 "
             "to run sparse at any length"
         )
@@ -619,6 +622,10 @@ class SeerForCausalLMMixin:
         if getattr(self.config, "seerattn_gate_init", "random") == "pooled":
             for gate in self.gate_modules():
                 gate.init_from_pooled()
+        if getattr(self.config, "seerattn_decode_gate_init", "random") == "pooled":
+            for module in self.modules():
+                if isinstance(module, DecodeGate):
+                    module.init_from_pooled()
 
     def gate_modules(self) -> list[AttnGate]:
         return [layer.self_attn.attn_gate for layer in self.model.layers]

@@ -10,9 +10,12 @@ query (method-spec §1.4, "SeerAttention-R"):
 - query: the pre-RoPE queries of the `G = Hq / Hkv` heads that share a KV head, merged into one gate
   query per KV head, either by a learned head-mixing projection (`"proj"`, upstream's default: the
   `G` head vectors are concatenated and mapped `G * D -> Dg`) or by their mean (`"avg"`, needs
-  `Dg == D`); the same optional RMSNorm, then RoPE at the token's own position;
-- scores: one logit per (KV head, completed key block), `q . k / sqrt(Dg)`, so a GQA group shares
-  one set of blocks.
+  `Dg == D`); or kept apart (`"heads"`: one learned `D -> Dg` map per query head); the same optional
+  RMSNorm, then RoPE at the token's own position;
+- scores: one value per (KV head, completed key block), so a GQA group shares one set of blocks:
+  the logit `q . k / sqrt(Dg)` of the group's query, or with `"heads"` the log-probability of the
+  *mixture* of the `G` heads' softmaxes, `log(mean_h softmax_h(q_h . k / sqrt(Dg)))`, which has the
+  form of the target itself (the group's attention mass per block, summed over its heads).
 
 Only *completed* blocks are scored: a token's own block (the partial block being filled while
 decoding) has no compressed key yet and is always attended by the sparse kernels, so block `j` is a
@@ -45,7 +48,7 @@ __all__ = [
     "Q_POOLINGS",
 ]
 
-Q_POOLINGS = ("proj", "avg")
+Q_POOLINGS = ("proj", "avg", "heads")
 
 # positions [B, n] -> (cos, sin) [B, n, Dg]
 RopeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -74,8 +77,10 @@ class DecodeGate(nn.Module):
             Default: `"Kmaxminavg"`.
         hidden_size (int, Optional): gate width `Dg` (even, for RoPE). Default: `head_dim`.
         block_size (int): tokens per key block. Default: `64`.
-        q_pooling (str): how the `G` query heads of a group become one gate query: `"proj"` (learned
-            `G * D -> Dg` map per KV head) or `"avg"` (their mean; needs `Dg == D`). Default: `"proj"`.
+        q_pooling (str): how the `G` query heads of a group are scored: `"proj"` (one gate query from a
+            learned `G * D -> Dg` map per KV head), `"avg"` (their mean; needs `Dg == D`) or `"heads"`
+            (a learned `D -> Dg` map per query head, scores combined as a mixture of softmaxes).
+            Default: `"proj"`.
         use_norm (bool): RMSNorm (learned per-channel scale) on gate queries and keys. Default: `True`.
 
     Computes in fp32 whatever the dtype of its inputs and weights.
@@ -107,7 +112,12 @@ class DecodeGate(nn.Module):
         if q_pooling == "avg" and self.hidden_size != head_dim:
             raise ValueError(f"q_pooling='avg' needs hidden_size == head_dim ({head_dim}), got {self.hidden_size}")
         self.k_linear = MultiHeadLinear(head_dim * len(self.k_pools), self.hidden_size, num_kv_heads)
-        self.q_linear = MultiHeadLinear(self.group * head_dim, self.hidden_size, num_kv_heads) if q_pooling == "proj" else None
+        if q_pooling == "proj":
+            self.q_linear = MultiHeadLinear(self.group * head_dim, self.hidden_size, num_kv_heads)
+        elif q_pooling == "heads":
+            self.q_linear = MultiHeadLinear(head_dim, self.hidden_size, num_heads)
+        else:
+            self.q_linear = None
         self.q_norm = nn.RMSNorm(self.hidden_size, eps=1e-6) if use_norm else None
         self.k_norm = nn.RMSNorm(self.hidden_size, eps=1e-6) if use_norm else None
 
@@ -117,6 +127,29 @@ class DecodeGate(nn.Module):
         for lin in (self.k_linear, self.q_linear):
             if lin is not None:
                 lin.reset_parameters(std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    @torch.no_grad()
+    def init_from_pooled(self) -> None:
+        """Start from the training-free scores: the query (or, with `"proj"`, the mean of the group's
+        queries) against the avg-pooled keys; needs `avg` among the key pools and `Dg == D`."""
+        if "avg" not in self.k_pools or self.hidden_size != self.head_dim:
+            raise ValueError(
+                f"init_from_pooled needs 'avg' in the key pools and hidden_size == head_dim; decode gate "
+                f"{self.gate_type!r} has hidden_size {self.hidden_size}, head_dim {self.head_dim} (use seerattn_decode_gate_init='random' for it)"
+            )
+        D = self.head_dim
+        eye = torch.eye(D)
+        w = torch.zeros_like(self.k_linear.weight)
+        a = self.k_pools.index("avg") * D
+        w[:, a : a + D, :] = eye.to(w)
+        self.k_linear.weight.copy_(w)
+        if self.q_pooling == "heads":
+            self.q_linear.weight.copy_(eye.to(self.q_linear.weight).expand_as(self.q_linear.weight))
+        elif self.q_pooling == "proj":
+            self.q_linear.weight.copy_((eye / self.group).repeat(self.group, 1).to(self.q_linear.weight).expand_as(self.q_linear.weight))
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
@@ -148,18 +181,23 @@ class DecodeGate(nn.Module):
         return apply_rope(kb, cos.float(), sin.float())
 
     def queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """One gate query per (KV head, token).
+        """One gate query per (KV head, token), or per (query head, token) with `"heads"`.
 
         Args:
             q (torch.Tensor): pre-RoPE queries `[B, Hq, n, D]`.
             cos, sin (torch.Tensor): RoPE tables `[B, n, Dg]` at each token's own position.
 
         Returns:
-            `[B, Hkv, n, Dg]` fp32.
+            `[B, Hkv, n, Dg]` fp32 (`[B, Hkv, G, n, Dg]` with `"heads"`).
         """
         if q.dim() != 4 or q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
             raise ValueError(f"decode gate built for Hq={self.num_heads}, D={self.head_dim}; got q {tuple(q.shape)}")
         B, _, n, D = q.shape
+        if cos.shape[-2] != n or cos.shape[-1] != self.hidden_size:
+            raise ValueError(f"query RoPE tables must be [B, {n}, {self.hidden_size}], got {tuple(cos.shape)}")
+        if self.q_pooling == "heads":
+            x = apply_rope(self._norm(self.q_norm, self.q_linear(q.float())), cos.float(), sin.float())
+            return x.view(B, self.num_kv_heads, self.group, n, self.hidden_size)
         grouped = q.float().view(B, self.num_kv_heads, self.group, n, D)
         if self.q_linear is not None:
             # [B, Hkv, n, G * D]: the group's head vectors side by side
@@ -167,15 +205,16 @@ class DecodeGate(nn.Module):
         else:
             x = grouped.mean(2)
         x = self._norm(self.q_norm, x)
-        if cos.shape[-2] != n or cos.shape[-1] != self.hidden_size:
-            raise ValueError(f"query RoPE tables must be [B, {n}, {self.hidden_size}], got {tuple(cos.shape)}")
         return apply_rope(x, cos.float(), sin.float())
 
     def score(self, qg: torch.Tensor, kc: torch.Tensor, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """Scaled logits of gate queries against compressed keys, `-inf` where a block is no candidate.
 
+        With `"heads"` queries (`[B, Hkv, G, n, Dg]`), the block log-probabilities of the mixture of
+        the `G` heads' softmaxes instead (same shape, same `-inf`, rows already normalised).
+
         Args:
-            qg (torch.Tensor): `[B, Hkv, n, Dg]` from :meth:`queries`.
+            qg (torch.Tensor): `[B, Hkv, n, Dg]` (or `[B, Hkv, G, n, Dg]`) from :meth:`queries`.
             kc (torch.Tensor): `[B, Hkv, nc, Dg]` from :meth:`compress_keys` (blocks `0 .. nc-1`).
             rows (torch.Tensor): int `[n]`, sequence index of each query token; block `j` is a
                 candidate for row `t` iff `j < t // block_size`.
@@ -184,14 +223,22 @@ class DecodeGate(nn.Module):
         Returns:
             `[B, Hkv, n, width]` fp32.
         """
-        logits = torch.matmul(qg, kc.transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        mixture = qg.dim() == 5
+        kt = kc.transpose(-1, -2)
+        logits = torch.matmul(qg, kt[:, :, None] if mixture else kt) / math.sqrt(self.hidden_size)
         nc = kc.shape[2]
         width = nc if width is None else width
         if width > nc:
             logits = nn.functional.pad(logits, (0, width - nc), value=float("-inf"))
         cols = torch.arange(width, device=logits.device)
         candidate = cols[None, :] < (rows.to(logits.device)[:, None] // self.block_size)
-        return logits.masked_fill(~candidate, float("-inf"))
+        if not mixture:
+            return logits.masked_fill(~candidate, float("-inf"))
+        # finite stand-ins for the non-candidates until the end, so that rows with no candidate and
+        # the backward of logsumexp never see -inf - -inf
+        logp = torch.log_softmax(logits.masked_fill(~candidate, -1e30), dim=-1)
+        mix = torch.logsumexp(logp, dim=2) - math.log(self.group)
+        return mix.masked_fill(~candidate, float("-inf"))
 
     def forward(
         self,

@@ -78,6 +78,10 @@ class ModelArguments:
     seerattn_gate_k_summaries: int | None = field(default=None, metadata={"help": "key summaries per block (default: the config's)"})
     seerattn_gate_hidden_size: int | None = field(default=None, metadata={"help": "gate width (default: head_dim)"})
     seerattn_gate_init: str | None = field(default=None, metadata={"help": "fresh gates: random or pooled (default: the config's)"})
+    seerattn_decode_q_pooling: str | None = field(
+        default=None, metadata={"help": "decode gate query: proj, avg or heads (mixture over the group's heads) (default: the config's)"}
+    )
+    seerattn_decode_gate_init: str | None = field(default=None, metadata={"help": "fresh decode gates: random or pooled (default: the config's)"})
     seerattn_gate_loss_row_start: float | None = field(
         default=None, metadata={"help": "gate loss over query-block rows from this fraction of the sequence on (default: the config's)"}
     )
@@ -222,6 +226,7 @@ def load_distill_model(margs: ModelArguments):
     for name in (
         "seerattn_gate_type", "seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_gate_hidden_size",
         "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_decode_gate_type",
+        "seerattn_decode_q_pooling", "seerattn_decode_gate_init",
     ):
         if getattr(margs, name) is not None:
             overrides[name] = getattr(margs, name)

@@ -42,11 +42,12 @@ def _dense_warnings(caplog):
 def test_sparse_forward_that_runs_dense_logs_why_once(tiny_dir, fresh_warnings, caplog):
     model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.3).eval()
     with caplog.at_level(logging.WARNING), torch.no_grad():
-        # below seerattn_min_sparse_length (16384 by default): dense, and said once
+        # below seerattn_min_sparse_length ("auto": the measured crossover, far above 300 here): dense, said once
         assert model(_ids(300)).density == 1.0
         assert model(_ids(200)).density == 1.0
         (short,) = _dense_warnings(caplog)
-        assert "shorter than seerattn_min_sparse_length=16384" in short and "300 tokens" in short
+        assert "shorter than seerattn_min_sparse_length=" in short and "(auto: the measured crossover" in short
+        assert "300 tokens" in short
         # at any length once the minimum is 0; nz_ratio 1.0 is dense by definition: its own reason
         model.set_seerattn(seerattn_min_sparse_length=0)
         assert model(_ids(300)).density < 1.0

@@ -36,6 +36,7 @@ def test_decode_gate_type_names():
         DecodeGate(4, 2, 16, hidden_size=32, q_pooling="avg")
     with pytest.raises(ValueError, match="q_pooling"):
         DecodeGate(4, 2, 16, q_pooling="sum")
+    assert DecodeGate(4, 2, 16, q_pooling="heads").q_linear.weight.shape == (4, 16, 16)
 
 
 @pytest.mark.parametrize("q_pooling,use_norm,hidden", [("proj", True, None), ("proj", False, 8), ("avg", True, None)])
@@ -69,6 +70,66 @@ def test_decode_gate_matches_reference(q_pooling, use_norm, hidden):
         nc = t // bs
         torch.testing.assert_close(logits[:, :, t, :nc], ref[:, :, t, :nc], atol=1e-5, rtol=1e-5)
         assert torch.isneginf(logits[:, :, t, nc:]).all()
+
+
+@pytest.mark.parametrize("use_norm", [True, False])
+def test_decode_gate_heads_is_a_mixture_of_softmaxes(use_norm):
+    """`heads`: one query per head, block log-probabilities = log of the mean over the group's heads of
+    their softmaxes over the candidate blocks; -inf elsewhere; finite gradients even for rows with no
+    candidate."""
+    bs, Hq, Hkv, D, S = 16, 6, 2, 16, 71
+    gate = make_gate("heads", use_norm, "Kmaxavg", None, bs, Hq, Hkv, D)
+    q, k = torch.randn(2, Hq, S, D), torch.randn(2, Hkv, S, D)
+    rows = torch.arange(S)
+    pos = rows[None].expand(2, S)
+    nbf = S // bs
+    out = gate(q, k, *rope(pos, D), *rope(pos[:, ::bs][:, :nbf], D), rows)
+    assert out.shape == (2, Hkv, S, math.ceil(S / bs))
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w if use_norm else x
+
+    kb = torch.cat([pool_blocks(k[:, :, : nbf * bs], bs, "max"), pool_blocks(k[:, :, : nbf * bs], bs, "avg")], -1)
+    kb = torch.stack([kb[:, h] @ gate.k_linear.weight[h] for h in range(Hkv)], 1)
+    kb = apply_rope(norm(kb, gate.k_norm.weight if use_norm else None), *rope(pos[:, ::bs][:, :nbf], D))
+    qh = torch.stack([q[:, h] @ gate.q_linear.weight[h] for h in range(Hq)], 1)
+    qh = apply_rope(norm(qh, gate.q_norm.weight if use_norm else None), *rope(pos, D))
+    G = Hq // Hkv
+    for t in range(S):
+        nc = t // bs
+        if nc:
+            logits = torch.stack([torch.einsum("bd,bjd->bj", qh[:, h, t], kb[:, h // G, :nc]) for h in range(Hq)], 1)
+            probs = torch.softmax(logits / math.sqrt(D), -1)
+            ref = probs.view(2, Hkv, G, nc).mean(2).log()
+            torch.testing.assert_close(out[:, :, t, :nc], ref, atol=1e-5, rtol=1e-5)
+        assert torch.isneginf(out[:, :, t, nc:]).all()
+    out.masked_fill(torch.isinf(out), 0).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in gate.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("q_pooling", ["heads", "proj", "avg"])
+def test_decode_gate_init_from_pooled(q_pooling):
+    """Pooled init: the gate scores the (group-mean, or per-head) query against the avg-pooled keys."""
+    bs, Hq, Hkv, D, S = 16, 4, 2, 16, 64
+    gate = DecodeGate(Hq, Hkv, D, "Kmaxminavg", block_size=bs, q_pooling=q_pooling, use_norm=False)
+    gate.init_from_pooled()
+    q, k = torch.randn(1, Hq, S, D), torch.randn(1, Hkv, S, D)
+    rows = torch.tensor([S - 1])
+    # identity RoPE tables (cos 1, sin 0): the check is about the projections
+    ones, zeros = torch.ones(1, 1, D), torch.zeros(1, 1, D)
+    out = gate(q[:, :, -1:], k, ones, zeros, ones.expand(1, S // bs, D), zeros.expand(1, S // bs, D), rows)
+    kavg = pool_blocks(k, bs, "avg")
+    G = Hq // Hkv
+    nc = (S - 1) // bs
+    if q_pooling == "heads":
+        logits = torch.einsum("bhd,bhjd->bhj", q[:, :, -1], kavg.repeat_interleave(G, 1))[..., :nc] / math.sqrt(D)
+        ref = torch.softmax(logits, -1).view(1, Hkv, G, nc).mean(2).log()
+    else:
+        qm = q[:, :, -1].view(1, Hkv, G, D).mean(2)
+        ref = torch.einsum("bhd,bhjd->bhj", qm, kavg)[..., :nc] / math.sqrt(D)
+    torch.testing.assert_close(out[:, :, 0, :nc], ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="avg"):
+        DecodeGate(Hq, Hkv, D, "Kmaxmin", q_pooling=q_pooling if q_pooling != "avg" else "proj").init_from_pooled()
 
 
 def test_compressed_key_cache_incremental_equals_prefix():
