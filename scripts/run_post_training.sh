@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Post-training of SeerAttention gates, then perplexity vs density: everything lands in $OUTPUT_DIR.
 #
-#   scripts/run_post_training.sh                 # offline, embedded SmolLM2-135M (about 7 min alone on a 2-core CPU)
+#   scripts/run_post_training.sh                 # offline, embedded SmolLM2-135M (about 9.5 min alone on a 2-core CPU)
 #   MODEL=meta-llama/Llama-3.1-8B DATASET=togethercomputer/RedPajama-Data-1T-Sample \
 #     EVAL_DATASETS=emozilla/pg19-test,hoskinson-center/proof-pile scripts/run_post_training.sh
 #   MODEL=Qwen/Qwen2.5-7B-Instruct ...   # any supported family: Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3/4

@@ -44,6 +44,7 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from seer_attn.data import build_sequences, check_context_length
 from seer_attn.models import AutoSeerForCausalLM, load_tokenizer
+from seer_attn.training.throughput import ThroughputCallback
 
 __all__ = [
     "ModelArguments",
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> str:
     Path(targs.output_dir).mkdir(parents=True, exist_ok=True)
     trainer = GateDistillTrainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator)
     trainer.add_callback(GateLossLogger(trainer, targs.layer_log_steps))
+    trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(targs.output_dir)
     with open(Path(targs.output_dir) / "distill_args.json", "w") as f:

@@ -42,6 +42,7 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 from seer_attn.data import check_context_length
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config
+from seer_attn.training.throughput import ThroughputCallback
 
 __all__ = ["FinetuneModelArguments", "FinetuneTrainingArguments", "FinetuneTrainer", "load_finetune_model", "main"]
 
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> str:
         model=model, args=targs, train_dataset=train, data_collator=default_data_collator, processing_class=tokenizer
     )
     trainer.add_callback(LossLogger(trainer))
+    trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
     trainer.train(resume_from_checkpoint=resume)
     logger.info("trained as %s on %d process(es)", type(trainer.model_wrapped).__name__, targs.world_size)
     trainer.save_model(targs.output_dir)

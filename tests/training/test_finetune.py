@@ -101,6 +101,10 @@ def test_finetune_cli_lowers_losses_and_round_trips(tiny_dir, tmp_path, mode, mo
     ])
     log = [json.loads(line) for line in open(out / finetune.LOG_NAME)]
     assert len(log) == 12
+    # steady-state throughput for scaling runs: 12 steps, the first 5 dropped, 2 x 512 tokens a step
+    tp = json.loads((out / "throughput.json").read_text())
+    assert tp["tokens_per_step"] == 1024 and tp["steps_timed"] == 7 and tp["tokens_per_s"] > 0
+    assert tp["world_size"] == 1 and tp["peak_memory_gib"] == []
     first, last = sum(r["lm_loss"] for r in log[:3]) / 3, sum(r["lm_loss"] for r in log[-3:]) / 3
     assert last < first
     again = SeerLlamaForCausalLM.from_pretrained(out)
