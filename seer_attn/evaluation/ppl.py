@@ -131,6 +131,11 @@ class PPLArguments:
     adaptive_row_floor: float | None = field(
         default=None, metadata={"help": "share of each row's top-k budget that adaptive selection keeps per row (default: the model config's)"}
     )
+    layer_budgets: str | None = field(
+        default=None,
+        metadata={"help": "per-layer density scales for every sparse row: a JSON file from seer_attn.evaluation.layer_budgets "
+                          "(its 'scale') or comma-separated numbers, one per layer (default: the model config's)"},
+    )
     methods: str = field(default=",".join(METHODS), metadata={"help": f"comma-separated subset of {', '.join(METHODS)}"})
     max_docs: int | None = field(default=None, metadata={"help": "score the first n long-enough documents of each dataset"})
     min_doc_tokens: int | None = field(default=None, metadata={"help": "skip shorter documents (default: max(lengths) - 1)"})
@@ -478,6 +483,11 @@ def _load_model(args: PPLArguments):
     config = AutoSeerForCausalLM.config_from(args.model, seerattn_mode="dense")
     if getattr(args, "adaptive_row_floor", None) is not None:
         config.seerattn_adaptive_row_floor = args.adaptive_row_floor
+    if getattr(args, "layer_budgets", None):
+        src = args.layer_budgets
+        scale = json.loads(Path(src).read_text())["scale"] if src.endswith(".json") else [float(x) for x in src.split(",")]
+        config.seerattn_layer_density_scale = scale
+        config.validate_seerattn()
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
     model = AutoSeerForCausalLM.from_pretrained(args.model, config=config, dtype=dtype)

@@ -19,6 +19,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
 | `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
 | `seerattn_adaptive_row_floor` | [0, 1] | 0.5 | method `adaptive`: each row first keeps this fraction of its top-k budget (0 fully global, 1 = top-k). |
+| `seerattn_layer_density_scale` | None or list of floats > 0 | None | per-layer multipliers of the density budget (`nz_ratio`): layer `l` asks for `min(1, nz_ratio * scale[l])`, one entry per layer; e.g. from `python -m seer_attn.evaluation.layer_budgets` (calibrated on calibration text). |
 | `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
@@ -137,6 +138,12 @@ def check_seerattn_field(name: str, value) -> None:
     elif name == "seerattn_decode_gate_type":
         if value is not None:
             parse_decode_gate_type(value)
+    elif name == "seerattn_layer_density_scale":
+        if value is not None and (
+            not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(x, Real) and not isinstance(x, bool) and x > 0 for x in value)
+        ):
+            raise ValueError(f"seerattn_layer_density_scale must be None or a non-empty list of numbers > 0, got {value!r}")
     elif name == "seerattn_decode_threshold":
         if value is not None and (not isinstance(value, Real) or isinstance(value, bool) or not value >= 0):
             raise ValueError(f"seerattn_decode_threshold must be >= 0 or None, got {value!r}")
@@ -162,6 +169,7 @@ class SeerAttnConfigMixin:
     seerattn_threshold: float = 5e-3
     seerattn_top_p: float = 0.9
     seerattn_adaptive_row_floor: float = 0.5
+    seerattn_layer_density_scale: list[float] | None = None
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
@@ -207,6 +215,10 @@ class SeerAttnConfigMixin:
         if not self.seerattn_cross_document and self.seerattn_cuda_graphs:
             # documents are found on the host (one sync per forward): nothing a replayed graph can do
             raise ValueError("seerattn_cross_document=False cannot be combined with seerattn_cuda_graphs")
+        scale = self.seerattn_layer_density_scale
+        n_layers = getattr(self, "num_hidden_layers", None)
+        if scale is not None and n_layers is not None and len(scale) != n_layers:
+            raise ValueError(f"seerattn_layer_density_scale has {len(scale)} entries for {n_layers} layers")
         validate_decode_config(self)
 
     @classmethod

@@ -222,7 +222,7 @@ def seer_attention_forward(
         raise ValueError("seer_attn attention does not implement attention dropout")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"seer_attn expects a 2-D padding mask [B, S_k], got {tuple(attention_mask.shape)}")
-    settings = SeerAttentionSettings.from_config(module.config)
+    settings = SeerAttentionSettings.from_config(module.config, getattr(module, "layer_idx", None))
     # under autocast RoPE promotes q/k to fp32 while v stays low precision: kernels want one dtype
     dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else value.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)

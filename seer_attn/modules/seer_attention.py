@@ -59,12 +59,17 @@ class SeerAttentionSettings:
     loss_row_start: float = 0.0
 
     @classmethod
-    def from_config(cls, config) -> "SeerAttentionSettings":
+    def from_config(cls, config, layer_idx: int | None = None) -> "SeerAttentionSettings":
+        """The settings of layer `layer_idx` (its `seerattn_layer_density_scale` entry, if any, scales `nz_ratio`)."""
+        nz = float(config.seerattn_nz_ratio)
+        scale = getattr(config, "seerattn_layer_density_scale", None)
+        if scale is not None and layer_idx is not None:
+            nz = min(1.0, nz * float(scale[layer_idx]))
         return cls(
             mode=config.seerattn_mode,
             block_size=config.seerattn_gate_block_size,
             sparsity_method=config.seerattn_sparsity_method,
-            nz_ratio=float(config.seerattn_nz_ratio),
+            nz_ratio=nz,
             threshold=float(config.seerattn_threshold),
             top_p=float(getattr(config, "seerattn_top_p", 0.9)),
             adaptive_row_floor=float(getattr(config, "seerattn_adaptive_row_floor", 0.0)),
