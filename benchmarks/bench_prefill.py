@@ -302,7 +302,13 @@ def crossover_rows(config, args) -> tuple[list[dict], dict]:
 
     Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
     D = config.head_dim or config.hidden_size // Hq
-    gate = AttnGate(Hq, Hkv, D).to(DEVICE, torch.bfloat16).eval()
+    # the model's own gate design and sparsity method (the library defaults unless the config sets them)
+    gate = AttnGate(
+        Hq, Hkv, D, gate_type=config.seerattn_gate_type, hidden_size=config.seerattn_gate_hidden_size,
+        block_size=config.seerattn_gate_block_size, q_summaries=config.seerattn_gate_q_summaries,
+        k_summaries=config.seerattn_gate_k_summaries,
+    ).to(DEVICE, torch.bfloat16).eval()
+    Dg, stride = gate.hidden_size, gate.rope_stride
     scale = D**-0.5
     nzs = [float(x) for x in args.nz_ratios.split(",")]
     rows = []
@@ -310,16 +316,18 @@ def crossover_rows(config, args) -> tuple[list[dict], dict]:
         q = torch.randn(1, S, Hq, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
         k = torch.randn(1, S, Hkv, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
         v = torch.randn(1, S, Hkv, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
-        nb = math.ceil(S / 64)
-        pos = torch.arange(nb, device=DEVICE, dtype=torch.float32)[:, None] * 64
-        inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D))
+        # RoPE tables at every summary start (the gate reads every r-th entry for its summaries)
+        pos = torch.arange(math.ceil(S / stride), device=DEVICE, dtype=torch.float32)[:, None] * stride
+        inv = 1.0 / (10000.0 ** (torch.arange(0, Dg, 2, device=DEVICE, dtype=torch.float32) / Dg))
         ang = torch.cat([pos * inv] * 2, -1)[None]
         cos, sin = ang.cos(), ang.sin()
         r = {"S": S}
         with torch.no_grad():
             r["dense"] = _bench(lambda: dense_attention(q, k, v, scale))
             for nz in nzs:
-                st = SeerAttentionSettings(mode="sparse", nz_ratio=nz, kernel="TopK")
+                st = SeerAttentionSettings(mode="sparse", nz_ratio=nz, kernel="TopK",
+                                           sparsity_method=config.seerattn_sparsity_method,
+                                           adaptive_row_floor=config.seerattn_adaptive_row_floor)  # fmt: skip
                 r[f"sparse_d{nz}"] = _bench(lambda: seer_attention(q, k, v, q, k, gate, cos, sin, scale, st))
         rows.append(r)
         log("crossover " + json.dumps({key: round(val, 4) if isinstance(val, float) else val for key, val in r.items()}))

@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_SPARSE_LENGTH = 16384
 
 # (Hq, Hkv, head_dim, hidden_size) -> {nz_ratio: shortest length from which sparse beats dense SDPA}
-# H100 80GB, torch 2.11 + triton 3.6, eager (no CUDA graphs), the library's default gate and sparsity
-# method, random weights; `python benchmarks/bench_prefill.py --suite` (benchmarks/RESULTS.md, session 3).
+# H100 80GB, torch 2.11 + triton 3.6, eager (no CUDA graphs), random weights; `python
+# benchmarks/bench_prefill.py --suite` (benchmarks/RESULTS.md, session 3). Measured with a one-summary
+# gate and per-row top-k; the benchmark now uses the model's own gate design and sparsity method (the
+# default 4/2 summaries + adaptive costs more at 32k+, so these lengths are a lower bound): re-measure.
 # Below these lengths the sparse path's ~0.8-1 ms of fixed per-layer cost (host-side launches of the
 # gate, selection and kernel) exceeds what it saves.
 MEASURED_CROSSOVERS: dict[tuple[int, int, int, int], dict[float, int]] = {
