@@ -36,6 +36,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_selector` | `gate`, `oracle`, `oracle_mass`, `pooled`, `static`, `random` | `gate` | who picks the blocks in `sparse` mode: the trained gate, or a reference selector (true max-pooled map, true block mass, the gate's scoring without learned weights, sink + recent window, random) at the same budget. `pooled` needs `seerattn_gate_hidden_size` = head_dim. |
 | `seerattn_decode_gate_type` | None or `K<pools>` | None | decode gate (per-token scores over compressed key blocks, `seer_attn.modules.decode_gate`); None: no decode gate. Upstream's: `Kmaxminavg`. |
 | `seerattn_decode_q_pooling` | `proj`, `avg`, `heads` | `heads` | how a GQA group's query heads are scored: one learned query per head with the block scores combined as a mixture of the heads' softmaxes (`heads`, measured best: docs/RESULTS.md), or one gate query from a learned projection (upstream's default) or their mean. |
+| `seerattn_decode_k_summaries` | 1, 2, 4, 8 | 1 | compressed keys per block for the decode gate (sub-block pools; a block's probability is the sum of its summaries'). |
 | `seerattn_decode_gate_init` | `random`, `pooled` | `pooled` | fresh decode gates: the training-free scores (the query against the avg-pooled keys; needs `avg` in the type and the default width), or small random weights. |
 | `seerattn_decode_gate_norm` | bool | True | RMSNorm on the decode gate's queries and keys. |
 | `seerattn_decode_selector` | `gate`, `oracle`, `quest`, `static` | `gate` | who picks the blocks while decoding: the decode gate, or a reference (true per-token block mass, Quest's min/max-of-K bound, sink + most recent). Decoding is sparse when there is a decode gate or the selector is not `gate`. |
@@ -77,6 +78,8 @@ _CHOICES = {
 GATE_SHAPE_FIELDS = (
     "seerattn_gate_type", "seerattn_gate_block_size", "seerattn_gate_hidden_size",
     "seerattn_gate_q_summaries", "seerattn_gate_k_summaries",
+    # the decode gate's too (its type has its own message, at forward)
+    "seerattn_decode_q_pooling", "seerattn_decode_k_summaries", "seerattn_decode_gate_norm",
 )
 _BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_cuda_graphs", "seerattn_cross_document",
           "seerattn_decode_gate_norm")
@@ -126,7 +129,7 @@ def check_seerattn_field(name: str, value) -> None:
     elif name == "seerattn_gate_hidden_size":
         if value is not None and (not _is_int(value) or value <= 0 or value % 2):
             raise ValueError(f"seerattn_gate_hidden_size must be None or a positive even int (RoPE), got {value!r}")
-    elif name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries"):
+    elif name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_decode_k_summaries"):
         if value not in SUMMARY_COUNTS:
             raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {value!r}")
     elif name == "seerattn_min_sparse_length":
@@ -187,6 +190,7 @@ class SeerAttnConfigMixin:
     seerattn_decode_q_pooling: str = "heads"
     seerattn_decode_gate_norm: bool = True
     seerattn_decode_gate_init: str = "pooled"
+    seerattn_decode_k_summaries: int = 1
     seerattn_decode_selector: str = "gate"
     seerattn_decode_token_budget: int = 2048
     seerattn_decode_threshold: float | None = None
@@ -208,7 +212,7 @@ class SeerAttnConfigMixin:
         """Raise ValueError naming the first invalid `seerattn_*` field (each field, then their combinations)."""
         for name in SEERATTN_FIELDS:
             check_seerattn_field(name, getattr(self, name))
-        for name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries"):
+        for name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_decode_k_summaries"):
             n = getattr(self, name)
             if self.seerattn_gate_block_size % n:
                 raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {n}")

@@ -139,6 +139,7 @@ def attach_decode_gate(attn_gate: torch.nn.Module, config, head_dim: int) -> Dec
         block_size=config.seerattn_gate_block_size,
         q_pooling=config.seerattn_decode_q_pooling,
         use_norm=config.seerattn_decode_gate_norm,
+        k_summaries=getattr(config, "seerattn_decode_k_summaries", 1),
     )
     attn_gate.decode_gate = gate
     return gate
@@ -337,10 +338,12 @@ def sparse_decode_step(
                 if state is not None:
                     kc = state.keys
                 else:
-                    kc = gate.compress_keys(k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : bs]))
+                    kc = gate.compress_keys(
+                        k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : gate.key_stride])
+                    )
                 if kc is None:
                     return qg.new_empty(B, Hkv, n, 0)
-                return gate.score(qg, kc[:, :, :nc], rows)
+                return gate.score(qg, kc[:, :, : nc * gate.k_summaries], rows)
 
     scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits)
     index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
@@ -383,9 +386,8 @@ def decode_gate_loss(
         target = target / (target.sum(-1, keepdim=True) + 1e-9)
     rope = _rope_fn(module)
     positions = positions.expand(B, S)
-    logits = gate(
-        q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(positions[:, : (S // bs) * bs : bs]), rows
-    )
+    key_starts = positions[:, : (S // bs) * bs : gate.key_stride]  # every compressed key's first token
+    logits = gate(q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(key_starts), rows)
     logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
     if s.loss == "kl":
         kl = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), torch.zeros_like(target))

@@ -82,6 +82,9 @@ class DecodeGate(nn.Module):
             (a learned `D -> Dg` map per query head, scores combined as a mixture of softmaxes).
             Default: `"proj"`.
         use_norm (bool): RMSNorm (learned per-channel scale) on gate queries and keys. Default: `True`.
+        k_summaries (int): compressed keys per block, each pooling `block_size / k_summaries` tokens and
+            rotated at its first token; a block's score is the log-sum-exp of its summaries' (its
+            probability the sum of theirs, as the target sums its tokens' attention). Default: `1`.
 
     Computes in fp32 whatever the dtype of its inputs and weights.
     """
@@ -96,8 +99,13 @@ class DecodeGate(nn.Module):
         block_size: int = 64,
         q_pooling: str = "proj",
         use_norm: bool = True,
+        k_summaries: int = 1,
     ):
         super().__init__()
+        if k_summaries not in (1, 2, 4, 8) or block_size % k_summaries or block_size // k_summaries < 2:
+            raise ValueError(f"k_summaries must be 1, 2, 4 or 8 and leave >= 2 tokens per summary, got {k_summaries}")
+        self.k_summaries = k_summaries
+        self.key_stride = block_size // k_summaries  # tokens per compressed key
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if q_pooling not in Q_POOLINGS:
@@ -161,20 +169,21 @@ class DecodeGate(nn.Module):
         return nn.functional.rms_norm(x, (x.shape[-1],), norm.weight.float(), norm.eps)
 
     def compress_keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Compressed, rotated keys of complete blocks.
+        """Compressed, rotated keys of complete blocks (`k_summaries` per block, in token order).
 
         Args:
             k (torch.Tensor): pre-RoPE keys `[B, Hkv, nb * block_size, D]` (whole blocks only).
-            cos, sin (torch.Tensor): RoPE tables `[B, nb, Dg]` at each block's first-token position.
+            cos, sin (torch.Tensor): RoPE tables `[B, nb * k_summaries, Dg]` at each summary's
+                first-token position (every `key_stride`-th token).
 
         Returns:
-            `[B, Hkv, nb, Dg]` fp32.
+            `[B, Hkv, nb * k_summaries, Dg]` fp32.
         """
         if k.dim() != 4 or k.shape[1] != self.num_kv_heads or k.shape[-1] != self.head_dim:
             raise ValueError(f"decode gate built for Hkv={self.num_kv_heads}, D={self.head_dim}; got k {tuple(k.shape)}")
         if k.shape[2] % self.block_size:
             raise ValueError(f"compress_keys takes whole blocks of {self.block_size} tokens, got {k.shape[2]} tokens")
-        kb = torch.cat([pool_blocks(k, self.block_size, kind) for kind in self.k_pools], dim=-1)
+        kb = torch.cat([pool_blocks(k, self.key_stride, kind) for kind in self.k_pools], dim=-1)
         kb = self._norm(self.k_norm, self.k_linear(kb))
         if cos.shape[-2] != kb.shape[2] or cos.shape[-1] != self.hidden_size:
             raise ValueError(f"key RoPE tables must be [B, {kb.shape[2]}, {self.hidden_size}], got {tuple(cos.shape)}")
@@ -215,7 +224,7 @@ class DecodeGate(nn.Module):
 
         Args:
             qg (torch.Tensor): `[B, Hkv, n, Dg]` (or `[B, Hkv, G, n, Dg]`) from :meth:`queries`.
-            kc (torch.Tensor): `[B, Hkv, nc, Dg]` from :meth:`compress_keys` (blocks `0 .. nc-1`).
+            kc (torch.Tensor): `[B, Hkv, nc * k_summaries, Dg]` from :meth:`compress_keys` (blocks `0 .. nc-1`).
             rows (torch.Tensor): int `[n]`, sequence index of each query token; block `j` is a
                 candidate for row `t` iff `j < t // block_size`.
             width (int, Optional): output width (>= nc; extra columns are `-inf`). Default: `nc`.
@@ -226,7 +235,12 @@ class DecodeGate(nn.Module):
         mixture = qg.dim() == 5
         kt = kc.transpose(-1, -2)
         logits = torch.matmul(qg, kt[:, :, None] if mixture else kt) / math.sqrt(self.hidden_size)
-        nc = kc.shape[2]
+        if kc.shape[2] % self.k_summaries:
+            raise ValueError(f"compressed keys {kc.shape[2]} are not whole blocks of {self.k_summaries} summaries")
+        if self.k_summaries > 1:
+            # a block's score: the log-sum-exp of its summaries' logits (its softmax mass is their sum)
+            logits = logits.unflatten(-1, (-1, self.k_summaries)).logsumexp(-1)
+        nc = logits.shape[-1]
         width = nc if width is None else width
         if width > nc:
             logits = nn.functional.pad(logits, (0, width - nc), value=float("-inf"))
@@ -257,7 +271,8 @@ class DecodeGate(nn.Module):
                 half of the sequence).
             k (torch.Tensor): pre-RoPE keys of the whole sequence `[B, Hkv, S, D]`.
             q_cos, q_sin (torch.Tensor): `[B, n, Dg]` at the scored tokens' positions.
-            k_cos, k_sin (torch.Tensor): `[B, S // block_size, Dg]` at the complete blocks' first tokens.
+            k_cos, k_sin (torch.Tensor): `[B, (S // block_size) * k_summaries, Dg]` at the compressed
+                keys' first tokens (every `key_stride`-th token of the complete blocks).
             rows (torch.Tensor): int `[n]`, sequence index of each scored token.
 
         Returns:
@@ -273,7 +288,7 @@ class DecodeGate(nn.Module):
 class CompressedKeyCache:
     """One layer's decode-gate state while generating: compressed keys of the completed blocks.
 
-    Holds `keys` `[B, Hkv, nc, Dg]` (fp32, compressed and rotated at each block's first position)
+    Holds `keys` `[B, Hkv, nc * k_summaries, Dg]` (fp32, compressed and rotated at each summary's first position)
     and the pre-RoPE keys of the partial block being filled (`pending`, fewer than `block_size`
     tokens) with their positions. A block is compressed when its last token arrives, by
     :meth:`DecodeGate.compress_keys` on exactly the tokens and start position prefill would use, so
@@ -286,11 +301,12 @@ class CompressedKeyCache:
         self._buf: torch.Tensor | None = None  # [B, Hkv, block_size, D] pre-RoPE keys of the partial block
         self._pos: torch.Tensor | None = None  # [B, block_size] their positions
         self._fill = 0
+        self._per_block = 1  # compressed keys per block (the gate's k_summaries)
         self.num_tokens = 0
 
     @property
     def num_blocks(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return 0 if self.keys is None else self.keys.shape[2] // self._per_block
 
     @property
     def pending(self) -> torch.Tensor | None:
@@ -309,6 +325,7 @@ class CompressedKeyCache:
         """
         B, H, n, D = k.shape
         bs = gate.block_size
+        self._per_block = gate.k_summaries
         if self._buf is None:
             self._buf = k.new_empty(B, H, bs, D)
             self._pos = torch.empty(B, bs, dtype=torch.long, device=k.device)
@@ -324,7 +341,7 @@ class CompressedKeyCache:
             buf = torch.cat([self._buf[:, :, : self._fill], k.to(self._buf.dtype)], dim=2)
             pos = torch.cat([self._pos[:, : self._fill], positions], dim=1)
             full = (buf.shape[2] // bs) * bs
-            new = gate.compress_keys(buf[:, :, :full], *rope(pos[:, 0:full:bs]))
+            new = gate.compress_keys(buf[:, :, :full], *rope(pos[:, 0 : full : gate.key_stride]))
             self.keys = new if self.keys is None else torch.cat([self.keys, new], dim=2)
             self._fill = buf.shape[2] - full
             self._buf[:, :, : self._fill] = buf[:, :, full:]

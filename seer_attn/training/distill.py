@@ -83,6 +83,7 @@ class ModelArguments:
         default=None, metadata={"help": "decode gate query: proj, avg or heads (mixture over the group's heads) (default: the config's)"}
     )
     seerattn_decode_gate_init: str | None = field(default=None, metadata={"help": "fresh decode gates: random or pooled (default: the config's)"})
+    seerattn_decode_k_summaries: int | None = field(default=None, metadata={"help": "decode gate: compressed keys per block (default: the config's)"})
     seerattn_gate_loss_row_start: float | None = field(
         default=None, metadata={"help": "gate loss over query-block rows from this fraction of the sequence on (default: the config's)"}
     )
@@ -227,7 +228,7 @@ def load_distill_model(margs: ModelArguments):
     for name in (
         "seerattn_gate_type", "seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_gate_hidden_size",
         "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_decode_gate_type",
-        "seerattn_decode_q_pooling", "seerattn_decode_gate_init",
+        "seerattn_decode_q_pooling", "seerattn_decode_gate_init", "seerattn_decode_k_summaries",
     ):
         if getattr(margs, name) is not None:
             overrides[name] = getattr(margs, name)

@@ -91,7 +91,8 @@ def test_unlimited_budget_generation_equals_dense(tiny_dir):
 
 
 @pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=48), dict(seerattn_decode_threshold=0.3),
-                                    dict(seerattn_decode_token_budget=48, seerattn_decode_q_pooling="proj")])
+                                    dict(seerattn_decode_token_budget=48, seerattn_decode_q_pooling="proj"),
+                                    dict(seerattn_decode_token_budget=48, seerattn_decode_k_summaries=2)])
 def test_sparse_generation_equals_teacher_forced_decode_mode(tiny_dir, fields):
     """Budget 48 = own block + 2 blocks: the 20-token prompt is dense either way, every later token is
     truly sparse. Teacher-forced decode mode compresses the whole prefix at once; generation grows the
@@ -182,7 +183,8 @@ def test_decode_gate_misuse(tiny_dir):
 
 
 @pytest.mark.parametrize("design", [dict(seerattn_decode_q_pooling="proj"),
-                                    dict(seerattn_decode_q_pooling="heads", seerattn_decode_gate_init="pooled")])
+                                    dict(seerattn_decode_q_pooling="heads", seerattn_decode_gate_init="pooled",
+                                         seerattn_decode_k_summaries=4)])
 def test_distill_trains_decode_gate_and_checkpoint_carries_it(tiny_dir, tmp_path, design):
     model = load(tiny_dir, seerattn_mode="distill", **design)
     model.freeze_base()

@@ -132,11 +132,48 @@ def test_decode_gate_init_from_pooled(q_pooling):
         DecodeGate(Hq, Hkv, D, "Kmaxmin", q_pooling=q_pooling if q_pooling != "avg" else "proj").init_from_pooled()
 
 
-def test_compressed_key_cache_incremental_equals_prefix():
+@pytest.mark.parametrize("q_pooling", ["proj", "heads"])
+def test_decode_gate_key_summaries(q_pooling):
+    """k_summaries=2: two compressed keys per block (pools of 8 tokens rotated at their own first token);
+    a block scores the log-sum-exp of its two logits (heads: per head, before the mixture)."""
+    bs, Hq, Hkv, D, S = 16, 4, 2, 16, 53
+    torch.manual_seed(0)
+    gate = DecodeGate(Hq, Hkv, D, "Kmaxavg", block_size=bs, q_pooling=q_pooling, use_norm=False, k_summaries=2)
+    gate.reset_parameters(0.2)
+    q, k = torch.randn(1, Hq, S, D), torch.randn(1, Hkv, S, D)
+    rows = torch.arange(S)
+    pos = rows[None]
+    nbf = S // bs
+    out = gate(q, k, *rope(pos, D), *rope(pos[:, : nbf * bs : 8], D), rows)
+    kb = torch.cat([pool_blocks(k[:, :, : nbf * bs], 8, "max"), pool_blocks(k[:, :, : nbf * bs], 8, "avg")], -1)
+    kb = torch.stack([kb[:, h] @ gate.k_linear.weight[h] for h in range(Hkv)], 1)
+    kb = apply_rope(kb, *rope(pos[:, : nbf * bs : 8], D))  # [1, Hkv, 2 * nbf, D]
+    G = Hq // Hkv
+    for t in (20, 40, 52):
+        nc = t // bs
+        if q_pooling == "heads":
+            qh = apply_rope(torch.stack([q[:, h] @ gate.q_linear.weight[h] for h in range(Hq)], 1), *rope(pos, D))
+            lg = torch.stack([qh[0, h, t] @ kb[0, h // G, : 2 * nc].T for h in range(Hq)]) / math.sqrt(D)
+            blk = lg.view(Hq, nc, 2).logsumexp(-1)
+            ref = torch.softmax(blk, -1).view(Hkv, G, nc).mean(1).log()
+        else:
+            qg = torch.stack([torch.cat([q[:, h * G + g] for g in range(G)], -1) @ gate.q_linear.weight[h] for h in range(Hkv)], 1)
+            qg = apply_rope(qg, *rope(pos, D))
+            lg = torch.stack([qg[0, h, t] @ kb[0, h, : 2 * nc].T for h in range(Hkv)]) / math.sqrt(D)
+            ref = lg.view(Hkv, nc, 2).logsumexp(-1)
+        torch.testing.assert_close(out[0, :, t, :nc], ref, atol=1e-5, rtol=1e-5)
+        assert torch.isneginf(out[0, :, t, nc:]).all()
+    with pytest.raises(ValueError, match="k_summaries"):
+        DecodeGate(Hq, Hkv, D, block_size=16, k_summaries=3)
+
+
+@pytest.mark.parametrize("k_summaries", [1, 4])
+def test_compressed_key_cache_incremental_equals_prefix(k_summaries):
     """Prompt, then single tokens and a 3-token step, across several block boundaries: after every
-    step the cache equals compressing the whole prefix at once (each block rotated at its start)."""
+    step the cache equals compressing the whole prefix at once (each summary rotated at its start)."""
     bs, Hkv, D = 16, 2, 16
     gate = make_gate(bs=bs, Hkv=Hkv, D=D)
+    gate.k_summaries, gate.key_stride = k_summaries, bs // k_summaries
     total, prompt = 75, 21
     k = torch.randn(2, Hkv, total, D)
     pos = torch.arange(total)[None] + 5  # position ids need not start at 0: blocks rotate at their own
@@ -151,7 +188,7 @@ def test_compressed_key_cache_incremental_equals_prefix():
         assert cache.num_tokens == t and cache.num_blocks == t // bs
         assert cache.pending.shape[2] == t - full
         if full:
-            ref = gate.compress_keys(k[:, :, :full], *rope_fn(pos[:, :full:bs].expand(2, -1)))
+            ref = gate.compress_keys(k[:, :, :full], *rope_fn(pos[:, : full : gate.key_stride].expand(2, -1)))
             torch.testing.assert_close(cache.keys, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(cache.pending, k[:, :, full:t])
     assert t == total
