@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> str:
         model=model, args=targs, train_dataset=train, data_collator=default_data_collator, processing_class=tokenizer
     )
     trainer.add_callback(LossLogger(trainer))
+    if targs.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        # accelerate shards only on GPUs: without one the Trainer silently trains data parallel instead
+        logger.warning(
+            "--fsdp %r was requested but the Trainer will not shard (accelerate enables FSDP on GPUs only): "
+            "this run is data parallel (DDP) over %d process(es), every rank holding the whole model",
+            targs.fsdp, targs.world_size,
+        )
     trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
     trainer.train(resume_from_checkpoint=resume)
     logger.info("trained as %s on %d process(es)", type(trainer.model_wrapped).__name__, targs.world_size)
