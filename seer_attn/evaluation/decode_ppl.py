@@ -45,7 +45,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from seer_attn.evaluation.ppl import SweepPoint, _ints, _load_model, _names, load_eval_documents, perplexity
+from seer_attn.evaluation.ppl import (
+    SweepPoint, _ints, _load_model, _names, load_eval_documents, perplexity, plot_ppl_panels,
+)
 from seer_attn.models import load_tokenizer
 from seer_attn.training.data import boundary_token_ids, check_context_length, source_label
 
@@ -215,38 +217,13 @@ def _markdown(records: list[dict]) -> str:
 
 def plot_results(records: list[dict], path: str | Path) -> None:
     """PPL vs token budget: one panel per (length, dataset), one line per method, dense dashed."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax, rows, m, color):
+        pts = sorted((r["token_budget"], r["ppl"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=m)
 
-    datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    lengths = sorted({r["context_length"] for r in records})
-    fig, axes = plt.subplots(len(lengths), len(datasets), figsize=(5 * len(datasets), 3.8 * len(lengths)), squeeze=False)
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for i, L in enumerate(lengths):
-        for j, ds in enumerate(datasets):
-            ax = axes[i][j]
-            rows = [r for r in records if r["dataset"] == ds and r["context_length"] == L]
-            for m in METHODS:
-                if m == "dense":
-                    for r in rows:
-                        if r["method"] == "dense":
-                            ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"dense ({r['ppl']:.3g})")
-                    continue
-                pts = sorted((r["token_budget"], r["ppl"]) for r in rows if r["method"] == m)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", color=colors[m], label=m)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("token budget per decoded token")
-            ax.set_ylabel("perplexity")
-            ax.set_title(f"{ds}, L={L}")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_ppl_panels(records, path, METHODS, draw, "token budget per decoded token", log2_x=True)
 
 
 def write_results(records: list[dict], output_dir: str | Path, plot: bool = True) -> dict[str, Path]:

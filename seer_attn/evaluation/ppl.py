@@ -356,8 +356,9 @@ def _markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(records: list[dict], path: str | Path) -> None:
-    """PPL vs realised density: one panel per (length, dataset), one line per method; thresholds as open markers."""
+def plot_ppl_panels(records: list[dict], path: str | Path, methods, draw, xlabel: str, log2_x: bool = False) -> None:
+    """PPL figure shared by the evaluators: one panel per (context length, dataset), dense as a dashed
+    line, and `draw(ax, rows, method, color)` for every other method of `methods` (`rows`: the panel's records)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,31 +367,21 @@ def plot_results(records: list[dict], path: str | Path) -> None:
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     lengths = sorted({r["context_length"] for r in records})
     fig, axes = plt.subplots(len(lengths), len(datasets), figsize=(5 * len(datasets), 3.8 * len(lengths)), squeeze=False)
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for i, L in enumerate(lengths):
         for j, ds in enumerate(datasets):
             ax = axes[i][j]
             rows = [r for r in records if r["dataset"] == ds and r["context_length"] == L]
-            for m in METHODS:
-                if m == "dense":
-                    for r in rows:
-                        if r["method"] == "dense":
-                            ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"dense ({r['ppl']:.3g})")
-                    continue
-                nz = sorted((r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "nz_ratio")
-                ad = sorted((r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "adaptive")
-                th = [(r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "threshold"]
-                tp = [(r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == "top_p"]
-                if nz:
-                    ax.plot(*zip(*nz), marker="o", color=colors[m], label=m)
-                if ad:
-                    ax.plot(*zip(*ad), marker="s", ls=":", color=colors[m], label=f"{m} (adaptive)")
-                if th:
-                    ax.scatter(*zip(*th), marker="D", facecolors="none", edgecolors=colors[m], label=f"{m} (threshold)")
-                if tp:
-                    ax.scatter(*zip(*tp), marker="^", facecolors="none", edgecolors=colors[m], label=f"{m} (top-p)")
+            for r in rows:
+                if r["method"] == "dense":
+                    ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"dense ({r['ppl']:.3g})")
+            for m in methods:
+                if m != "dense":
+                    draw(ax, rows, m, colors[m])
+            if log2_x:
+                ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("realised density")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity")
             ax.set_title(f"{ds}, L={L}")
             ax.grid(alpha=0.3, which="both")
@@ -398,6 +389,26 @@ def plot_results(records: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_results(records: list[dict], path: str | Path) -> None:
+    """PPL vs realised density: one panel per (length, dataset), one line per method; thresholds as open markers."""
+
+    def draw(ax, rows, m, color):
+        def pts(method):
+            return [(r["density"], r["ppl"]) for r in rows if r["method"] == m and r["sparsity_method"] == method]
+
+        nz, ad, th, tp = sorted(pts("nz_ratio")), sorted(pts("adaptive")), pts("threshold"), pts("top_p")
+        if nz:
+            ax.plot(*zip(*nz), marker="o", color=color, label=m)
+        if ad:
+            ax.plot(*zip(*ad), marker="s", ls=":", color=color, label=f"{m} (adaptive)")
+        if th:
+            ax.scatter(*zip(*th), marker="D", facecolors="none", edgecolors=color, label=f"{m} (threshold)")
+        if tp:
+            ax.scatter(*zip(*tp), marker="^", facecolors="none", edgecolors=color, label=f"{m} (top-p)")
+
+    plot_ppl_panels(records, path, METHODS, draw, "realised density")
 
 
 def plot_recall(records: list[dict], path: str | Path) -> None:
