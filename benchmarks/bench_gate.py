@@ -22,6 +22,11 @@ Designs beyond the default are timed through the fused path when `--designs` lis
 `top_p`: per-row top-p 0.9).
 
 Outputs a markdown table, the targets of issue 11, and JSON at `--out`.
+
+`--mixture-sweep` times only the mixture-of-softmaxes scoring of the default design (4 query / 2
+key summaries, `gate_mixture_scores`) over tiles (query x key summaries per step), warps, pipeline
+stages and dot precisions, each checked against the default tile's output first:
+    python benchmarks/bench_gate.py --mixture-sweep --seqlens 32768,131072 --out benchmarks/results/mixture_sweep.json
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import torch
 import triton
 
 from seer_attn.kernels.block_mask import indices_to_mask, nz_ratio_to_k
-from seer_attn.kernels.gate_kernel import gate_scores, gate_select, gate_summaries
+from seer_attn.kernels import gate_kernel
+from seer_attn.kernels.gate_kernel import gate_mixture_scores, gate_scores, gate_select, gate_summaries
 from seer_attn.modules import fused_gate
 from seer_attn.modules.attn_gate import AttnGate
 from seer_attn.modules.seer_attention import SeerAttentionSettings
@@ -184,6 +190,59 @@ def time_design(design, Hq, Hkv, D, S, q, k, device):
     return bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=True))
 
 
+def mixture_sweep(args) -> None:
+    """Time `gate_mixture_scores` (4 query / 2 key summaries) per tile, warps, stages and precision."""
+    import itertools
+
+    rows_out, t_start = [], time.time()
+    cands = list(itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3), ("tf32x3", "tf32")))
+    for name in args.shapes.split(","):
+        Hq, Hkv, D = SHAPES[name]
+        for S in (int(x) for x in args.seqlens.split(",")):
+            nb = math.ceil(S / BS)
+            g = torch.Generator(device="cuda").manual_seed(0)
+            qg = torch.randn(1, Hq, 4 * nb, D, device="cuda", generator=g)
+            kg = torch.randn(1, Hkv, 2 * nb, D, device="cuda", generator=g)
+            ref = gate_mixture_scores(qg, kg, 4, 2, nb, precision="tf32x3", tile=gate_kernel.MIXTURE_TILE_SMALL)
+            # compare the causal triangle only: without fill_upper the rest of the output is never written
+            tri = torch.ones(nb, nb, dtype=torch.bool, device="cuda").tril()
+            fin = ref.isfinite() & tri
+            for rows, cols, warps, stages, prec in cands:
+                if time.time() - t_start > args.budget_s:
+                    break
+                tile = (rows, cols, warps, stages)
+                rec = {"shape": name, "S": S, "rows": rows, "cols": cols, "warps": warps, "stages": stages, "precision": prec}
+                try:
+                    out = gate_mixture_scores(qg, kg, 4, 2, nb, precision=prec, tile=tile)
+                    same_inf = bool(torch.equal(out.isfinite() & tri, fin))
+                    rec["max_abs_diff"] = float((out[fin] - ref[fin]).abs().max()) if same_inf else float("inf")
+                    rec["ms"] = bench(lambda: gate_mixture_scores(qg, kg, 4, 2, nb, precision=prec, tile=tile))
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers
+                    rec["ms"] = f"failed: {type(e).__name__}"
+                rows_out.append(rec)
+                print(f"[mixture] {json.dumps(rec)}", flush=True)
+            del qg, kg, ref
+            torch.cuda.empty_cache()
+    lines = [f"gate_mixture_scores (4/2 summaries), {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {triton.__version__}; 'small' = the tile {gate_kernel.MIXTURE_TILE_SMALL}", "",
+             "| shape | S | small tile ms | best ms | best (rows, cols, warps, stages, precision) | max abs diff |", "|---|---|---|---|---|---|"]
+    for name in args.shapes.split(","):
+        for S in (int(x) for x in args.seqlens.split(",")):
+            ok = [r for r in rows_out if r["shape"] == name and r["S"] == S and isinstance(r["ms"], float)]
+            if not ok:
+                continue
+            d = next((r["ms"] for r in ok if (r["rows"], r["cols"], r["warps"], r["stages"]) == gate_kernel.MIXTURE_TILE_SMALL
+                      and r["precision"] == "tf32x3"), float("nan"))
+            b = min(ok, key=lambda r: r["ms"])
+            lines.append(f"| {name} | {S} | {d:.3f} | {b['ms']:.3f} | {b['rows']}, {b['cols']}, {b['warps']}, {b['stages']}, "
+                         f"{b['precision']} | {b['max_abs_diff']:.2e} |")
+    print("\n".join(lines), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=2))
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -196,9 +255,13 @@ def main():
     p.add_argument("--nz", type=float, default=0.1)
     p.add_argument("--designs", default="default,nq4,nq4nk2,adaptive,top_p", help="other fused designs to time ('' = none)")
     p.add_argument("--out", default="benchmarks/results/bench_gate.json")
+    p.add_argument("--mixture-sweep", action="store_true", help="only sweep the mixture scoring kernel's launch settings")
+    p.add_argument("--budget-s", type=float, default=240.0, help="--mixture-sweep: stop starting new candidates after this")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gate.py needs a CUDA GPU")
+    if args.mixture_sweep:
+        return mixture_sweep(args)
     args.compile_seqlens = {int(x) for x in args.compile_seqlens.split(",") if x}
     args.designs = [d for d in args.designs.split(",") if d]
     rows = []

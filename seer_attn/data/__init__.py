@@ -14,6 +14,7 @@ from seer_attn.data.sequences import (
     build_sequences,
     check_context_length,
     filter_min_tokens,
+    load_token_documents,
     pack_sequences,
     parse_weights,
     tokenize_documents,
@@ -45,4 +46,5 @@ __all__ = [
     "check_context_length",
     "parse_weights",
     "build_sequences",
+    "load_token_documents",
 ]

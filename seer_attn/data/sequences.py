@@ -30,6 +30,7 @@ __all__ = [
     "check_context_length",
     "parse_weights",
     "build_sequences",
+    "load_token_documents",
 ]
 
 logger = logging.getLogger(__name__)
@@ -244,3 +245,42 @@ def build_sequences(
     if streaming:
         out = out.shuffle(seed=seed, buffer_size=shuffle_buffer)
     return out.with_format("torch")
+
+
+def load_token_documents(
+    source: str,
+    tokenizer,
+    min_tokens: int,
+    max_docs: int | None = None,
+    split: str = "test",
+    text_field: str = "text",
+    subset: str | None = None,
+) -> list[list[int]]:
+    """Token ids of the first `max_docs` documents of `source` with at least `min_tokens` tokens
+    (no special tokens), in the source's order; what evaluation and calibration score.
+
+    With `max_docs`, documents are read and tokenised one at a time until enough are found (a few
+    calibration documents from a 100M-character corpus need not tokenise all of it).
+
+    Raises ValueError saying how many documents were skipped when none is long enough.
+    """
+    docs = load_documents(source, split, text_field, subset)
+    if max_docs is None:
+        tokens = filter_min_tokens(tokenize_documents(docs, tokenizer), min_tokens, source,
+                                   f"each scored document needs {min_tokens} tokens")
+        return [list(ids) for ids in tokens["input_ids"]]
+    found, longest = [], 0
+    for text in docs["text"] if len(docs) <= max_docs else (docs[i]["text"] for i in range(len(docs))):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        longest = max(longest, len(ids))
+        if len(ids) >= min_tokens:
+            found.append(list(ids))
+            if len(found) == max_docs:
+                break
+    if not found:
+        raise ValueError(
+            f"no document of {source!r} is long enough: all {len(docs)} documents have fewer than {min_tokens} "
+            f"tokens (each scored document needs them); the longest has {longest}. Use a shorter length or a source "
+            "with longer documents."
+        )
+    return found

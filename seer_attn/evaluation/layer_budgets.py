@@ -1,22 +1,25 @@
-"""Per-layer density budgets: spend a requested overall density where the layers need it.
+"""Calibrate per-layer density budgets: measure each layer's benefit curve on calibration text.
 
-At density 0.1 on SmolLM2 the first ~10 layers keep only 50-75% of their attention mass even with
-the oracle's blocks, while most later layers keep 90-98% (`docs/results/final9/*/recall.json`): the
-same density everywhere wastes budget on layers that do not need it. This module turns per-layer
-recall-versus-density curves, measured with the `oracle_mass` selector on *calibration* text, into
-`seerattn_layer_density_scale` (layer `l` then asks for `nz_ratio * scale[l]`):
+The allocation itself lives in :mod:`seer_attn.modules.layer_budget` (a model with
+`seerattn_layer_budget_curves` spreads every requested `nz_ratio` over its layers, maximising the
+summed benefit). This module measures the curves, per layer at a grid of `nz_ratio` values, with the
+`oracle_mass` selector and the model's own sparsity method (`adaptive` by default), averaged over a
+few calibration documents, for one of two objectives:
 
-- :func:`allocate_layer_densities`: given each layer's curve (recall at a few densities, linear in
-  between, made concave), the densities that maximise the summed recall at a mean equal to the
-  target, by greedy water-filling over the curves' segments (exact for concave curves);
-- the CLI measures the curves with :func:`seer_attn.evaluation.recall.attention_recall` and writes
-  `{"target", "densities", "scale", "curves"}` as JSON:
+- `loss` (default): minus the rise of the LM loss when *only* that layer is sparse at that density
+  (:func:`measure_loss_curves`, `L x grid` forwards);
+- `recall`: the layer's attention recall (:func:`measure_curves`, one recorded forward per grid
+  point). Measured on SmolLM2 (docs/RESULTS.md), recall-optimal budgets move density into the first
+  layers, raise the mean recall and still *lose* PPL: a layer's missed mass is not what the loss feels.
+
+The CLI writes the curves as JSON and, with `--write_config`, into the checkpoint's `config.json`:
 
     python -m seer_attn.evaluation.layer_budgets --model runs/gates \\
-        --dataset ../shared/data/calib-mini/train.jsonl --length 8192 --max_docs 4 --target 0.1 \\
-        --output runs/gates/layer_budgets.json
+        --dataset ../shared/data/calib-large/ --length 8192 --max_docs 4 --write_config
 
-Never calibrate on evaluation documents.
+The oracle needs no trained gate, so the curves can be measured before or after distillation
+(`python -m seer_attn.training.distill --layer_budget_docs 4` does it after training). Never
+calibrate on evaluation documents.
 """
 
 from __future__ import annotations
@@ -26,118 +29,171 @@ import json
 import logging
 from pathlib import Path
 
-__all__ = ["allocate_layer_densities", "concave_envelope", "measure_curves", "main"]
+from seer_attn.modules.layer_budget import allocate_layer_densities, concave_envelope, layer_nz_ratios
+
+__all__ = ["allocate_layer_densities", "concave_envelope", "measure_curves", "measure_loss_curves", "calibrate_layer_budgets", "main"]
+OBJECTIVES = ("loss", "recall")
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRID = (0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
-def concave_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Upper concave hull of `(density, recall)` points, sorted by density (the curve greedy filling needs)."""
-    pts = sorted(points)
-    hull: list[tuple[float, float]] = []
-    for p in pts:
-        while len(hull) >= 2:
-            (x1, y1), (x2, y2) = hull[-2], hull[-1]
-            # drop the middle point when it lies on or below the chord from hull[-2] to p
-            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
-def allocate_layer_densities(curves: list[list[tuple[float, float]]], target: float) -> list[float]:
-    """Per-layer densities with mean `target` that maximise the summed recall.
+def measure_curves(model, docs, grid=DEFAULT_GRID, sparsity_method: str | None = None) -> list[list[list[float]]]:
+    """Per layer, `[nz_ratio, recall]` of `oracle_mass` at each `nz_ratio` of `grid`, averaged over `docs`.
 
     Args:
-        curves: per layer, `(density, recall)` points (at least one; densities in (0, 1]).
-        target (float): the mean density to spend, between the smallest and largest measured
-            densities of the layers.
+        model: a Seer model; its own per-layer budgets are switched off while measuring (and restored).
+        docs: token-id tensors `[S]` (start token first, as evaluation feeds them).
+        grid: `nz_ratio` values in (0, 1].
+        sparsity_method (str): `nz_ratio` or `adaptive` (default: the model's, or `nz_ratio` if it
+            uses neither), so the curves describe the selection the model will make.
 
-    Returns:
-        one density per layer. Every layer starts at its smallest measured density; the remaining
-        budget goes segment by segment to the steepest rise of any layer's concave envelope.
-    """
-    if not curves or any(not c for c in curves):
-        raise ValueError("allocate_layer_densities: every layer needs at least one (density, recall) point")
-    hulls = [concave_envelope(c) for c in curves]
-    lo = sum(h[0][0] for h in hulls) / len(hulls)
-    hi = sum(h[-1][0] for h in hulls) / len(hulls)
-    if not lo <= target <= hi:
-        raise ValueError(f"allocate_layer_densities: target {target} outside the measured range [{lo:.4g}, {hi:.4g}]")
-    dens = [h[0][0] for h in hulls]
-    budget = (target - lo) * len(hulls)
-    segments = []
-    for layer, h in enumerate(hulls):
-        for (x1, y1), (x2, y2) in zip(h, h[1:]):
-            segments.append(((y2 - y1) / (x2 - x1), layer, x2 - x1))
-    # concave hulls: each layer's slopes fall, so the global order by slope fills each layer in order
-    for _, layer, width in sorted(segments, key=lambda s: -s[0]):
-        if budget <= 0:
-            break
-        step = min(width, budget)
-        dens[layer] += step
-        budget -= step
-    return dens
-
-
-def measure_curves(model, docs, grid=DEFAULT_GRID) -> list[list[tuple[float, float]]]:
-    """Per layer, `(nz_ratio, recall)` of `oracle_mass` at each `nz_ratio` of `grid`, averaged over `docs`.
-
-    The x axis is the requested `nz_ratio`, not the realised density, because the scales multiply
+    The x axis is the requested `nz_ratio`, not the realised density, because the allocation sets
     `nz_ratio` (at 8k the two agree within 10%; at a few blocks per row they do not).
     """
     from seer_attn.evaluation.recall import attention_recall
 
+    if sparsity_method is None:
+        sparsity_method = model.config.seerattn_sparsity_method
+        sparsity_method = sparsity_method if sparsity_method in ("nz_ratio", "adaptive") else "nz_ratio"
+    saved = {k: getattr(model.config, k) for k in ("seerattn_layer_density_scale", "seerattn_layer_budget_curves")}
+    model.set_seerattn(seerattn_layer_density_scale=None, seerattn_layer_budget_curves=None)
     sums: dict[tuple[int, float], list[float]] = {}
-    for ids in docs:
-        for row in attention_recall(model, ids, methods=("oracle_mass",), budgets=grid):
-            for lay in row["layers"]:
-                rec = lay["recall"]
-                acc = sums.setdefault((lay["layer"], float(row["target"])), [0.0, 0])
-                acc[0] += sum(rec) / len(rec) if isinstance(rec, list) else rec
-                acc[1] += 1
+    try:
+        for ids in docs:
+            for row in attention_recall(model, ids, methods=("oracle_mass",), budgets=grid, sparsity_method=sparsity_method):
+                for lay in row["layers"]:
+                    rec = lay["recall"]
+                    acc = sums.setdefault((lay["layer"], float(row["target"])), [0.0, 0])
+                    acc[0] += sum(rec) / len(rec) if isinstance(rec, list) else rec
+                    acc[1] += 1
+    finally:
+        model.set_seerattn(**saved)
     layers = sorted({k[0] for k in sums})
-    return [[(nz, r / n) for (lay, nz), (r, n) in sorted(sums.items()) if lay == layer] for layer in layers]
+    return [[[nz, round(r / n, 6)] for (lay, nz), (r, n) in sorted(sums.items()) if lay == layer] for layer in layers]
+
+
+def measure_loss_curves(model, docs, grid=DEFAULT_GRID, sparsity_method: str | None = None, selector: str = "oracle_mass",
+                        progress: bool = True) -> list[list[list[float]]]:
+    """Per layer, `[nz_ratio, -(loss rise)]`: the mean LM loss over `docs` with only that layer sparse at
+    `nz_ratio` (every other layer exact), minus the all-dense loss, negated (0 at density 1).
+
+    Args:
+        model: a Seer model (its settings are restored afterwards).
+        docs: token-id tensors `[S]` of one length (start token first); they run as one batch.
+        grid: `nz_ratio` values in (0, 1]; 1.0 is added (no rise).
+        sparsity_method (str): `nz_ratio` or `adaptive` (default: the model's, as in `measure_curves`).
+        selector (str): who picks the blocks (`oracle_mass`: no trained gate needed; `gate`: the gates).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if sparsity_method is None:
+        sparsity_method = model.config.seerattn_sparsity_method
+        sparsity_method = sparsity_method if sparsity_method in ("nz_ratio", "adaptive") else "nz_ratio"
+    n_layers = model.config.num_hidden_layers
+    ids = torch.stack([d for d in docs])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    keys = ("seerattn_mode", "seerattn_selector", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_min_sparse_length",
+            "seerattn_layer_density_scale", "seerattn_layer_budget_curves")
+    saved = {k: getattr(model.config, k) for k in keys}
+    was_training = model.training
+    model.eval()
+
+    def loss(**fields) -> float:
+        model.set_seerattn(seerattn_mode="sparse", seerattn_selector=selector, seerattn_sparsity_method=sparsity_method,
+                           seerattn_min_sparse_length=0, seerattn_layer_budget_curves=None, **fields)
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=labels, logits_to_keep=1, use_cache=False).lm_loss)
+
+    grid = sorted({float(x) for x in grid if float(x) < 1.0})
+    curves = [[] for _ in range(n_layers)]
+    try:
+        base = loss(seerattn_nz_ratio=1.0, seerattn_layer_density_scale=None)
+        with tqdm(total=n_layers * len(grid), desc="layer loss curves", disable=not progress) as bar:
+            for layer in range(n_layers):
+                for nz in grid:
+                    # every other layer asks for 2/nz times the density: min(1, 2) = exactly dense
+                    scale = [1.0 if i == layer else 2.0 / nz for i in range(n_layers)]
+                    rise = loss(seerattn_nz_ratio=nz, seerattn_layer_density_scale=scale) - base
+                    curves[layer].append([nz, round(-rise, 7)])
+                    bar.update(1)
+                curves[layer].append([1.0, 0.0])
+    finally:
+        model.set_seerattn(**saved)
+        model.train(was_training)
+    return curves
+
+
+def calibrate_layer_budgets(model, tokenizer, source: str, length: int = 8192, max_docs: int = 4,
+                            grid=DEFAULT_GRID, split: str = "train", objective: str = "loss") -> list[list[list[float]]]:
+    """Measure the curves (`objective` "loss" or "recall") on the first `max_docs` documents of `source`
+    with >= `length` - 1 tokens and store them in `model.config.seerattn_layer_budget_curves` (saved
+    with the next `save_pretrained`)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    import torch
+
+    from seer_attn.data import boundary_token_ids, load_token_documents
+
+    start_id, _ = boundary_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    # as evaluation feeds documents: the start token, then the first length - 1 tokens
+    docs = [torch.tensor([start_id] + d[: length - 1], device=device)
+            for d in load_token_documents(source, tokenizer, length - 1, max_docs, split=split)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        curves = measure_loss_curves(model, docs, grid) if objective == "loss" else measure_curves(model, docs, grid)
+    model.train(was_training)
+    model.set_seerattn(seerattn_layer_budget_curves=curves)
+    logger.info("layer budget curves (%s) from %d documents of %s (%d layers)", objective, len(docs), source, len(curves))
+    return curves
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a Seer model or gate-only checkpoint (the oracle needs no trained gate)")
-    p.add_argument("--dataset", required=True, help="calibration text (a .jsonl/.txt/folder/glob as for training); never evaluation documents")
+    p.add_argument("--dataset", required=True, help="calibration text (a .jsonl/.jsonl.gz/folder/glob as for training); never evaluation documents")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--max_docs", type=int, default=4)
-    p.add_argument("--target", type=float, default=0.1, help="the nz_ratio the scales are for")
     p.add_argument("--grid", default=",".join(str(x) for x in DEFAULT_GRID))
-    p.add_argument("--output", required=True)
+    p.add_argument("--objective", default="loss", choices=OBJECTIVES, help="what the allocation maximises (see the module docstring)")
+    p.add_argument("--show", default="0.5,0.3,0.1", help="nz_ratio values whose per-layer allocation is logged and written")
+    p.add_argument("--output", default=None, help="JSON with the curves and the allocations (default: <model>/layer_budgets.json)")
+    p.add_argument("--write_config", action="store_true", help="also store the curves in <model>/config.json (a local checkpoint)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
 
-    from seer_attn.evaluation.ppl import load_eval_documents
     from seer_attn.models import AutoSeerForCausalLM, load_tokenizer
-    from seer_attn.training.data import boundary_token_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoSeerForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tok = load_tokenizer(args.model)
-    start_id, _ = boundary_token_ids(tok)
-    # as evaluation feeds documents: the start token, then the first length - 1 tokens
-    docs = [torch.tensor([start_id] + d[: args.length - 1]) for d in
-            load_eval_documents(args.dataset, tok, args.length - 1, args.max_docs, split="train")]  # fmt: skip
     grid = [float(x) for x in args.grid.split(",")]
-    with torch.no_grad():
-        curves = measure_curves(model, docs, grid)
-    dens = allocate_layer_densities(curves, args.target)
-    result = {"target": args.target, "densities": dens, "scale": [d / args.target for d in dens], "curves": curves}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
-    logger.info("per-layer densities %s -> %s", [round(d, 3) for d in dens], args.output)
+    curves = calibrate_layer_budgets(model, tok, args.dataset, args.length, args.max_docs, grid, objective=args.objective)
+    shown = {str(t): [round(x, 4) for x in layer_nz_ratios(curves, float(t))] for t in args.show.split(",") if t}
+    for t, d in shown.items():
+        logger.info("nz_ratio %s -> per layer %s", t, d)
+    result = {"dataset": args.dataset, "length": args.length, "max_docs": args.max_docs, "objective": args.objective,
+              "curves": curves, "allocations": shown}
+    out = Path(args.output) if args.output else Path(args.model) / "layer_budgets.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if args.write_config:
+        cfg_path = Path(args.model) / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"--write_config needs a local checkpoint folder with config.json, not {args.model!r}")
+        cfg = json.loads(cfg_path.read_text())
+        cfg["seerattn_layer_budget_curves"] = curves
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        logger.info("curves written into %s", cfg_path)
+    logger.info("layer budgets -> %s", out)
     return result
 
 

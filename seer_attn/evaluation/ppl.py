@@ -23,6 +23,10 @@ One loaded model serves every row, switched with `set_seerattn`:
   realised density);
 - with `--budget_methods nz_ratio,adaptive` every method also runs `adaptive` selection at each
   `nz_ratio` budget (the per-row top-k budget spent over all rows and heads of a layer);
+  `nz_ratio+layers` / `adaptive+layers` do the same with the requested density spread over the
+  layers by the calibrated recall curves (`seerattn_layer_budget_curves` of the checkpoint, or
+  `--layer_budgets curves.json` from `seer_attn.evaluation.layer_budgets`); every other row runs
+  the same density in every layer, whatever the checkpoint's config says;
 - with `--top_ps`, `seer`, `oracle`, `oracle_mass` and `pooled` keep each row's most probable blocks
   up to that cumulative probability;
 - with `--thresholds`, `seer`, `oracle`, `oracle_mass` and `pooled` keep blocks whose probability
@@ -93,7 +97,9 @@ THRESHOLD_METHODS = ("seer", "oracle", "oracle_mass", "pooled")
 _RESET_FIELDS = (
     "seerattn_mode", "seerattn_selector", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_threshold",
     "seerattn_top_p", "seerattn_adaptive_row_floor", "seerattn_min_sparse_length",
+    "seerattn_layer_density_scale", "seerattn_layer_budget_curves",
 )
+BUDGET_METHODS = ("nz_ratio", "adaptive", "nz_ratio+layers", "adaptive+layers")
 
 
 def _floats(s: str) -> list[float]:
@@ -125,7 +131,9 @@ class PPLArguments:
     nz_ratios: str = field(default="1.0,0.5,0.3,0.1", metadata={"help": "comma-separated nz_ratio budgets (target causal density)"})
     thresholds: str = field(default="", metadata={"help": "comma-separated gate-probability thresholds (seer, oracle, oracle_mass only)"})
     budget_methods: str = field(
-        default="nz_ratio", metadata={"help": "sparsity methods run at every nz_ratio budget: nz_ratio (per-row top-k) and/or adaptive"}
+        default="nz_ratio",
+        metadata={"help": "sparsity methods run at every nz_ratio budget: nz_ratio (per-row top-k), adaptive, and either "
+                          "with '+layers' (the density spread over layers by the calibrated curves)"}
     )
     top_ps: str = field(default="", metadata={"help": "comma-separated top-p values (seer, oracle, oracle_mass only)"})
     adaptive_row_floor: float | None = field(
@@ -133,8 +141,8 @@ class PPLArguments:
     )
     layer_budgets: str | None = field(
         default=None,
-        metadata={"help": "per-layer density scales for every sparse row: a JSON file from seer_attn.evaluation.layer_budgets "
-                          "(its 'scale') or comma-separated numbers, one per layer (default: the model config's)"},
+        metadata={"help": "the layer budget curves of the '+layers' rows: a JSON file from seer_attn.evaluation.layer_budgets "
+                          "(its 'curves'; default: the checkpoint's seerattn_layer_budget_curves)"},
     )
     methods: str = field(default=",".join(METHODS), metadata={"help": f"comma-separated subset of {', '.join(METHODS)}"})
     max_docs: int | None = field(default=None, metadata={"help": "score the first n long-enough documents of each dataset"})
@@ -170,14 +178,22 @@ def sweep_points(
     thresholds: list[float],
     budget_methods: tuple[str, ...] = ("nz_ratio",),
     top_ps: tuple[float, ...] = (),
+    layer_curves=None,
 ) -> list[SweepPoint]:
-    """The rows to evaluate, dense first (see the module docstring for which method runs where)."""
+    """The rows to evaluate, dense first (see the module docstring for which method runs where).
+
+    `layer_curves` (per layer `[nz_ratio, recall]` points) are what the `+layers` budget methods
+    spread the density with; every other row gets the same density in every layer."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
-    bad = sorted(set(budget_methods) - {"nz_ratio", "adaptive"})
+    bad = sorted(set(budget_methods) - set(BUDGET_METHODS))
     if bad:
-        raise ValueError(f"budget methods must be nz_ratio and/or adaptive, got {bad}")
+        raise ValueError(f"budget methods must be among {BUDGET_METHODS}, got {bad}")
+    if layer_curves is None and any(bm.endswith("+layers") for bm in budget_methods):
+        raise ValueError("the '+layers' budget methods need layer budget curves: calibrate them with "
+                         "`python -m seer_attn.evaluation.layer_budgets` and pass --layer_budgets, or use a checkpoint that has them")
+    uniform = {"seerattn_layer_density_scale": None, "seerattn_layer_budget_curves": None}
     for p in top_ps:
         if not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {p}")
@@ -193,22 +209,25 @@ def sweep_points(
     for bm in budget_methods:
         for nz in nz_ratios:
             for m in methods:
-                if m != "dense" and not (bm == "adaptive" and nz >= 1.0):
+                if m != "dense" and not (bm != "nz_ratio" and nz >= 1.0):
                     selector = "gate" if m == "seer" else m
+                    alloc = {**uniform, "seerattn_layer_budget_curves": layer_curves} if bm.endswith("+layers") else uniform
                     points.append(SweepPoint(m, bm, nz, {"seerattn_mode": "sparse", "seerattn_selector": selector,
-                                                         "seerattn_sparsity_method": bm, "seerattn_nz_ratio": nz}))
+                                                         "seerattn_sparsity_method": bm.split("+")[0], "seerattn_nz_ratio": nz,
+                                                         **alloc}))
     for p in top_ps:
         for m in methods:
             if m in THRESHOLD_METHODS:
                 selector = "gate" if m == "seer" else m
                 points.append(SweepPoint(m, "top_p", p, {"seerattn_mode": "sparse", "seerattn_selector": selector,
-                                                         "seerattn_sparsity_method": "top_p", "seerattn_top_p": p}))
+                                                         "seerattn_sparsity_method": "top_p", "seerattn_top_p": p, **uniform}))
     for t in thresholds:
         for m in methods:
             if m in THRESHOLD_METHODS:
                 selector = "gate" if m == "seer" else m
                 points.append(SweepPoint(m, "threshold", t, {"seerattn_mode": "sparse", "seerattn_selector": selector,
-                                                             "seerattn_sparsity_method": "threshold", "seerattn_threshold": t}))
+                                                             "seerattn_sparsity_method": "threshold", "seerattn_threshold": t,
+                                                             **uniform}))
     return points
 
 
@@ -403,6 +422,10 @@ def plot_results(records: list[dict], path: str | Path) -> None:
             ax.plot(*zip(*nz), marker="o", color=color, label=m)
         if ad:
             ax.plot(*zip(*ad), marker="s", ls=":", color=color, label=f"{m} (adaptive)")
+        for bm, marker in (("nz_ratio+layers", "P"), ("adaptive+layers", "X")):
+            lp = sorted(pts(bm))
+            if lp:
+                ax.plot(*zip(*lp), marker=marker, ls="--", color=color, label=f"{m} ({bm})")
         if th:
             ax.scatter(*zip(*th), marker="D", facecolors="none", edgecolors=color, label=f"{m} (threshold)")
         if tp:
@@ -495,9 +518,7 @@ def _load_model(args: PPLArguments):
     if getattr(args, "adaptive_row_floor", None) is not None:
         config.seerattn_adaptive_row_floor = args.adaptive_row_floor
     if getattr(args, "layer_budgets", None):
-        src = args.layer_budgets
-        scale = json.loads(Path(src).read_text())["scale"] if src.endswith(".json") else [float(x) for x in src.split(",")]
-        config.seerattn_layer_density_scale = scale
+        config.seerattn_layer_budget_curves = json.loads(Path(args.layer_budgets).read_text())["curves"]
         config.validate_seerattn()
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
@@ -511,15 +532,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lengths, sources = _ints(args.lengths), _names(args.datasets)
     if not lengths or not sources:
         raise ValueError("give at least one length (--lengths) and one dataset (--datasets)")
-    points = sweep_points(
-        _names(args.methods), _floats(args.nz_ratios), _floats(args.thresholds), tuple(_names(args.budget_methods)), tuple(_floats(args.top_ps))
-    )
+    budget_methods = tuple(_names(args.budget_methods))
+    bad = sorted(set(budget_methods) - set(BUDGET_METHODS))
+    if bad:
+        raise ValueError(f"--budget_methods must be among {BUDGET_METHODS}, got {bad}")
+    # check every other argument before loading anything (the curves come with the model)
+    sweep_points(_names(args.methods), _floats(args.nz_ratios), _floats(args.thresholds),
+                 tuple(dict.fromkeys(bm.split("+")[0] for bm in budget_methods)), tuple(_floats(args.top_ps)))
     min_tokens = args.min_doc_tokens if args.min_doc_tokens is not None else max(lengths) - 1
     if min_tokens < max(lengths) - 1:
         raise ValueError(f"--min_doc_tokens {min_tokens} is below max(lengths) - 1 = {max(lengths) - 1}")
 
     tokenizer = load_tokenizer(args.model)
     model = _load_model(args)
+    points = sweep_points(
+        _names(args.methods), _floats(args.nz_ratios), _floats(args.thresholds), budget_methods, tuple(_floats(args.top_ps)),
+        layer_curves=model.config.seerattn_layer_budget_curves,
+    )
     for length in lengths:
         check_context_length(model.config, length)
     docs = {}

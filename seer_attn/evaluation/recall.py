@@ -182,7 +182,7 @@ def attention_recall(
             as evaluation does).
         methods: from `RECALL_METHODS` (`seer` is the trained gate).
         budgets: `nz_ratio` values, or thresholds with `sparsity_method="threshold"`.
-        sparsity_method (str): `"nz_ratio"` or `"threshold"`.
+        sparsity_method (str): `"nz_ratio"`, `"adaptive"` (both take `nz_ratio` budgets) or `"threshold"`.
         seed (int): reset before every forward (the `random` selector).
 
     Returns:
@@ -195,7 +195,9 @@ def attention_recall(
         raise ValueError(f"unknown methods {unknown}; choose from {RECALL_METHODS}")
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     ids = ids.to(next(model.parameters()).device)
-    target_field = "seerattn_nz_ratio" if sparsity_method == "nz_ratio" else "seerattn_threshold"
+    if sparsity_method not in ("nz_ratio", "adaptive", "threshold"):
+        raise ValueError(f"attention_recall: sparsity_method must be nz_ratio, adaptive or threshold, got {sparsity_method!r}")
+    target_field = "seerattn_threshold" if sparsity_method == "threshold" else "seerattn_nz_ratio"
     saved = {k: getattr(model.config, k) for k in _SETTINGS}
     was_training = model.training
     model.eval()

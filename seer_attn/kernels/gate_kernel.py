@@ -55,6 +55,14 @@ GATE_DOT_PRECISION = "tf32x3"
 
 _POOL_ORDER = ("max", "min", "avg")
 
+# gate_mixture_fwd_kernel's tile per gate width: query summaries (rows) and key summaries (columns) per
+# step, warps, pipeline stages. Chosen by `benchmarks/bench_gate.py --mixture-sweep` on an H100 (tf32x3,
+# 4/2 summaries): width 128 (Llama-8B shape) 0.60 -> 0.44 ms at 32k and 7.8 -> 5.1 ms at 128k; width 64
+# (SmolLM2) within 10% of the best either way. The wide tile needs 224 KiB of shared memory: GPUs with
+# less run the small one (same result).
+MIXTURE_TILE_SMALL = (32, 64, 4, 2)
+MIXTURE_TILE = {64: MIXTURE_TILE_SMALL, 128: (128, 64, 8, 2)}
+
 
 def _dot_prec(precision: str | None) -> str:
     # the interpreter multiplies in numpy fp32 whatever is asked
@@ -277,7 +285,6 @@ def gate_score_fwd_kernel(
         tl.store(p_s, tl.full([BM, BN], float("-inf"), dtype=tl.float32), mask=m_st)
 
 
-@triton.autotune(configs=prune_configs([triton.Config({}, num_warps=w) for w in (4, 8)]), key=["DG", "NQ", "NK", "FILL"])
 @triton.jit
 def gate_mixture_fwd_kernel(
     qg,
@@ -724,7 +731,8 @@ def gate_scores(
 
 
 def gate_mixture_scores(
-    qg: torch.Tensor, kg: torch.Tensor, n_q: int, n_k: int, nb: int, fill_upper: bool = False, precision: str | None = None
+    qg: torch.Tensor, kg: torch.Tensor, n_q: int, n_k: int, nb: int, fill_upper: bool = False, precision: str | None = None,
+    tile: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Block log-probabilities of a gate with several summaries per block: fp32 `[B, Hq, nb, nb]`.
 
@@ -737,6 +745,8 @@ def gate_mixture_scores(
     Args:
         qg (torch.Tensor): fp32 `[B, Hq, nq, Dg]`, summary `a` belongs to block `a // n_q`.
         kg (torch.Tensor): fp32 `[B, Hk, nk, Dg]`, summary `c` belongs to block `c // n_k`.
+        tile: `(query summaries, key summaries, num_warps, num_stages)` per program (default
+            `MIXTURE_TILE[Dg]`; `benchmarks/bench_gate.py --mixture-sweep` times the candidates).
     """
     if qg.dim() != 4 or kg.dim() != 4 or qg.dtype != torch.float32 or kg.dtype != torch.float32:
         raise ValueError("gate_mixture_scores: fp32 [B, H, n, Dg] summaries expected")
@@ -749,13 +759,26 @@ def gate_mixture_scores(
             f"gate_mixture_scores: qg {tuple(qg.shape)}, kg {tuple(kg.shape)} do not make {nb} blocks of {n_q}, {n_k}"
         )
     s = torch.empty(B, Hq, nb, nb, device=qg.device, dtype=torch.float32)
-    # 32 query summaries and 64 key summaries per tile
-    bmb, bnb = max(1, 32 // n_q), max(1, 64 // n_k)
-    gate_mixture_fwd_kernel[(triton.cdiv(nb, bmb), B * Hq)](
-        qg, kg, s, *qg.stride(), *kg.stride(), *s.stride(), 1.0 / math.sqrt(dg), nb, nq, nk,
-        HQ=Hq, G_K=Hq // kg.shape[1], DG=dg, NQ=n_q, NK=n_k, BMB=bmb, BNB=bnb, FILL=fill_upper,
-        DOT_PREC=_dot_prec(precision),
-    )  # fmt: skip
+    if tile is None:
+        tile = MIXTURE_TILE_SMALL if is_interpreter() else MIXTURE_TILE.get(dg, MIXTURE_TILE_SMALL)
+
+    def launch(tile):
+        rows, cols, warps, stages = tile
+        bmb, bnb = max(1, rows // n_q), max(1, cols // n_k)
+        gate_mixture_fwd_kernel[(triton.cdiv(nb, bmb), B * Hq)](
+            qg, kg, s, *qg.stride(), *kg.stride(), *s.stride(), 1.0 / math.sqrt(dg), nb, nq, nk,
+            HQ=Hq, G_K=Hq // kg.shape[1], DG=dg, NQ=n_q, NK=n_k, BMB=bmb, BNB=bnb, FILL=fill_upper,
+            DOT_PREC=_dot_prec(precision), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    try:
+        launch(tile)
+    except triton.runtime.errors.OutOfResources:
+        if tile == MIXTURE_TILE_SMALL:
+            raise
+        # a GPU with less shared memory than an H100: the small tile computes the same scores
+        MIXTURE_TILE[dg] = MIXTURE_TILE_SMALL
+        launch(MIXTURE_TILE_SMALL)
     return s
 
 

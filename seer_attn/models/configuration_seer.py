@@ -19,7 +19,9 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
 | `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
 | `seerattn_adaptive_row_floor` | [0, 1] | 0.5 | method `adaptive`: each row first keeps this fraction of its top-k budget (0 fully global, 1 = top-k). |
-| `seerattn_layer_density_scale` | None or list of floats > 0 | None | per-layer multipliers of the density budget (`nz_ratio`): layer `l` asks for `min(1, nz_ratio * scale[l])`, one entry per layer; e.g. from `python -m seer_attn.evaluation.layer_budgets` (calibrated on calibration text). |
+| `seerattn_layer_density_scale` | None or list of floats > 0 | None | per-layer multipliers of the density budget (`nz_ratio`): layer `l` asks for `min(1, nz_ratio * scale[l])`, one entry per layer; e.g. from `python -m seer_attn.evaluation.layer_budgets` (calibrated on calibration text). Takes precedence over the curves below. |
+| `seerattn_layer_budget_curves` | None or per layer a list of `[nz_ratio, benefit]` | None | per-layer benefit curves measured with the oracle on calibration text (minus the loss rise with only that layer sparse, or its recall; `python -m seer_attn.evaluation.layer_budgets --write_config`, or `distill --layer_budget_docs n`): every requested `nz_ratio` is then spread over the layers by water-filling these curves, keeping the mean (`seer_attn.modules.layer_budget`). |
+| `seerattn_layer_budget_max_nz` | (0, 1] | 0.2 | the curves redistribute requests up to this `nz_ratio`; above it every layer gets the request (there the curves are at noise level and the measured allocation lost PPL). |
 | `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
@@ -58,6 +60,7 @@ from transformers import PreTrainedConfig
 from seer_attn.kernels.block_mask import SPARSITY_METHODS
 from seer_attn.modules.decode import DECODE_SELECTORS, validate_decode_config
 from seer_attn.modules.decode_gate import Q_POOLINGS, parse_decode_gate_type
+from seer_attn.modules.layer_budget import check_layer_budget_curves
 from seer_attn.modules.attn_gate import SUMMARY_COUNTS, parse_gate_type
 
 __all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "GATE_SHAPE_FIELDS", "apply_yarn", "check_seerattn_field"]
@@ -89,6 +92,7 @@ _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seeratt
 _RANGES = {
     "seerattn_nz_ratio": (0.0, 1.0, False, True),
     "seerattn_top_p": (0.0, 1.0, False, True),
+    "seerattn_layer_budget_max_nz": (0.0, 1.0, False, True),
     "seerattn_adaptive_row_floor": (0.0, 1.0, True, True),
     "seerattn_gate_loss_row_start": (0.0, 1.0, True, False),
     "seerattn_threshold": (0.0, float("inf"), True, True),
@@ -147,6 +151,8 @@ def check_seerattn_field(name: str, value) -> None:
             or not all(isinstance(x, Real) and not isinstance(x, bool) and x > 0 for x in value)
         ):
             raise ValueError(f"seerattn_layer_density_scale must be None or a non-empty list of numbers > 0, got {value!r}")
+    elif name == "seerattn_layer_budget_curves":
+        check_layer_budget_curves(value)
     elif name == "seerattn_decode_threshold":
         if value is not None and (not isinstance(value, Real) or isinstance(value, bool) or not value >= 0):
             raise ValueError(f"seerattn_decode_threshold must be >= 0 or None, got {value!r}")
@@ -173,6 +179,8 @@ class SeerAttnConfigMixin:
     seerattn_top_p: float = 0.9
     seerattn_adaptive_row_floor: float = 0.5
     seerattn_layer_density_scale: list[float] | None = None
+    seerattn_layer_budget_curves: list[list[list[float]]] | None = None
+    seerattn_layer_budget_max_nz: float = 0.2
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0
@@ -223,6 +231,7 @@ class SeerAttnConfigMixin:
         n_layers = getattr(self, "num_hidden_layers", None)
         if scale is not None and n_layers is not None and len(scale) != n_layers:
             raise ValueError(f"seerattn_layer_density_scale has {len(scale)} entries for {n_layers} layers")
+        check_layer_budget_curves(self.seerattn_layer_budget_curves, n_layers)
         validate_decode_config(self)
 
     @classmethod

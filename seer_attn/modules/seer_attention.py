@@ -33,6 +33,7 @@ from seer_attn.kernels.naive import attn_with_pooling_naive, block_sparse_attn_n
 from seer_attn.modules import fused_gate
 from seer_attn.modules.attn_gate import pooled_block_scores
 from seer_attn.modules.crossover import resolve_min_sparse_length
+from seer_attn.modules.layer_budget import layer_nz_ratios
 
 __all__ = ["SeerAttentionSettings", "SeerAttentionStats", "seer_attention", "dense_attention", "gate_loss"]
 
@@ -60,11 +61,15 @@ class SeerAttentionSettings:
 
     @classmethod
     def from_config(cls, config, layer_idx: int | None = None) -> "SeerAttentionSettings":
-        """The settings of layer `layer_idx` (its `seerattn_layer_density_scale` entry, if any, scales `nz_ratio`)."""
+        """The settings of layer `layer_idx`: its `nz_ratio` follows `seerattn_layer_density_scale` (a
+        multiplier per layer) or else `seerattn_layer_budget_curves` (water-filled, same mean), if set."""
         nz = float(config.seerattn_nz_ratio)
         scale = getattr(config, "seerattn_layer_density_scale", None)
-        if scale is not None and layer_idx is not None:
+        curves = getattr(config, "seerattn_layer_budget_curves", None)
+        if layer_idx is not None and scale is not None:
             nz = min(1.0, nz * float(scale[layer_idx]))
+        elif layer_idx is not None and curves is not None and nz < 1.0:
+            nz = layer_nz_ratios(curves, nz, float(getattr(config, "seerattn_layer_budget_max_nz", 1.0)))[layer_idx]
         return cls(
             mode=config.seerattn_mode,
             block_size=config.seerattn_gate_block_size,

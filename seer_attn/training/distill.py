@@ -120,6 +120,15 @@ class DataArguments:
     min_doc_tokens: int = field(default=0, metadata={"help": "drop documents shorter than this many tokens before packing"})
     max_documents: int | None = field(default=None, metadata={"help": "use at most this many (shuffled) documents of each source"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenisation (datasets.map num_proc)"})
+    layer_budget_docs: int = field(
+        default=0,
+        metadata={"help": "after training, measure per-layer budget curves (loss objective) on this many documents of train_length tokens "
+                          "and save them with the gates (seerattn_layer_budget_curves: every requested density is then "
+                          "spread over the layers; seer_attn.evaluation.layer_budgets); 0 = uniform density"},
+    )
+    layer_budget_dataset: str | None = field(
+        default=None, metadata={"help": "calibration source of the layer budgets (default: the first --dataset source)"}
+    )
 
 
 @dataclass
@@ -319,6 +328,12 @@ def main(argv: list[str] | None = None) -> str:
     trainer.add_callback(GateLossLogger(trainer, targs.layer_log_steps))
     trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
     trainer.train(resume_from_checkpoint=resume)
+    if dargs.layer_budget_docs > 0:
+        from seer_attn.evaluation.layer_budgets import calibrate_layer_budgets
+
+        source = dargs.layer_budget_dataset or dargs.dataset.split(",")[0].strip()
+        calibrate_layer_budgets(model, tokenizer, source, dargs.train_length, dargs.layer_budget_docs,
+                                split=dargs.dataset_split)
     trainer.save_model(targs.output_dir)
     with open(Path(targs.output_dir) / "distill_args.json", "w") as f:
         json.dump({"model": vars(margs), "data": vars(dargs), "train": targs.to_dict()}, f, indent=2, default=str)

@@ -94,6 +94,11 @@ class FinetuneTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "every trainable parameter gets a gradient each step: no unused-parameter search"}
     )
+    reload_check_tokens: int = field(
+        default=0,
+        metadata={"help": "before the final save, record the loss on this many tokens of the first training sequence and "
+                          "per-tensor checksums in reload_check.json (seer_attn.training.reload_check compares a reload)"},
+    )
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of argument values; flags override it"})
 
 
@@ -131,6 +136,7 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = False  # per-batch means: let the Trainer average micro-batches
         self._sums, self._n = {}, 0
+        self.reload_check: dict | None = None  # set right before the final save: written beside it
 
     def pop_losses(self) -> tuple[dict[str, float], int]:
         out = (self._sums, self._n)
@@ -167,7 +173,14 @@ class FinetuneTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir, save_base=True)
+        # under FSDP the Trainer passes the gathered full state dict: the unwrapped module holds shards only
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(output_dir, save_base=True, **kwargs)
+        if self.reload_check is not None:
+            from seer_attn.training.reload_check import RELOAD_CHECK_NAME, checksums
+
+            rec = {**self.reload_check, "checksums": checksums(state_dict if state_dict is not None else model.state_dict())}
+            Path(output_dir, RELOAD_CHECK_NAME).write_text(json.dumps(rec))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -241,6 +254,16 @@ def main(argv: list[str] | None = None) -> str:
     trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
     trainer.train(resume_from_checkpoint=resume)
     logger.info("trained as %s on %d process(es)", type(trainer.model_wrapped).__name__, targs.world_size)
+    if targs.reload_check_tokens > 0:
+        from seer_attn.training.reload_check import CHECK_FIELDS, model_loss
+
+        ids = list(train[0]["input_ids"][: targs.reload_check_tokens])
+        cfg = trainer.accelerator.unwrap_model(trainer.model).config
+        # every rank runs the (sharded) forward; rank 0 writes the record with the checkpoint
+        loss = model_loss(trainer.model_wrapped, ids, targs.device)
+        trainer.reload_check = {"input_ids": ids, "loss": loss, "settings": {k: getattr(cfg, k) for k in CHECK_FIELDS},
+                                "trained_as": type(trainer.model_wrapped).__name__, "world_size": targs.world_size}
+        logger.info("loss before saving on %d tokens: %.6f", len(ids), loss)
     trainer.save_model(targs.output_dir)
     with open(Path(targs.output_dir) / "finetune_args.json", "w") as f:
         json.dump({"model": vars(margs), "data": vars(dargs), "train": targs.to_dict()}, f, indent=2, default=str)

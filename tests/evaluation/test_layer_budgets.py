@@ -1,10 +1,17 @@
 import json
+import math
 
 import pytest
 import torch
 
-from seer_attn.evaluation.layer_budgets import allocate_layer_densities, concave_envelope, main
+from seer_attn.evaluation.layer_budgets import main
+from seer_attn.evaluation.ppl import sweep_points
+from seer_attn.modules.layer_budget import allocate_layer_densities, concave_envelope, layer_nz_ratios
 from seer_attn.modules.seer_attention import SeerAttentionSettings
+
+GRID = [0.05, 0.1, 0.2, 0.4, 1.0]
+STEEP = [[d, min(1.0, 0.3 + 2.0 * d)] for d in GRID]  # an early layer: recall keeps rising
+FLAT = [[d, 0.95 + 0.05 * d] for d in GRID]  # a late layer: already near 1
 
 
 def test_concave_envelope_drops_points_below_the_chords():
@@ -37,6 +44,57 @@ def test_layer_density_scale_sets_each_layer_budget():
         SeerLlamaConfig(num_hidden_layers=1, seerattn_layer_density_scale=[0.0])
 
 
+def test_layer_nz_ratios_keep_the_requested_mean():
+    curves = [STEEP, FLAT, FLAT]
+    for nz in (0.05, 0.1, 0.3, 0.7):
+        dens = layer_nz_ratios(curves, nz)
+        assert sum(dens) / 3 == pytest.approx(nz) and all(0 < d <= 1 for d in dens)
+    assert layer_nz_ratios(curves, 0.1)[0] > 0.1
+    # outside the measured range: the nearest end's proportions, scaled
+    assert layer_nz_ratios(curves, 0.02) == pytest.approx([0.02, 0.02, 0.02])
+    assert layer_nz_ratios(curves, 1.0) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_layer_budget_curves_set_each_layer_budget():
+    from seer_attn import SeerLlamaConfig
+
+    c = SeerLlamaConfig(num_hidden_layers=3, seerattn_nz_ratio=0.1, seerattn_layer_budget_curves=[STEEP, FLAT, FLAT])
+    per_layer = [SeerAttentionSettings.from_config(c, i).nz_ratio for i in range(3)]
+    assert per_layer == pytest.approx(layer_nz_ratios([STEEP, FLAT, FLAT], 0.1)) and per_layer[0] > per_layer[1]
+    # above seerattn_layer_budget_max_nz (default 0.2) every layer gets the request
+    c.seerattn_nz_ratio = 0.3
+    assert [SeerAttentionSettings.from_config(c, i).nz_ratio for i in range(3)] == pytest.approx([0.3] * 3)
+    c.seerattn_layer_budget_max_nz = 0.5
+    assert SeerAttentionSettings.from_config(c, 0).nz_ratio > 0.3
+    with pytest.raises(ValueError, match="seerattn_layer_budget_max_nz"):
+        c.seerattn_layer_budget_max_nz = 0.0
+    c.seerattn_nz_ratio = 0.1
+    c.seerattn_nz_ratio = 1.0  # dense stays dense everywhere
+    assert [SeerAttentionSettings.from_config(c, i).nz_ratio for i in range(3)] == [1.0, 1.0, 1.0]
+    c.seerattn_layer_density_scale = [1.0, 1.0, 1.0]  # explicit scales take precedence
+    c.seerattn_nz_ratio = 0.1
+    assert [SeerAttentionSettings.from_config(c, i).nz_ratio for i in range(3)] == pytest.approx([0.1] * 3)
+    assert SeerLlamaConfig.from_dict(c.to_dict()).seerattn_layer_budget_curves == [STEEP, FLAT, FLAT]
+    with pytest.raises(ValueError, match="2 curves for 3 layers"):
+        SeerLlamaConfig(num_hidden_layers=3, seerattn_layer_budget_curves=[STEEP, FLAT])
+    with pytest.raises(ValueError, match=r"seerattn_layer_budget_curves\[1\]"):
+        SeerLlamaConfig(num_hidden_layers=2, seerattn_layer_budget_curves=[STEEP, [[0.0, 0.5]]])
+
+
+def test_ppl_sweep_runs_layer_budgets_only_where_asked():
+    pts = sweep_points(["seer", "oracle_mass"], [0.1], [0.01], ("adaptive", "adaptive+layers"), layer_curves=[STEEP, FLAT])
+    by = {(p.method, p.sparsity_method): p.fields for p in pts}
+    assert by[("seer", "adaptive+layers")]["seerattn_layer_budget_curves"] == [STEEP, FLAT]
+    assert by[("seer", "adaptive+layers")]["seerattn_sparsity_method"] == "adaptive"
+    # every other row: the same density in every layer, whatever the checkpoint's config says
+    assert by[("seer", "adaptive")]["seerattn_layer_budget_curves"] is None
+    assert by[("oracle_mass", "threshold")]["seerattn_layer_budget_curves"] is None
+    with pytest.raises(ValueError, match="need layer budget curves"):
+        sweep_points(["seer"], [0.1], [], ("adaptive+layers",))
+    with pytest.raises(ValueError, match="budget methods must be among"):
+        sweep_points(["seer"], [0.1], [], ("top_k",))
+
+
 def test_layer_budgets_cli_on_a_tiny_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -54,7 +112,38 @@ def test_layer_budgets_cli_on_a_tiny_model(tmp_path):
     with open(data, "w") as f:
         for _ in range(2):
             f.write(json.dumps({"text": " ".join(f"w{int(i)}" for i in torch.randint(0, 298, (700,), generator=g))}) + "\n")
-    out = main(["--model", str(d), "--dataset", str(data), "--length", "512", "--max_docs", "2", "--target", "0.3",
-                "--grid", "0.1,0.3,0.6,1.0", "--output", str(tmp_path / "lb.json")])
-    assert len(out["scale"]) == 2 and sum(out["densities"]) / 2 == pytest.approx(0.3, rel=0.05)
-    assert json.loads((tmp_path / "lb.json").read_text())["target"] == 0.3
+    gates = tmp_path / "gates"
+    from seer_attn.models import AutoSeerForCausalLM
+
+    AutoSeerForCausalLM.from_pretrained(str(d)).save_pretrained(gates, save_base=False)
+    args = ["--model", str(gates), "--dataset", str(data), "--length", "512", "--max_docs", "2", "--grid", "0.1,0.3,0.6,1.0", "--show", "0.3"]
+    rec = main(args + ["--objective", "recall", "--output", str(tmp_path / "recall.json")])["curves"]
+    assert len(rec) == 2 and [p[0] for p in rec[0]] == [0.1, 0.3, 0.6, 1.0]
+    # the oracle keeps everything at density 1 and more with more blocks
+    assert all(c[-1][1] == pytest.approx(1.0, abs=1e-4) and c[0][1] <= c[-1][1] for c in rec)
+    out = main(args + ["--write_config"])  # the default objective: minus the loss rise of each layer alone
+    curves = out["curves"]
+    assert out["objective"] == "loss" and len(curves) == 2 and all([p[0] for p in c] == [0.1, 0.3, 0.6, 1.0] for c in curves)
+    assert all(c[-1][1] == 0.0 and all(math.isfinite(p[1]) for p in c) for c in curves)  # a random model may gain from sparsity
+    assert sum(out["allocations"]["0.3"]) / 2 == pytest.approx(0.3)
+    assert json.loads((gates / "layer_budgets.json").read_text())["curves"] == curves
+    reloaded = AutoSeerForCausalLM.from_pretrained(str(gates))
+    assert reloaded.config.seerattn_layer_budget_curves == curves
+    assert reloaded.config.seerattn_mode == "sparse" and reloaded.config.seerattn_layer_density_scale is None
+
+
+def test_loss_curve_is_zero_where_only_that_layer_changes_nothing(tmp_path):
+    # one layer sparse and every other exact: at density 1 (and with every block kept) nothing changes
+    from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+    from seer_attn.evaluation.layer_budgets import measure_loss_curves
+
+    torch.manual_seed(0)
+    cfg = SeerLlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                          intermediate_size=128, vocab_size=100, max_position_embeddings=1024)
+    model = SeerLlamaForCausalLM(cfg).eval()
+    docs = [torch.randint(0, 100, (512,)) for _ in range(2)]
+    curves = measure_loss_curves(model, docs, grid=(0.05, 0.99), sparsity_method="nz_ratio", progress=False)
+    assert [[p[0] for p in c] for c in curves] == [[0.05, 0.99, 1.0]] * 3
+    # per-row top-k at 0.99 keeps all 8 blocks of a row: no change; at 0.05 one block per row: a change
+    assert all(c[1][1] == pytest.approx(0.0, abs=1e-5) and abs(c[0][1]) > 1e-4 for c in curves)
+    assert model.config.seerattn_layer_density_scale is None and model.config.seerattn_mode == "sparse"

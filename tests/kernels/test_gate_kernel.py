@@ -220,6 +220,21 @@ def test_gate_mixture_scores(n_q, n_k, S, gate_type):
     torch.testing.assert_close(out[fin], ref[fin], atol=LOGIT_TOL, rtol=LOGIT_TOL)
 
 
+@pytest.mark.parametrize("tile", [(128, 64, 8, 2), (64, 128, 4, 3)])
+def test_gate_mixture_scores_every_tile_agrees(tile):
+    # the wide tiles the GPU uses (gate_kernel.MIXTURE_TILE) compute what the small one does
+    torch.manual_seed(0)
+    nb = 16
+    qg = torch.randn(1, 4, 4 * nb, 64, device=DEVICE)
+    kg = torch.randn(1, 2, 2 * nb, 64, device=DEVICE)
+    small = gate_mixture_scores(qg, kg, 4, 2, nb, fill_upper=True, tile=(32, 64, 4, 2))
+    wide = gate_mixture_scores(qg, kg, 4, 2, nb, fill_upper=True, tile=tile)
+    fin = torch.isfinite(small)
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
+    assert torch.equal(fin, torch.isfinite(wide)) and torch.equal(fin[0, 0], causal)
+    torch.testing.assert_close(wide[fin], small[fin], atol=1e-5, rtol=1e-5)
+
+
 def test_gate_select_input_errors():
     with pytest.raises(ValueError, match="fp32"):
         gate_select(torch.randn(1, 1, 4, 4, dtype=torch.float16, device=DEVICE))

@@ -157,3 +157,13 @@ def test_bad_data_inputs_raise(tmp_path, tiny_llama_dir, tiny_text_jsonl):
         check_context_length(config, 2048)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         _run(tmp_path / "long", tiny_llama_dir, tiny_text_jsonl, "--max_steps", "1", "--train_length", "4096")
+
+
+def test_layer_budget_docs_save_calibrated_curves(tiny_llama_dir, tiny_text_jsonl, tmp_path):
+    out = _run(tmp_path / "run", tiny_llama_dir, tiny_text_jsonl, "--max_steps", "1", "--layer_budget_docs", "2")
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    curves = cfg["seerattn_layer_budget_curves"]
+    assert len(curves) == cfg["num_hidden_layers"] and all(c[-1][0] == 1.0 for c in curves)
+    model = SeerLlamaForCausalLM.from_pretrained(out)
+    assert model.config.seerattn_layer_budget_curves == curves
+    assert model.config.seerattn_mode == "sparse"  # calibration restored the settings it changed

@@ -85,8 +85,15 @@ def test_sparse_finetuning_two_processes_match_one(tmp_path):
     # as the fine-tuning script asks for FSDP on several processes; on CPU accelerate does not shard, and
     # the run says so (the FSDP path itself needs GPUs: tools/gpu/scale14.sh)
     fsdp = ("--fsdp", "full_shard auto_wrap", "--fsdp_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "fsdp_finetune.json"))
-    two = run_module("seer_attn.training.finetune", model_dir, data, tmp_path / "two", nproc=2, batch=1, extra=extra + fsdp)
+    two = run_module("seer_attn.training.finetune", model_dir, data, tmp_path / "two", nproc=2, batch=1,
+                     extra=extra + fsdp + ("--reload_check_tokens", "128"))
     assert "was requested but the Trainer will not shard" in run_module.last_stderr
+    # what the 2-process run held before saving is what a reload gives (scale14.sh does this after FSDP on GPUs)
+    from seer_attn.training.reload_check import verify_reload
+
+    check = verify_reload(str(tmp_path / "two"), "cpu")
+    assert check["tensors"] > 0 and not check["missing"]
+    assert check["max_rel_sum_diff"] < 1e-6 and check["max_rel_sq_diff"] < 1e-6 and check["loss_rel_diff"] < 1e-5
     base = load_file(str(model_dir / "model.safetensors"))
     assert one.keys() == two.keys()
     moved = max((one[k] - base[k]).abs().max().item() for k in base)

@@ -149,3 +149,22 @@ def test_upstream_llama3_recipe_parses_and_starts(tiny_dir, tmp_path):
         "--output_dir", str(tmp_path / "out"),
     ])
     assert (tmp_path / "out" / "model.safetensors").exists() and out == str(tmp_path / "out")
+
+
+def test_final_save_writes_the_state_dict_it_is_given(tiny_dir, tmp_path):
+    # under FSDP the Trainer gathers the shards into one full state dict and hands it to `_save`: the
+    # checkpoint must hold that dict, not the (sharded) module's own tensors
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    from seer_attn.training.reload_check import RELOAD_CHECK_NAME, checksums
+
+    model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, seerattn_mode="sparse")
+    trainer = finetune.FinetuneTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    gathered = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    trainer.reload_check = {"input_ids": [1, 2, 3], "loss": 0.0, "settings": {}}
+    trainer._save(str(tmp_path / "ck"), state_dict=gathered)
+    saved = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert saved and all(torch.equal(saved[k], gathered[k]) for k in saved)
+    rec = json.loads((tmp_path / "ck" / RELOAD_CHECK_NAME).read_text())
+    assert rec["checksums"] == checksums(gathered)
