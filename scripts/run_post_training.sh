@@ -42,7 +42,11 @@ LR=${LR:-}                           # empty: the library default
 DISTILL_TARGET=${DISTILL_TARGET:-}   # empty: the library default (max or mass)
 if [[ "$DEVICE" == cuda ]]; then
   TRAIN_LENGTH=${TRAIN_LENGTH:-8192}
-  MAX_STEPS=${MAX_STEPS:-200}
+  # the recipe behind docs/RESULTS.md: 1536 steps x 8 x 8k = 100M tokens (7 minutes on an H100), then
+  # per-layer budgets calibrated on 8 training documents (loss objective, 1.5 minutes)
+  MAX_STEPS=${MAX_STEPS:-1536}
+  LAYER_BUDGET_DOCS=${LAYER_BUDGET_DOCS:-8}
+  BUDGET_METHODS=${BUDGET_METHODS:-nz_ratio,adaptive$([[ "$LAYER_BUDGET_DOCS" -gt 0 ]] && echo ,adaptive+layers)}
   BATCH_SIZE=${BATCH_SIZE:-8}
   GRAD_ACCUM=${GRAD_ACCUM:-1}
   WARMUP_STEPS=${WARMUP_STEPS:-20}
@@ -56,6 +60,8 @@ if [[ "$DEVICE" == cuda ]]; then
 else
   TRAIN_LENGTH=${TRAIN_LENGTH:-1024}
   MAX_STEPS=${MAX_STEPS:-96}
+  LAYER_BUDGET_DOCS=${LAYER_BUDGET_DOCS:-0}   # L x 7 extra forwards: too slow for the CPU run
+  BUDGET_METHODS=${BUDGET_METHODS:-nz_ratio}
   BATCH_SIZE=${BATCH_SIZE:-1}
   GRAD_ACCUM=${GRAD_ACCUM:-1}
   WARMUP_STEPS=${WARMUP_STEPS:-3}
@@ -88,6 +94,7 @@ TRAIN_CMD=(-m seer_attn.training.distill
   ${LR:+--learning_rate "$LR"}
   --warmup_steps "$WARMUP_STEPS"
   ${DISTILL_TARGET:+--seerattn_distill_target "$DISTILL_TARGET"}
+  --layer_budget_docs "$LAYER_BUDGET_DOCS"
   --save_steps "$SAVE_STEPS"
   --output_dir "$GATES_DIR"
   ${EXTRA_TRAIN_ARGS:-})
@@ -97,6 +104,7 @@ EVAL_CMD=(-m seer_attn.evaluation.ppl
   --lengths "$EVAL_LENGTHS"
   --nz_ratios "$NZ_RATIOS"
   --thresholds "$THRESHOLDS"
+  --budget_methods "$BUDGET_METHODS"
   --methods "$METHODS"
   ${MAX_DOCS:+--max_docs "$MAX_DOCS"}
   --output_dir "$EVAL_DIR"

@@ -402,16 +402,19 @@ def _row_probs(b_s, m_r, m_v):
 
 @triton.jit
 def _topk_rows(b_key, m_r, m_v, o_r, K_SEL):
-    # exact per-row top-k of int64 keys: the largest t with #{key >= t} >= kk, by bisection;
-    # ties at the k-th value go to the lowest block indices
+    # exact per-row top-k of int64 keys: a t with #{key >= t} >= kk, by bisection; ties at the k-th
+    # value go to the lowest block indices. A row stops as soon as some t has exactly kk keys at or
+    # above it (then {key >= t} is the top-k, whatever t is in the gap below the k-th key): with
+    # distinct keys that is well before the 31 steps a full bisection of an int32 range takes
     kk = tl.minimum(tl.where(m_r, o_r + 1, 0), K_SEL)
     lo = tl.where(m_r, tl.min(tl.where(m_v, b_key, 0x7FFFFFFF), 1), 0)
     hi = tl.where(m_r, tl.max(tl.where(m_v, b_key, -0x7FFFFFFF - 1), 1), 0)
     while tl.max(hi - lo) > 0:
         mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((m_v & (b_key >= mid[:, None])).to(tl.int32), 1) >= kk
+        n_ge = tl.sum((m_v & (b_key >= mid[:, None])).to(tl.int32), 1)
+        ok = n_ge >= kk
         lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
+        hi = tl.where(n_ge == kk, mid, tl.where(ok, hi, mid - 1))
     b_gt = m_v & (b_key > lo[:, None])
     b_eq = m_v & (b_key == lo[:, None])
     need = kk - tl.sum(b_gt.to(tl.int32), 1)

@@ -154,11 +154,26 @@ class DistillTrainingArguments(TrainingArguments):
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file of argument values; command-line flags override it"})
 
 
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """Sum `values` over the data-parallel ranks (every rank must call it); unchanged in one process.
+
+    Loss logs use it so that a 2-GPU run logs the mean over the global batch, as a 1-GPU run does,
+    and not rank 0's half of it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 class GateLossLogger(TrainerCallback):
     """Append one JSON line per optimizer step to `<output_dir>/gate_loss.jsonl`.
 
-    Fields: `step`, `gate_loss` (the scaled total, mean over the step's micro-batches), `lr`, and
-    every `layer_log_steps` steps `layer_losses` (unscaled, one per layer).
+    Fields: `step`, `gate_loss` (the scaled total, mean over the step's micro-batches of every
+    rank), `lr`, and every `layer_log_steps` steps `layer_losses` (unscaled, one per layer).
     """
 
     def __init__(self, trainer: "GateDistillTrainer", layer_log_steps: int):
@@ -172,7 +187,10 @@ class GateLossLogger(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         total, layers, n = self.trainer.pop_gate_losses()
-        if not state.is_world_process_zero or n == 0:
+        if n == 0:  # the same on every rank: each runs the same number of micro-batches
+            return
+        total, n, *layers = sum_over_ranks([total, n, *layers.tolist()], args.device)
+        if not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "gate_loss": total / n, "lr": self._lr}
         if state.global_step % self.layer_log_steps == 0 or state.global_step == state.max_steps:

@@ -41,7 +41,7 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from seer_attn.data import check_context_length
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
-from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config
+from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config, sum_over_ranks
 from seer_attn.training.throughput import ThroughputCallback
 
 __all__ = ["FinetuneModelArguments", "FinetuneTrainingArguments", "FinetuneTrainer", "load_finetune_model", "main"]
@@ -103,7 +103,8 @@ class FinetuneTrainingArguments(TrainingArguments):
 
 
 class LossLogger(TrainerCallback):
-    """One JSON line per optimizer step: `step`, `loss`, `lm_loss`, `gate_loss`, `density`, `lr`, `step_time`."""
+    """One JSON line per optimizer step: `step`, `loss`, `lm_loss`, `gate_loss`, `density` (means over the
+    step's micro-batches of every rank), `lr`, `step_time`."""
 
     def __init__(self, trainer: "FinetuneTrainer"):
         self.trainer, self._lr, self._t0 = trainer, None, None
@@ -121,10 +122,14 @@ class LossLogger(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         sums, n = self.trainer.pop_losses()
-        if not state.is_world_process_zero or n == 0:
+        if n == 0:  # the same on every rank
+            return
+        keys = sorted(sums)  # the same keys on every rank
+        n, *vals = sum_over_ranks([n] + [sums[k] for k in keys], args.device)
+        if not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "lr": self._lr, "step_time": time.perf_counter() - self._t0}
-        record.update({k: v / n for k, v in sums.items()})
+        record.update({k: v / n for k, v in zip(keys, vals)})
         with open(Path(args.output_dir) / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> str:
     if targs.reload_check_tokens > 0:
         from seer_attn.training.reload_check import CHECK_FIELDS, model_loss
 
-        ids = list(train[0]["input_ids"][: targs.reload_check_tokens])
+        ids = [int(t) for t in train[0]["input_ids"][: targs.reload_check_tokens]]  # (a torch-formatted dataset gives tensors)
         cfg = trainer.accelerator.unwrap_model(trainer.model).config
         # every rank runs the (sharded) forward; rank 0 writes the record with the checkpoint
         loss = model_loss(trainer.model_wrapped, ids, targs.device)

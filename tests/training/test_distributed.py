@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -63,6 +64,9 @@ def test_two_processes_match_one_with_same_global_batch(tmp_path):
     for k in one:
         assert not torch.equal(one[k], fresh[k])  # the gates did train
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
+    # the logged loss is the global batch's mean on 2 processes too, not rank 0's half
+    logs = [[json.loads(x)["gate_loss"] for x in open(tmp_path / d / "gate_loss.jsonl")] for d in ("one", "two")]
+    assert len(logs[0]) == 3 and logs[1] == pytest.approx(logs[0], rel=1e-4)
 
 
 class SeerGates:
@@ -100,3 +104,6 @@ def test_sparse_finetuning_two_processes_match_one(tmp_path):
     assert moved > 1e-3  # the weights did train
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=5e-5, rtol=1e-4)
+    logs = [[json.loads(x) for x in open(tmp_path / d / "train_loss.jsonl")] for d in ("one", "two")]
+    for key in ("lm_loss", "gate_loss", "density"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-4)
