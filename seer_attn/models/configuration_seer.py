@@ -31,7 +31,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_gt_every_n_steps` | int >= 1 | 1 | sparse fine-tuning: compute the dense ground truth (and gate loss) only every n-th training forward. |
 | `seerattn_gt_layers_per_step` | int >= 0 | 0 | sparse fine-tuning: only this many layers (rotating) compute the ground truth per forward; 0 = all (`seer_attn.modules.gt_schedule`). |
 | `seerattn_kernel_implementation` | `auto`, `TopK`, `CSR`, `naive` | `auto` | `auto`: Triton TopK (inference) / CSR (training) on CUDA, the PyTorch twins (`naive`) on CPU. |
-| `seerattn_loss` | `kl`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025, MSE as upstream 2024). |
+| `seerattn_loss` | `kl`, `kl_top`, `mse` | `kl` | gate loss against the pooled ground truth (KL as upstream 2025; `kl_top`: KL over each row's top blocks one by one and the rest as one bin, `seer_attn.modules.seer_attention.gate_loss`; MSE as upstream 2024). |
 | `seerattn_distill_target` | `max`, `mass` | `mass` | ground truth map: 2D max-pool of probabilities (upstream) or block mass (better at low density in the gate study). |
 | `seerattn_gate_loss_scale` | float | 10.0 | total gate loss = scale * sum over layers. |
 | `seerattn_gate_loss_row_start` | [0, 1) | 0.0 | only query-block rows from this fraction of the sequence on count in the gate loss (upstream 2025 drops the first quarter). |
@@ -71,7 +71,7 @@ _CHOICES = {
     "seerattn_gate_init": ("random", "pooled"),
     "seerattn_decode_gate_init": ("random", "pooled"),
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),
-    "seerattn_loss": ("kl", "mse"),
+    "seerattn_loss": ("kl", "kl_top", "mse"),
     "seerattn_distill_target": ("max", "mass"),
     "seerattn_selector": ("gate", "oracle", "oracle_mass", "pooled", "static", "random"),
     "seerattn_decode_q_pooling": Q_POOLINGS,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from seer_attn.kernels.naive import attn_with_token_pooling_naive, sparse_decode_attn_naive
 from seer_attn.modules.decode_gate import Q_POOLINGS, CompressedKeyCache, DecodeGate, parse_decode_gate_type
-from seer_attn.modules.seer_attention import SeerAttentionStats, dense_attention, resolve_kernel
+from seer_attn.modules.seer_attention import GATE_LOSSES, SeerAttentionStats, row_kl, dense_attention, resolve_kernel
 
 __all__ = [
     "DECODE_SELECTORS",
@@ -389,12 +389,11 @@ def decode_gate_loss(
     key_starts = positions[:, : (S // bs) * bs : gate.key_stride]  # every compressed key's first token
     logits = gate(q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(key_starts), rows)
     logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
-    if s.loss == "kl":
-        kl = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), torch.zeros_like(target))
-        return kl.sum(-1).mean()
+    if s.loss in ("kl", "kl_top"):
+        return row_kl(logp, target, cand.expand_as(logp), s.loss == "kl_top").mean()
     if s.loss == "mse":
         return F.mse_loss(logp.exp() * cand, target)
-    raise ValueError(f"gate loss must be 'kl' or 'mse', got {s.loss!r}")
+    raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {s.loss!r}")
 
 
 def decode_aware_attention(

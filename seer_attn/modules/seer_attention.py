@@ -164,7 +164,11 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl", row_
     Args:
         logits (torch.Tensor): gate logits `[B, H, nb, nb]` (anything above the diagonal is ignored).
         target (torch.Tensor): pooled map `[B, H, nb, nb]`, rows summing to 1, zero above the diagonal.
-        kind (str): `"kl"`: KL(target || softmax(logits)) per row; `"mse"`: mean squared error of the
+        kind (str): `"kl"`: KL(target || softmax(logits)) per row; `"kl_top"`: the same KL on a
+            coarser partition of each row, the target's top blocks (the fewest holding
+            `TOP_LOSS_MASS` of its mass) one by one and every other block as one bin, so the gate is
+            taught which blocks are on top and how much mass the rest holds, not how the tail is
+            ordered (what top-k selection never sees); `"mse"`: mean squared error of the
             probabilities over the whole `nb x nb` map (upstream 2024).
         row_start (float): only rows `i >= floor(row_start * nb)` count (early rows have few blocks
             to choose from and nothing to learn there).
@@ -178,16 +182,37 @@ def gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl", row_
     return _gate_loss(logits, target, kind, causal_block_mask(logits.shape[-2], nb, logits.device))
 
 
+# kl_top: the target's top blocks of each row, the fewest holding this share of its mass, count one by one
+TOP_LOSS_MASS = 0.9
+GATE_LOSSES = ("kl", "kl_top", "mse")
+
+
+def row_kl(logp: torch.Tensor, t: torch.Tensor, causal: torch.Tensor, top: bool) -> torch.Tensor:
+    """Per-row KL(t || exp(logp)) `[..., rows]`; with `top`, on the partition {each top block} + {the rest}."""
+    kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t))
+    if not top:
+        return kl.sum(-1)
+    srt, order = t.sort(-1, descending=True)
+    in_top = torch.zeros_like(causal.expand_as(t)).scatter(-1, order, (srt.cumsum(-1) - srt) < TOP_LOSS_MASS)
+    tail = causal & ~in_top
+    t_tail = (t * tail).sum(-1)
+    logp_tail = torch.logsumexp(logp.masked_fill(~tail, float("-inf")), -1)
+    # a row whose tail holds no target mass (or has no block) contributes nothing for it
+    tail_term = torch.where(
+        t_tail > 0, t_tail * (torch.log(t_tail.clamp_min(1e-30)) - logp_tail.clamp_min(-1e9)), torch.zeros_like(t_tail)
+    )
+    return (kl * in_top).sum(-1) + tail_term
+
+
 def _gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, causal: torch.Tensor) -> torch.Tensor:
     # a large finite fill keeps 0 * log(0) terms and their gradients finite
     logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
     t = target.float()
-    if kind == "kl":
-        kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t))
-        return kl.sum(-1).mean()
+    if kind in ("kl", "kl_top"):
+        return row_kl(logp, t, causal, kind == "kl_top").mean()
     if kind == "mse":
         return F.mse_loss(logp.exp(), t)
-    raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
+    raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {kind!r}")
 
 
 def baseline_scores(
@@ -534,15 +559,15 @@ def gate_loss_varlen(
     n_rows = (nb_seq - first).clamp_min(1)
     logp = torch.log_softmax(logits.float().masked_fill(~causal, -1e9), dim=-1)
     t = target.float()
-    if kind == "kl":
-        per_row = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t)).sum(-1)
+    if kind in ("kl", "kl_top"):
+        per_row = row_kl(logp, t, causal, kind == "kl_top")
         per_seq = (per_row * valid[:, None]).sum((1, 2)) / (H * n_rows)
     elif kind == "mse":
         cols = rows < nb_seq[:, None]
         sq = (logp.exp() - t) ** 2 * (valid[:, :, None] & cols[:, None, :])[:, None]
         per_seq = sq.sum((1, 2, 3)) / (H * n_rows * nb_seq)
     else:
-        raise ValueError(f"gate loss must be 'kl' or 'mse', got {kind!r}")
+        raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {kind!r}")
     return per_seq.mean()
 
 

@@ -72,7 +72,7 @@ class ModelArguments:
     seerattn_decode_gate_type: str | None = field(
         default=None, metadata={"help": "also distill a decode gate, e.g. Kmaxminavg (default: the config's; None = none)"}
     )
-    seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025) or mse (upstream 2024)"})
+    seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl (upstream 2025), kl_top (top blocks one by one, the rest as one bin) or mse (upstream 2024)"})
     seerattn_distill_target: str = field(default="mass", metadata={"help": "ground truth: max (2D max-pool, upstream) or mass (block attention mass)"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = scale * sum of per-layer gate losses"})
     seerattn_gate_q_summaries: int | None = field(default=None, metadata={"help": "query summaries per block (default: the config's)"})

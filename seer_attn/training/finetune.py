@@ -62,7 +62,7 @@ class FinetuneModelArguments:
     original_max_position_embeddings: int | None = field(
         default=None, metadata={"help": "pretraining context length (default: the model's max_position_embeddings)"}
     )
-    seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl or mse"})
+    seerattn_loss: str = field(default="kl", metadata={"help": "gate loss: kl, kl_top or mse"})
     seerattn_distill_target: str = field(default="mass", metadata={"help": "gate ground truth: max or mass"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = LM + scale * sum of layer gate losses"})
     seerattn_kernel_implementation: str = field(default="auto", metadata={"help": "auto (CSR on CUDA, twins on CPU), CSR or naive"})

@@ -262,11 +262,12 @@ def test_triton_kernels_through_the_model(kernel, tmp_path):
     assert outs[kernel][1] == pytest.approx(outs["naive"][1])
 
 
-def test_gate_designs_and_sparsity_methods_through_the_model(tiny_dir, tmp_path):
-    """Summary gates, pooled init, row-trimmed loss: a distill step, a save/reload, every method."""
+@pytest.mark.parametrize("loss", ["kl", "kl_top"])
+def test_gate_designs_and_sparsity_methods_through_the_model(tiny_dir, tmp_path, loss):
+    """Summary gates, pooled init, row-trimmed loss (KL or top-block KL): a distill step, a save/reload, every method."""
     model = load(
         tiny_dir, seerattn_mode="distill", seerattn_gate_q_summaries=4, seerattn_gate_k_summaries=2,
-        seerattn_gate_init="pooled", seerattn_gate_loss_row_start=0.25,
+        seerattn_gate_init="pooled", seerattn_gate_loss_row_start=0.25, seerattn_loss=loss,
     )
     model.freeze_base()
     out = model(ids(S=300))
@@ -275,6 +276,7 @@ def test_gate_designs_and_sparsity_methods_through_the_model(tiny_dir, tmp_path)
     model.set_seerattn(seerattn_mode="sparse")
     model.save_pretrained(tmp_path)
     again = SeerLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, seerattn_min_sparse_length=0).eval()
+    assert again.config.seerattn_loss == loss
     x = ids(S=700)
     with torch.no_grad():
         assert torch.equal(again(x).logits, model.eval()(x).logits)

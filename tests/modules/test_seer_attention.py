@@ -124,3 +124,25 @@ def test_varlen_explicit_topk_is_refused():
 
     with pytest.raises(NotImplementedError, match="cu_seqlens"):
         resolve_kernel_varlen("TopK", torch.device("cpu"), needs_grad=False)
+
+
+def test_kl_top_loss_is_a_coarser_kl():
+    # kl_top is the KL on the partition {target's top blocks} + {the rest}: zero when the gate equals the
+    # target, never above the full KL (coarsening cannot increase a KL), equal to it when the tail is empty
+    from seer_attn.modules.seer_attention import gate_loss
+
+    torch.manual_seed(0)
+    nb = 12
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    t = torch.rand(2, 3, nb, nb).pow(4).masked_fill(~causal, 0.0)
+    t = t / t.sum(-1, keepdim=True)
+    logits = torch.randn(2, 3, nb, nb, requires_grad=True)
+    full, top = gate_loss(logits, t, "kl"), gate_loss(logits, t, "kl_top")
+    assert 0 < top < full
+    top.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert gate_loss(t.clamp_min(1e-30).log(), t, "kl_top") == pytest.approx(0.0, abs=1e-5)
+    one_hot = torch.eye(nb)[None, None].expand(2, 3, nb, nb)  # all the mass on one block: no tail mass
+    assert gate_loss(logits, one_hot, "kl_top").item() == pytest.approx(gate_loss(logits, one_hot, "kl").item(), rel=1e-5)
+    with pytest.raises(ValueError, match="kl_top"):
+        gate_loss(logits, t, "l1")
