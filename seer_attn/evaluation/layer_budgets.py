@@ -128,7 +128,8 @@ def measure_loss_curves(model, docs, grid=DEFAULT_GRID, sparsity_method: str | N
 
 
 def calibrate_layer_budgets(model, tokenizer, source: str, length: int = 8192, max_docs: int = 4,
-                            grid=DEFAULT_GRID, split: str = "train", objective: str = "loss") -> list[list[list[float]]]:
+                            grid=DEFAULT_GRID, split: str = "train", objective: str = "loss",
+                            selector: str = "oracle_mass") -> list[list[list[float]]]:
     """Measure the curves (`objective` "loss" or "recall") on the first `max_docs` documents of `source`
     with >= `length` - 1 tokens and store them in `model.config.seerattn_layer_budget_curves` (saved
     with the next `save_pretrained`)."""
@@ -146,7 +147,10 @@ def calibrate_layer_budgets(model, tokenizer, source: str, length: int = 8192, m
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        curves = measure_loss_curves(model, docs, grid) if objective == "loss" else measure_curves(model, docs, grid)
+        if objective == "loss":
+            curves = measure_loss_curves(model, docs, grid, selector=selector)
+        else:
+            curves = measure_curves(model, docs, grid)
     model.train(was_training)
     model.set_seerattn(seerattn_layer_budget_curves=curves)
     logger.info("layer budget curves (%s) from %d documents of %s (%d layers)", objective, len(docs), source, len(curves))
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max_docs", type=int, default=4)
     p.add_argument("--grid", default=",".join(str(x) for x in DEFAULT_GRID))
     p.add_argument("--objective", default="loss", choices=OBJECTIVES, help="what the allocation maximises (see the module docstring)")
+    p.add_argument("--selector", default="oracle_mass", choices=("oracle_mass", "gate"),
+                   help="loss objective: whose blocks the single-layer sparse forwards keep (the measured recipe: oracle_mass)")
     p.add_argument("--show", default="0.5,0.3,0.1", help="nz_ratio values whose per-layer allocation is logged and written")
     p.add_argument("--output", default=None, help="JSON with the curves and the allocations (default: <model>/layer_budgets.json)")
     p.add_argument("--write_config", action="store_true", help="also store the curves in <model>/config.json (a local checkpoint)")
@@ -176,11 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoSeerForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tok = load_tokenizer(args.model)
     grid = [float(x) for x in args.grid.split(",")]
-    curves = calibrate_layer_budgets(model, tok, args.dataset, args.length, args.max_docs, grid, objective=args.objective)
+    curves = calibrate_layer_budgets(model, tok, args.dataset, args.length, args.max_docs, grid, objective=args.objective,
+                                     selector=args.selector)
     shown = {str(t): [round(x, 4) for x in layer_nz_ratios(curves, float(t))] for t in args.show.split(",") if t}
     for t, d in shown.items():
         logger.info("nz_ratio %s -> per layer %s", t, d)
     result = {"dataset": args.dataset, "length": args.length, "max_docs": args.max_docs, "objective": args.objective,
+              "selector": args.selector,
               "curves": curves, "allocations": shown}
     out = Path(args.output) if args.output else Path(args.model) / "layer_budgets.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -147,3 +147,6 @@ def test_loss_curve_is_zero_where_only_that_layer_changes_nothing(tmp_path):
     # per-row top-k at 0.99 keeps all 8 blocks of a row: no change; at 0.05 one block per row: a change
     assert all(c[1][1] == pytest.approx(0.0, abs=1e-5) and abs(c[0][1]) > 1e-4 for c in curves)
     assert model.config.seerattn_layer_density_scale is None and model.config.seerattn_mode == "sparse"
+    # the gates' own blocks instead of the oracle's
+    by_gate = measure_loss_curves(model, docs, grid=(0.05,), selector="gate", progress=False)
+    assert [[p[0] for p in c] for c in by_gate] == [[0.05, 1.0]] * 3 and model.config.seerattn_selector == "gate"
