@@ -24,7 +24,7 @@ One loaded model serves every row, switched with `set_seerattn`:
 - with `--budget_methods nz_ratio,adaptive` every method also runs `adaptive` selection at each
   `nz_ratio` budget (the per-row top-k budget spent over all rows and heads of a layer);
   `nz_ratio+layers` / `adaptive+layers` do the same with the requested density spread over the
-  layers by the calibrated recall curves (`seerattn_layer_budget_curves` of the checkpoint, or
+  layers by the calibrated benefit curves (`seerattn_layer_budget_curves` of the checkpoint, or
   `--layer_budgets curves.json` from `seer_attn.evaluation.layer_budgets`); every other row runs
   the same density in every layer, whatever the checkpoint's config says;
 - with `--top_ps`, `seer`, `oracle`, `oracle_mass` and `pooled` keep each row's most probable blocks
@@ -182,7 +182,7 @@ def sweep_points(
 ) -> list[SweepPoint]:
     """The rows to evaluate, dense first (see the module docstring for which method runs where).
 
-    `layer_curves` (per layer `[nz_ratio, recall]` points) are what the `+layers` budget methods
+    `layer_curves` (per layer `[nz_ratio, benefit]` points) are what the `+layers` budget methods
     spread the density with; every other row gets the same density in every layer."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
