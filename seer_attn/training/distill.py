@@ -44,6 +44,7 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from seer_attn.data import build_sequences, check_context_length
 from seer_attn.models import AutoSeerForCausalLM, load_tokenizer
+from seer_attn.training.profiling import ProfileCallback
 from seer_attn.training.throughput import ThroughputCallback
 
 __all__ = [
@@ -149,6 +150,11 @@ class DistillTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "the packed dataset has input_ids only"})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "every trainable parameter gets a gradient each step: no unused-parameter search"}
+    )
+    profile_steps: int = field(
+        default=0,
+        metadata={"help": "profile this many optimizer steps after 5 warm-up steps (rank 0): profile.json / profile.txt in "
+                          "output_dir, device busy vs wall time and the top ops (those steps run slower: time throughput separately)"},
     )
     layer_log_steps: int = field(default=10, metadata={"help": "write per-layer gate losses to gate_loss.jsonl every n steps"})
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file of argument values; command-line flags override it"})
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> str:
     trainer = GateDistillTrainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator)
     trainer.add_callback(GateLossLogger(trainer, targs.layer_log_steps))
     trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
+    if targs.profile_steps > 0:
+        trainer.add_callback(ProfileCallback(targs.profile_steps))  # <output_dir>/profile.{json,txt}
     trainer.train(resume_from_checkpoint=resume)
     if dargs.layer_budget_docs > 0:
         from seer_attn.evaluation.layer_budgets import calibrate_layer_budgets

@@ -42,6 +42,7 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 from seer_attn.data import check_context_length
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config, sum_over_ranks
+from seer_attn.training.profiling import ProfileCallback
 from seer_attn.training.throughput import ThroughputCallback
 
 __all__ = ["FinetuneModelArguments", "FinetuneTrainingArguments", "FinetuneTrainer", "load_finetune_model", "main"]
@@ -93,6 +94,11 @@ class FinetuneTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "the packed dataset has input_ids only"})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "every trainable parameter gets a gradient each step: no unused-parameter search"}
+    )
+    profile_steps: int = field(
+        default=0,
+        metadata={"help": "profile this many optimizer steps after 5 warm-up steps (rank 0): profile.json / profile.txt in "
+                          "output_dir, device busy vs wall time and the top ops (those steps run slower: time throughput separately)"},
     )
     reload_check_tokens: int = field(
         default=0,
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> str:
             targs.fsdp, targs.world_size,
         )
     trainer.add_callback(ThroughputCallback(dargs.train_length))  # <output_dir>/throughput.json
+    if targs.profile_steps > 0:
+        trainer.add_callback(ProfileCallback(targs.profile_steps))  # <output_dir>/profile.{json,txt}
     trainer.train(resume_from_checkpoint=resume)
     logger.info("trained as %s on %d process(es)", type(trainer.model_wrapped).__name__, targs.world_size)
     if targs.reload_check_tokens > 0:

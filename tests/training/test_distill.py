@@ -167,3 +167,11 @@ def test_layer_budget_docs_save_calibrated_curves(tiny_llama_dir, tiny_text_json
     model = SeerLlamaForCausalLM.from_pretrained(out)
     assert model.config.seerattn_layer_budget_curves == curves
     assert model.config.seerattn_mode == "sparse"  # calibration restored the settings it changed
+
+
+def test_profile_steps_write_where_the_time_goes(tiny_llama_dir, tiny_text_jsonl, tmp_path):
+    out = _run(tmp_path / "run", tiny_llama_dir, tiny_text_jsonl, "--max_steps", "8", "--profile_steps", "2")
+    prof = json.loads((Path(out) / "profile.json").read_text())
+    assert prof["steps"] == 2 and prof["wall_s"] > 0 and prof["host_ops"]
+    assert prof["device_busy_s"] == 0.0 and prof["device_kernels"] == []  # CPU: no device kernels
+    assert (Path(out) / "profile.txt").read_text().strip()

@@ -6,6 +6,7 @@
 #   bash .gpu/scripts/scale14.sh finetune STEPS   # YaRN x4 sparse fine-tuning at 32k, global batch 8: 1 GPU, 2 GPUs (FSDP);
 #                                                 # each checkpoint reloaded on GPU and CPU against what training held
 #   bash .gpu/scripts/scale14.sh accelerate STEPS # the FSDP fine-tuning once through `accelerate launch` + fsdp.yaml
+#   bash .gpu/scripts/scale14.sh profile STEPS    # distillation on 1 and 2 GPUs with 3 profiled steps (profile.json)
 # Every run writes throughput.json (steady tokens/s, peak memory per rank) and its loss log; the results
 # come back as one tarball per part. NVLink multicast stays off in every process.
 set -u
@@ -83,6 +84,12 @@ EOF
       done
     done
     ;;
+  profile)
+    for n in 1 2; do
+      t0=$(date +%s); distill $n $R/prof_np$n --save_steps 100000 --profile_steps 3 > $R/log_prof_np$n.txt 2>&1
+      echo "profile nproc=$n rc=$? $(( $(date +%s) - t0 ))s: $(python -c "import json; d=json.load(open('$R/prof_np$n/profile.json')); print({k: d[k] for k in ('wall_s', 'device_busy_s', 'device_idle_share')})" 2>&1)"
+    done
+    ;;
   accelerate)
     t0=$(date +%s)
     python -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \
@@ -96,5 +103,5 @@ EOF
     ;;
 esac
 for d in $R/*_np1 $R/*_np2 $R/ft_acc; do [ -f $d/throughput.json ] && echo "$d: $(tr -d '\n ' < $d/throughput.json)"; done
-cd $R && tar czf $OUT/scale14_$WHAT.tar.gz */throughput.json */*.jsonl */reload_*.json compare_*.json log_*.txt 2>/dev/null
+cd $R && tar czf $OUT/scale14_$WHAT.tar.gz */throughput.json */*.jsonl */reload_*.json */profile.* compare_*.json log_*.txt 2>/dev/null
 ls -la $OUT
