@@ -28,6 +28,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
 | `seerattn_min_sparse_length` | int or `auto` | `auto` | inputs shorter than this run dense in `sparse` mode (with a warning): below it the gate and the sparse kernel are not faster than SDPA. `auto`: the crossover measured for this model shape at this `nz_ratio` (`seer_attn.modules.crossover`: SmolLM2 24k, Llama-3-8B shape 12k on an H100; other shapes from a fit over the measured ones); set 0 to measure sparse quality at any length. |
 | `seerattn_cuda_graphs` | bool | False | replay cache-free, no-grad prefill forwards (`use_cache=False`) as one CUDA graph per input shape (`seer_attn.models.cuda_graphs`). |
+| `seerattn_compile_gate` | bool | False | distillation / fine-tuning: run the trainable gate's scoring and loss as one `torch.compile`d graph per layer shape (eagerly ~120 small launches per layer bind the step to the host). Not yet measured on a GPU. |
 | `seerattn_gt_every_n_steps` | int >= 1 | 1 | sparse fine-tuning: compute the dense ground truth (and gate loss) only every n-th training forward. |
 | `seerattn_gt_layers_per_step` | int >= 0 | 0 | sparse fine-tuning: only this many layers (rotating) compute the ground truth per forward; 0 = all (`seer_attn.modules.gt_schedule`). |
 | `seerattn_kernel_implementation` | `auto`, `TopK`, `CSR`, `naive` | `auto` | `auto`: Triton TopK (inference) / CSR (training) on CUDA, the PyTorch twins (`naive`) on CPU. |
@@ -85,7 +86,7 @@ GATE_SHAPE_FIELDS = (
     "seerattn_decode_q_pooling", "seerattn_decode_k_summaries", "seerattn_decode_gate_norm",
 )
 _BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_cuda_graphs", "seerattn_cross_document",
-          "seerattn_decode_gate_norm")
+          "seerattn_decode_gate_norm", "seerattn_compile_gate")
 _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
              "seerattn_decode_start_layer", "seerattn_decode_min_context")
 # name -> (low, high, low inclusive, high inclusive)
@@ -186,6 +187,7 @@ class SeerAttnConfigMixin:
     seerattn_dense_last_rows: int = 0
     seerattn_min_sparse_length: int | str = "auto"
     seerattn_cuda_graphs: bool = False
+    seerattn_compile_gate: bool = False
     seerattn_gt_every_n_steps: int = 1
     seerattn_gt_layers_per_step: int = 0
     seerattn_kernel_implementation: str = "auto"

@@ -58,6 +58,7 @@ class SeerAttentionSettings:
     distill_target: str = "max"
     selector: str = "gate"
     loss_row_start: float = 0.0
+    compile_gate: bool = False
 
     @classmethod
     def from_config(cls, config, layer_idx: int | None = None) -> "SeerAttentionSettings":
@@ -87,6 +88,7 @@ class SeerAttentionSettings:
             distill_target=config.seerattn_distill_target,
             selector=config.seerattn_selector,
             loss_row_start=float(getattr(config, "seerattn_gate_loss_row_start", 0.0)),
+            compile_gate=bool(getattr(config, "seerattn_compile_gate", False)),
         )
 
 
@@ -213,6 +215,31 @@ def _gate_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, causal: to
     if kind == "mse":
         return F.mse_loss(logp.exp(), t)
     raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {kind!r}")
+
+
+def _gate_logits_and_loss(gate, q_pre, k_pre, cos, sin, target, kind: str, row_start: float):
+    logits = gate(q_pre, k_pre, cos, sin, output="logits")
+    return logits, gate_loss(logits, target, kind, row_start)
+
+
+_compiled_gate_logits_and_loss = None
+
+
+def gate_logits_and_loss(gate, q_pre, k_pre, cos, sin, target, settings: "SeerAttentionSettings"):
+    """The trainable gate's logits `[B, H, nb, nb]` and its loss against `target`, the training path.
+
+    With `settings.compile_gate` (`seerattn_compile_gate`) the two run as one `torch.compile`d graph
+    (static shapes; one compilation per input shape, shared by every layer): eagerly they are ~120
+    small launches per layer, which is why a distillation step is bound by the host, not the GPU
+    (docs/RESULTS.md, "Scale-out").
+    """
+    global _compiled_gate_logits_and_loss
+    args = (gate, q_pre.detach(), k_pre.detach(), cos, sin, target, settings.loss, settings.loss_row_start)
+    if not settings.compile_gate:
+        return _gate_logits_and_loss(*args)
+    if _compiled_gate_logits_and_loss is None:
+        _compiled_gate_logits_and_loss = torch.compile(_gate_logits_and_loss, dynamic=False)
+    return _compiled_gate_logits_and_loss(*args)
 
 
 def baseline_scores(
@@ -348,8 +375,7 @@ def seer_attention(
         kernel = resolve_kernel(settings.kernel, q.device, needs_grad=False)
         with torch.no_grad():
             o, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
-        logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
-        stats.gate_loss = gate_loss(logits, target, settings.loss, settings.loss_row_start)
+        _, stats.gate_loss = gate_logits_and_loss(gate, q_pre, k_pre, cos, sin, target, settings)
         return o, stats
 
     if settings.mode != "sparse":
@@ -381,8 +407,7 @@ def seer_attention(
                 _, target = _pooling_attention(q, k, v, sm_scale, settings.block_size, settings.distill_target, kernel)
             if target_cache is not None:
                 target_cache.append(target)
-        logits = gate(q_pre.detach(), k_pre.detach(), cos, sin, output="logits")
-        stats.gate_loss = gate_loss(logits, target, settings.loss, settings.loss_row_start)
+        logits, stats.gate_loss = gate_logits_and_loss(gate, q_pre, k_pre, cos, sin, target, settings)
         scores = logits.detach() if output == "logits" else torch.softmax(logits.detach(), dim=-1)
     else:
         with torch.no_grad():

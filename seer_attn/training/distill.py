@@ -92,6 +92,9 @@ class ModelArguments:
         default=None, metadata={"help": "sparsity method saved with the gates for inference (default: the config's)"}
     )
     seerattn_nz_ratio: float | None = field(default=None, metadata={"help": "density saved with the gates for inference"})
+    seerattn_compile_gate: bool = field(
+        default=False, metadata={"help": "torch.compile the gates' scoring + loss (fewer launches per step; not yet measured on a GPU)"}
+    )
     dtype: str = field(default="auto", metadata={"help": "base weights: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"})
     gates_fp32: bool = field(default=True, metadata={"help": "keep gate weights (and their Adam state) in fp32 while the base is bf16"})
 
@@ -261,7 +264,7 @@ def load_distill_model(margs: ModelArguments):
     for name in (
         "seerattn_gate_type", "seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_gate_hidden_size",
         "seerattn_gate_init", "seerattn_gate_loss_row_start", "seerattn_sparsity_method", "seerattn_nz_ratio", "seerattn_decode_gate_type",
-        "seerattn_decode_q_pooling", "seerattn_decode_gate_init", "seerattn_decode_k_summaries",
+        "seerattn_decode_q_pooling", "seerattn_decode_gate_init", "seerattn_decode_k_summaries", "seerattn_compile_gate",
     ):
         if getattr(margs, name) is not None:
             overrides[name] = getattr(margs, name)

@@ -67,6 +67,9 @@ class FinetuneModelArguments:
     seerattn_distill_target: str = field(default="mass", metadata={"help": "gate ground truth: max or mass"})
     seerattn_gate_loss_scale: float = field(default=10.0, metadata={"help": "loss = LM + scale * sum of layer gate losses"})
     seerattn_kernel_implementation: str = field(default="auto", metadata={"help": "auto (CSR on CUDA, twins on CPU), CSR or naive"})
+    seerattn_compile_gate: bool = field(
+        default=False, metadata={"help": "torch.compile the gates' scoring + loss (fewer launches per step; not yet measured on a GPU)"}
+    )
     gt_every_n_steps: int = field(
         default=1, metadata={"help": "cheaper ground truth: dense pooled map (and gate loss) only every n-th training forward"}
     )
@@ -214,6 +217,7 @@ def load_finetune_model(margs: FinetuneModelArguments):
         seerattn_min_sparse_length=0,
         seerattn_gt_every_n_steps=margs.gt_every_n_steps,
         seerattn_gt_layers_per_step=margs.gt_layers_per_step,
+        seerattn_compile_gate=margs.seerattn_compile_gate,
     )
     if margs.yarn_factor and margs.yarn_factor > 1:
         apply_yarn(config, margs.yarn_factor, margs.original_max_position_embeddings)

@@ -411,3 +411,19 @@ def test_default_recipe_runs_sparse_with_adaptive_budget(tiny_dir):
         model.set_seerattn(seerattn_sparsity_method="nz_ratio")
         topk = model(x, labels=x).density
     assert adaptive <= topk < 1
+
+
+def test_compiled_gate_training_path_matches_eager(tiny_dir):
+    # seerattn_compile_gate: the gate's scoring + loss as one torch.compile graph; same loss and gradients
+    x = ids(S=300)
+    losses, grads = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = load(tiny_dir, seerattn_mode="distill", seerattn_compile_gate=compiled)
+        model.freeze_base()
+        out = model(x)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for g in model.gate_modules() for p in g.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)

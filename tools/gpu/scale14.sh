@@ -86,8 +86,11 @@ EOF
     ;;
   profile)
     for n in 1 2; do
-      t0=$(date +%s); distill $n $R/prof_np$n --save_steps 100000 --profile_steps 3 > $R/log_prof_np$n.txt 2>&1
-      echo "profile nproc=$n rc=$? $(( $(date +%s) - t0 ))s: $(python -c "import json; d=json.load(open('$R/prof_np$n/profile.json')); print({k: d[k] for k in ('wall_s', 'device_busy_s', 'device_idle_share')})" 2>&1)"
+      for c in "" compile; do  # eager, then the gate's training path as one compiled graph (seerattn_compile_gate)
+        out=$R/prof${c}_np$n; flag=(); [ -n "$c" ] && flag=(--seerattn_compile_gate true)
+        t0=$(date +%s); distill $n $out --save_steps 100000 --profile_steps 3 "${flag[@]}" > $R/log_prof${c}_np$n.txt 2>&1
+        echo "profile $c nproc=$n rc=$? $(( $(date +%s) - t0 ))s: $(python -c "import json; d=json.load(open('$out/profile.json')); t=json.load(open('$out/throughput.json')); print({k: d[k] for k in ('wall_s', 'device_busy_s', 'device_idle_share')}, t['tokens_per_s'])" 2>&1)"
+      done
     done
     ;;
   accelerate)
