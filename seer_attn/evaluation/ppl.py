@@ -65,14 +65,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from seer_attn.data import (
-    boundary_token_ids,
-    check_context_length,
-    filter_min_tokens,
-    load_documents,
-    source_label,
-    tokenize_documents,
-)
+from seer_attn.data import boundary_token_ids, check_context_length, load_token_documents, source_label
 from seer_attn.evaluation.recall import RecallMeter, recording
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
 from seer_attn.models.loading import resolve_model_source
@@ -240,16 +233,12 @@ def load_eval_documents(
     text_field: str = "text",
     subset: str | None = None,
 ) -> list[list[int]]:
-    """Token ids of the first `max_docs` documents with at least `min_tokens` tokens (no special tokens).
+    """Token ids of the first `max_docs` documents with at least `min_tokens` tokens (no special tokens):
+    `seer_attn.data.load_token_documents` with the evaluation split by default.
 
     Raises ValueError saying how many documents were skipped when none is long enough.
     """
-    docs = load_documents(source, split, text_field, subset)
-    tokens = tokenize_documents(docs, tokenizer)
-    tokens = filter_min_tokens(tokens, min_tokens, source, f"each evaluated document needs L-1 = {min_tokens} tokens")
-    if max_docs is not None:
-        tokens = tokens.select(range(min(max_docs, len(tokens))))
-    return [list(ids) for ids in tokens["input_ids"]]
+    return load_token_documents(source, tokenizer, min_tokens, max_docs, split, text_field, subset)
 
 
 @torch.no_grad()

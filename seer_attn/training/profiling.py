@@ -22,14 +22,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from seer_attn.training.throughput import _sync
+
 __all__ = ["ProfileCallback", "PROFILE_NAME"]
 
 PROFILE_NAME = "profile.json"
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 class ProfileCallback(TrainerCallback):
