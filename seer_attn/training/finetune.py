@@ -189,12 +189,16 @@ class FinetuneTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         # under FSDP the Trainer passes the gathered full state dict: the unwrapped module holds shards only
         kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        if self.reload_check is not None:
+            from seer_attn.training.reload_check import checksums
+
+            # before saving: transformers' save_pretrained pops the tensors out of the dict it writes
+            saved_sums = checksums(state_dict if state_dict is not None else model.state_dict())
         model.save_pretrained(output_dir, save_base=True, **kwargs)
         if self.reload_check is not None:
-            from seer_attn.training.reload_check import RELOAD_CHECK_NAME, checksums
+            from seer_attn.training.reload_check import RELOAD_CHECK_NAME
 
-            rec = {**self.reload_check, "checksums": checksums(state_dict if state_dict is not None else model.state_dict())}
-            Path(output_dir, RELOAD_CHECK_NAME).write_text(json.dumps(rec))
+            Path(output_dir, RELOAD_CHECK_NAME).write_text(json.dumps({**self.reload_check, "checksums": saved_sums}))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -272,13 +276,15 @@ def main(argv: list[str] | None = None) -> str:
     trainer.train(resume_from_checkpoint=resume)
     logger.info("trained as %s on %d process(es)", type(trainer.model_wrapped).__name__, targs.world_size)
     if targs.reload_check_tokens > 0:
-        from seer_attn.training.reload_check import CHECK_FIELDS, model_loss
+        from seer_attn.training.reload_check import CHECK_FIELDS, model_loss, parameter_checksums
 
         ids = [int(t) for t in train[0]["input_ids"][: targs.reload_check_tokens]]  # (a torch-formatted dataset gives tensors)
-        cfg = trainer.accelerator.unwrap_model(trainer.model).config
-        # every rank runs the (sharded) forward; rank 0 writes the record with the checkpoint
+        inner = trainer.accelerator.unwrap_model(trainer.model)
+        # every rank runs the (sharded) forward and sums its shards; rank 0 writes the record with the checkpoint
         loss = model_loss(trainer.model_wrapped, ids, targs.device)
-        trainer.reload_check = {"input_ids": ids, "loss": loss, "settings": {k: getattr(cfg, k) for k in CHECK_FIELDS},
+        trainer.reload_check = {"input_ids": ids, "loss": loss, "settings": {k: getattr(inner.config, k) for k in CHECK_FIELDS},
+                                "precision": "bf16" if targs.bf16 else "fp16" if targs.fp16 else "fp32",
+                                "param_checksums": parameter_checksums(inner),
                                 "trained_as": type(trainer.model_wrapped).__name__, "world_size": targs.world_size}
         logger.info("loss before saving on %d tokens: %.6f", len(ids), loss)
     trainer.save_model(targs.output_dir)

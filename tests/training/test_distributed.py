@@ -98,6 +98,7 @@ def test_sparse_finetuning_two_processes_match_one(tmp_path):
     check = verify_reload(str(tmp_path / "two"), "cpu")
     assert check["tensors"] > 0 and not check["missing"]
     assert check["max_rel_sum_diff"] < 1e-6 and check["max_rel_sq_diff"] < 1e-6 and check["loss_rel_diff"] < 1e-5
+    assert check["param_tensors"] > 0 and not check["param_missing"] and check["param_max_rel_diff"] < 1e-6
     base = load_file(str(model_dir / "model.safetensors"))
     assert one.keys() == two.keys()
     moved = max((one[k] - base[k]).abs().max().item() for k in base)
@@ -107,3 +108,38 @@ def test_sparse_finetuning_two_processes_match_one(tmp_path):
     logs = [[json.loads(x) for x in open(tmp_path / d / "train_loss.jsonl")] for d in ("one", "two")]
     for key in ("lm_loss", "gate_loss", "density"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-4)
+
+
+def _checksums_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from seer_attn.training.reload_check import parameter_checksums
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)  # the same full tensors on every rank
+    full = torch.nn.Module()
+    full.w = torch.nn.Parameter(torch.randn(7, 3))  # 7 rows over 2 ranks: uneven shards
+    full.b = torch.nn.Parameter(torch.randn(5))
+    sharded = torch.nn.Module()
+    sharded.w = torch.nn.Parameter(distribute_tensor(full.w.detach(), mesh, [Shard(0)]))
+    sharded.b = torch.nn.Parameter(distribute_tensor(full.b.detach(), mesh, [Replicate()]))
+    got = parameter_checksums(sharded)
+    if rank == 0:
+        json.dump({"sharded": got, "full": parameter_checksums(full)}, open(out_file, "w"))
+    dist.destroy_process_group()
+
+
+def test_parameter_checksums_of_shards_equal_the_full_tensors(tmp_path):
+    # the reload check's record of what training held: sums of local shards added over ranks (no gather),
+    # a replicated tensor counted once
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "sums.json"
+    mp.spawn(_checksums_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["sharded"].keys() == res["full"].keys() == {"w", "b"}
+    for k in res["full"]:
+        assert res["sharded"][k] == pytest.approx(res["full"][k], rel=1e-12)

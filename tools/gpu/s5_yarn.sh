@@ -3,26 +3,31 @@
 # default recipe: 4/2 summaries, pooled init, 100M tokens, layer curves), beside a dense-YaRN run on the
 # same data, steps and seed; then PPL at 32k on pg19-mini and proofpile-mini. Source stage2.sh first;
 # carry .gpu/gates_s4 and .gpu/cl0h (calib-large's first ~30 MB: its documents of >= 32k tokens train).
-# usage: [STEPS=30] bash .gpu/scripts/s5_yarn.sh [DOCS]
-DOCS=${1:-8}; STEPS=${STEPS:-30}
+# usage: [STEPS=30] [PART=dense|sparse|all] bash .gpu/scripts/s5_yarn.sh [DOCS]
+#   PART=dense needs only cl0h (it fits beside the model's second half); PART=sparse then carries gates_s4
+DOCS=${1:-8}; STEPS=${STEPS:-30}; PART=${PART:-all}
 R=/tmp/runs; D=/tmp/data; mkdir -p $R/gates_s4 $D/calib-large $OUT
-cp .gpu/gates_s4/* $R/gates_s4/
-[ -f $D/calib-large/train-00000.jsonl ] || gunzip -c .gpu/cl0h/*.gz > $D/calib-large/train-00000.jsonl
+[ -d .gpu/gates_s4 ] && cp .gpu/gates_s4/* $R/gates_s4/
+[ -f $D/calib-large/train-00000.jsonl ] || [ ! -d .gpu/cl0h ] || gunzip -c .gpu/cl0h/*.gz > $D/calib-large/train-00000.jsonl
 COMMON="--dataset $D/calib-large --yarn_factor 4 --train_length 32768 --max_steps $STEPS --per_device_train_batch_size 1
   --gradient_accumulation_steps 2 --learning_rate 1e-5 --warmup_steps 5 --bf16 --save_steps 100000 --logging_steps 5 --seed 0"
 EVAL="--datasets $D/pg19-mini.jsonl,$D/proofpile-mini.jsonl --lengths 32768 --max_docs $DOCS --plot false"
 t0=$(date +%s)
+if [ $PART != sparse ]; then
 python -m seer_attn.training.finetune --model smollm2-135m --seerattn_mode dense $COMMON --output_dir $R/ft_dense > $R/log_ft_dense.txt 2>&1
 echo "ft dense rc=$? $(( $(date +%s) - t0 ))s"
-python -m seer_attn.training.finetune --model $R/gates_s4 --seerattn_mode sparse --nz_ratio 0.1 $COMMON --output_dir $R/ft_s01 > $R/log_ft_s01.txt 2>&1
-echo "ft s01 rc=$? $(( $(date +%s) - t0 ))s"
 python -m seer_attn.evaluation.ppl --model $R/ft_dense $EVAL --methods dense,oracle_mass,static --nz_ratios 0.1 \
   --budget_methods nz_ratio,adaptive --output_dir $R/eval_ft_dense > $R/log_eval_ft_dense.txt 2>&1
 echo "eval dense rc=$? $(( $(date +%s) - t0 ))s"
+fi
+if [ $PART != dense ]; then
+python -m seer_attn.training.finetune --model $R/gates_s4 --seerattn_mode sparse --nz_ratio 0.1 $COMMON --output_dir $R/ft_s01 > $R/log_ft_s01.txt 2>&1
+echo "ft s01 rc=$? $(( $(date +%s) - t0 ))s"
 # the fine-tuned sparse checkpoint keeps the gates' layer curves (calibrated at 8k before fine-tuning)
 python -m seer_attn.evaluation.ppl --model $R/ft_s01 $EVAL --methods dense,seer --nz_ratios 0.1 \
   --budget_methods nz_ratio,adaptive,adaptive+layers --output_dir $R/eval_ft_s01 > $R/log_eval_ft_s01.txt 2>&1
 echo "eval s01 rc=$? $(( $(date +%s) - t0 ))s"
+fi
 grep "^| " $R/log_eval_ft_dense.txt $R/log_eval_ft_s01.txt | head -30
 cd $R && tar czf $OUT/s5_yarn.tar.gz eval_ft_*/ppl_results.* eval_ft_*/recall.json ft_*/train_loss.jsonl ft_*/throughput.json log_*.txt 2>/dev/null
 ls -la $OUT

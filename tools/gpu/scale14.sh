@@ -3,7 +3,7 @@
 # Source stage2.sh first (model, data, PYTHONPATH); calib-large (or its first half) in /tmp/data/calib-large.
 #   bash .gpu/scripts/scale14.sh distill STEPS    # gates at 8k, global batch 8: 1 GPU, 2 GPUs (DDP), gates compared
 #   bash .gpu/scripts/scale14.sh resume STEPS     # 2-GPU distillation killed after its checkpoint at STEPS/2, resumed
-#   bash .gpu/scripts/scale14.sh finetune STEPS   # YaRN x4 sparse fine-tuning at 32k, global batch 8: 1 GPU, 2 GPUs (FSDP);
+#   [NPROCS=2] bash .gpu/scripts/scale14.sh finetune STEPS   # YaRN x4 sparse fine-tuning at 32k, global batch 8: 1 GPU, 2 GPUs (FSDP);
 #                                                 # each checkpoint reloaded on GPU and CPU against what training held
 #   bash .gpu/scripts/scale14.sh accelerate STEPS # the FSDP fine-tuning once through `accelerate launch` + fsdp.yaml
 #   bash .gpu/scripts/scale14.sh profile STEPS    # distillation on 1 and 2 GPUs with 3 profiled steps (profile.json)
@@ -75,7 +75,7 @@ print(json.dumps(res)); json.dump(res, open("$R/compare_resume.json", "w"))
 EOF
     ;;
   finetune)
-    for n in 1 2; do
+    for n in ${NPROCS:-1 2}; do
       t0=$(date +%s); finetune $n $R/ft_np$n > $R/log_ft_np$n.txt 2>&1
       echo "finetune nproc=$n rc=$? $(( $(date +%s) - t0 ))s"; grep -m1 "trained as" $R/log_ft_np$n.txt
       for dev in cuda cpu; do
