@@ -280,11 +280,12 @@ def main(argv: list[str] | None = None) -> str:
 
         ids = [int(t) for t in train[0]["input_ids"][: targs.reload_check_tokens]]  # (a torch-formatted dataset gives tensors)
         inner = trainer.accelerator.unwrap_model(trainer.model)
-        # every rank runs the (sharded) forward and sums its shards; rank 0 writes the record with the checkpoint
+        # every rank sums its shards and runs the (sharded) forward; rank 0 writes the record with the checkpoint
+        sums = parameter_checksums(inner)
         loss = model_loss(trainer.model_wrapped, ids, targs.device)
         trainer.reload_check = {"input_ids": ids, "loss": loss, "settings": {k: getattr(inner.config, k) for k in CHECK_FIELDS},
                                 "precision": "bf16" if targs.bf16 else "fp16" if targs.fp16 else "fp32",
-                                "param_checksums": parameter_checksums(inner),
+                                "param_checksums": sums,
                                 "trained_as": type(trainer.model_wrapped).__name__, "world_size": targs.world_size}
         logger.info("loss before saving on %d tokens: %.6f", len(ids), loss)
     trainer.save_model(targs.output_dir)

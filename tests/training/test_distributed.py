@@ -110,36 +110,52 @@ def test_sparse_finetuning_two_processes_match_one(tmp_path):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-4)
 
 
-def _checksums_worker(rank, world, init_file, out_file):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from seer_attn.training.reload_check import parameter_checksums
+def _fsdp_worker(rank, world, init_file, model_dir, out_dir):
+    # FSDP2 (fully_shard) runs on CPU over gloo: the sharding, mixed precision and full-state-dict gather
+    # the Trainer uses under FSDP on GPUs (accelerate itself only enables FSDP on GPUs)
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from seer_attn import SeerLlamaForCausalLM
+    from seer_attn.training.reload_check import checksums, parameter_checksums
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    torch.manual_seed(0)  # the same full tensors on every rank
-    full = torch.nn.Module()
-    full.w = torch.nn.Parameter(torch.randn(7, 3))  # 7 rows over 2 ranks: uneven shards
-    full.b = torch.nn.Parameter(torch.randn(5))
-    sharded = torch.nn.Module()
-    sharded.w = torch.nn.Parameter(distribute_tensor(full.w.detach(), mesh, [Shard(0)]))
-    sharded.b = torch.nn.Parameter(distribute_tensor(full.b.detach(), mesh, [Replicate()]))
-    got = parameter_checksums(sharded)
+    model = SeerLlamaForCausalLM.from_pretrained(model_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 129)[None] % 40, use_cache=False)  # leaves the root unsharded, in bf16
+    sums = parameter_checksums(model)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        json.dump({"sharded": got, "full": parameter_checksums(full)}, open(out_file, "w"))
+        gathered = checksums(full)
+        model.save_pretrained(out_dir, save_base=True, state_dict=full)
+        reloaded = SeerLlamaForCausalLM.from_pretrained(out_dir).state_dict()
+        json.dump({"params": sums, "expected": checksums(before), "gathered": gathered,
+                   "reload_equal": sorted(k for k in before if torch.equal(reloaded[k], before[k])), "keys": sorted(before)},
+                  open(os.path.join(out_dir, "result.json"), "w"))
     dist.destroy_process_group()
 
 
-def test_parameter_checksums_of_shards_equal_the_full_tensors(tmp_path):
-    # the reload check's record of what training held: sums of local shards added over ranks (no gather),
-    # a replicated tensor counted once
+def test_fsdp_sharded_save_reloads_to_the_same_state_dict(tmp_path):
     import torch.multiprocessing as mp
 
-    out = tmp_path / "sums.json"
-    mp.spawn(_checksums_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    res = json.loads(out.read_text())
-    assert res["sharded"].keys() == res["full"].keys() == {"w", "b"}
-    for k in res["full"]:
-        assert res["sharded"][k] == pytest.approx(res["full"][k], rel=1e-12)
+    make_tiny_model_dir(tmp_path / "tiny")
+    out = tmp_path / "saved"
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "tiny"), str(out)), nprocs=2, join=True)
+    res = json.loads((out / "result.json").read_text())
+    assert res["reload_equal"] == res["keys"]  # gathered, saved and reloaded: bit-identical to before sharding
+    assert res["gathered"].keys() <= res["expected"].keys()
+    for k, v in res["gathered"].items():
+        assert v == res["expected"][k]
+    # the shard sums (no gather) match the full tensors: the record the reload check compares against
+    assert res["params"].keys() and res["params"].keys() <= res["expected"].keys()
+    for k, v in res["params"].items():
+        assert v == pytest.approx(res["expected"][k], rel=1e-12)
