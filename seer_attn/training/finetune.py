@@ -238,6 +238,28 @@ def parse_args(argv: list[str] | None = None):
     return parse_with_config((FinetuneModelArguments, DataArguments, FinetuneTrainingArguments), argv, train_length=32768)
 
 
+def fsdp_keep_fp32_reduce_and_outputs(plugin) -> None:
+    """Under FSDP2 with bf16, reduce gradients and return outputs in fp32 (parameters stay bf16).
+
+    accelerate's default FSDP2 policy is bf16 for parameters, gradient reduction *and* outputs: every
+    micro-batch's loss leaves the model rounded to bf16 (a gate loss of ~200 to steps of 1.0) and
+    gradients are summed over ranks in bf16, where one GPU (autocast, fp32 master weights) sums in
+    fp32; on two H200s the logged gate losses of 1 and 2 GPUs differed by up to 2.1% (docs/RESULTS.md).
+    A policy the user set (not accelerate's default) is left alone.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    pol = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(plugin, "fsdp_version", 1) != 2 or not isinstance(pol, MixedPrecisionPolicy):
+        return
+    if pol.param_dtype == torch.bfloat16 and pol.reduce_dtype == torch.bfloat16 and pol.output_dtype == torch.bfloat16:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32,
+            cast_forward_inputs=pol.cast_forward_inputs,
+        )
+        logger.info("FSDP2 mixed precision: bf16 parameters, fp32 gradient reduction and outputs")
+
+
 def main(argv: list[str] | None = None) -> str:
     """Fine-tune; returns the folder of the final full checkpoint (`output_dir`)."""
     margs, dargs, targs = parse_args(argv)
@@ -263,6 +285,8 @@ def main(argv: list[str] | None = None) -> str:
         model=model, args=targs, train_dataset=train, data_collator=default_data_collator, processing_class=tokenizer
     )
     trainer.add_callback(LossLogger(trainer))
+    if getattr(trainer, "is_fsdp_enabled", False):
+        fsdp_keep_fp32_reduce_and_outputs(trainer.accelerator.state.fsdp_plugin)
     if targs.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate shards only on GPUs: without one the Trainer silently trains data parallel instead
         logger.warning(

@@ -168,3 +168,19 @@ def test_final_save_writes_the_state_dict_it_is_given(tiny_dir, tmp_path):
     assert saved and all(torch.equal(saved[k], gathered[k]) for k in saved)
     rec = json.loads((tmp_path / "ck" / RELOAD_CHECK_NAME).read_text())
     assert rec["checksums"] == checksums(gathered)
+
+
+def test_fsdp2_bf16_policy_reduces_and_returns_fp32():
+    # accelerate's default FSDP2 bf16 policy rounds each micro-batch's loss and the gradient sums to bf16
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    finetune.fsdp_keep_fp32_reduce_and_outputs(plugin)
+    pol = plugin.mixed_precision_policy
+    assert (pol.param_dtype, pol.reduce_dtype, pol.output_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    mine = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)  # a user's own choice stays
+    plugin.mixed_precision_policy = mine
+    finetune.fsdp_keep_fp32_reduce_and_outputs(plugin)
+    assert plugin.mixed_precision_policy is mine
