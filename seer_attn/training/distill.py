@@ -146,7 +146,14 @@ class DistillTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "sequences per device per micro-batch"})
     max_steps: int = field(default=500, metadata={"help": "optimizer steps"})
-    logging_steps: float = field(default=1, metadata={"help": "log to the console every n steps"})
+    logging_steps: float = field(
+        default=10, metadata={"help": "log to the console every n steps (each log reads the loss on the host: a GPU sync; "
+                                      "gate_loss.jsonl has every step either way)"}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "the Trainer's NaN/inf filter of the console loss reads every micro-batch's loss on the "
+                                         "host (a GPU sync per micro-batch): off, the logs show a NaN as it is"}
+    )
     save_steps: float = field(default=100, metadata={"help": "gate-only checkpoint every n steps"})
     save_total_limit: int | None = field(default=2, metadata={"help": "keep at most this many checkpoints"})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "trackers (none, tensorboard, wandb, ...)"})
@@ -178,34 +185,69 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def sum_over_ranks_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the data-parallel ranks (every rank must call it); unchanged in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 class GateLossLogger(TrainerCallback):
     """Append one JSON line per optimizer step to `<output_dir>/gate_loss.jsonl`.
 
     Fields: `step`, `gate_loss` (the scaled total, mean over the step's micro-batches of every
     rank), `lr`, and every `layer_log_steps` steps `layer_losses` (unscaled, one per layer).
+
+    The sums stay on the GPU: each step's are kept as a device tensor and brought to the host (one
+    all-reduce over ranks, one copy) every `flush_steps` steps, at checkpoints and at the end, so
+    the training loop does not wait for the GPU after every step to log (distillation of a small
+    model is bound by the host: a sync per step stops it queueing the next step's kernels).
     """
 
-    def __init__(self, trainer: "GateDistillTrainer", layer_log_steps: int):
+    def __init__(self, trainer: "GateDistillTrainer", layer_log_steps: int, flush_steps: int = 50):
         self.trainer = trainer
         self.layer_log_steps = max(1, layer_log_steps)
+        self.flush_steps = max(1, flush_steps)
         self._lr = None
+        self._pending: list[tuple[int, float | None, torch.Tensor]] = []  # (step, lr, [1 + layers] sums / n)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:
-            self._lr = float(optimizer.param_groups[0]["lr"])  # the lr this step uses
+            lr = optimizer.param_groups[0]["lr"]
+            self._lr = lr if not torch.is_tensor(lr) else lr.detach()  # the lr this step uses, read at flush
 
     def on_step_end(self, args, state, control, **kwargs):
-        total, layers, n = self.trainer.pop_gate_losses()
+        sums, n = self.trainer.pop_gate_losses()
         if n == 0:  # the same on every rank: each runs the same number of micro-batches
             return
-        total, n, *layers = sum_over_ranks([total, n, *layers.tolist()], args.device)
+        self._pending.append((state.global_step, self._lr, torch.cat([sums.new_tensor([n]), sums])))
+        if len(self._pending) >= self.flush_steps:
+            self.flush(args, state)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.flush(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush(args, state)
+
+    def flush(self, args, state) -> None:
+        """Write the pending steps (every rank must call it: the sums are all-reduced)."""
+        if not self._pending:
+            return
+        rows = sum_over_ranks_tensor(torch.stack([r[2] for r in self._pending]).double()).tolist()
+        pending, self._pending = self._pending, []
         if not state.is_world_process_zero:
             return
-        record = {"step": state.global_step, "gate_loss": total / n, "lr": self._lr}
-        if state.global_step % self.layer_log_steps == 0 or state.global_step == state.max_steps:
-            record["layer_losses"] = [round(float(x) / n, 6) for x in layers]
         with open(Path(args.output_dir) / GATE_LOG_NAME, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            for (step, lr, _), (n, total, *layers) in zip(pending, rows):
+                record = {"step": step, "gate_loss": total / n, "lr": float(lr) if lr is not None else None}
+                if step % self.layer_log_steps == 0 or step == state.max_steps:
+                    record["layer_losses"] = [round(x / n, 6) for x in layers]
+                f.write(json.dumps(record) + "\n")
 
 
 class GateDistillTrainer(Trainer):
@@ -214,22 +256,22 @@ class GateDistillTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = False  # per-batch mean: the Trainer divides by the accumulation steps
-        self._gate_total, self._gate_layers, self._gate_n = 0.0, None, 0
+        self._gate_sums, self._gate_n = None, 0
 
-    def pop_gate_losses(self) -> tuple[float, torch.Tensor | None, int]:
-        """Sums of the total and per-layer gate losses since the last call, and the micro-batch count."""
-        out = (self._gate_total, self._gate_layers, self._gate_n)
-        self._gate_total, self._gate_layers, self._gate_n = 0.0, None, 0
+    def pop_gate_losses(self) -> tuple[torch.Tensor | None, int]:
+        """`[total, *per layer]` gate-loss sums since the last call (fp32, on the model's device), and the
+        micro-batch count."""
+        out = (self._gate_sums, self._gate_n)
+        self._gate_sums, self._gate_n = None, 0
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1)
         if outputs.loss is None or outputs.gate_losses is None:
             raise RuntimeError("the model returned no gate loss: distillation needs seerattn_mode='distill'")
-        if model.training:
-            layers = outputs.gate_losses.detach().float().cpu()
-            self._gate_total += float(outputs.loss.detach())
-            self._gate_layers = layers if self._gate_layers is None else self._gate_layers + layers
+        if model.training:  # summed on the device: no host sync per micro-batch
+            sums = torch.cat([outputs.loss.detach().float().reshape(1), outputs.gate_losses.detach().float()])
+            self._gate_sums = sums if self._gate_sums is None else self._gate_sums + sums
             self._gate_n += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 

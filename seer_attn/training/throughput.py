@@ -1,12 +1,15 @@
 """Steady-state training throughput and peak GPU memory per rank, for scaling runs.
 
-:class:`ThroughputCallback` times every optimizer step (synchronising the GPU at its edges), drops
-the first `warmup_steps` (compilation, autotuning, allocator growth) and at the end of training writes
+:class:`ThroughputCallback` times the steps after the first `warmup_steps` (compilation, autotuning,
+allocator growth) as one window: the GPU is synchronised once where the window opens and once after
+the last step, never in between, so the timing does not stop the host from queueing the next step
+while the GPU finishes the last one (a sync per step would, and would slow the host-bound runs it
+measures). Checkpoints saved inside the window count in its time. At the end of training it writes
 `<output_dir>/throughput.json`:
 
 - `tokens_per_step`: global batch x sequence length (every rank's tokens);
-- `tokens_per_s`: tokens_per_step x steady steps / their summed time;
-- `step_time_s`: median steady step time; `steps_timed`;
+- `tokens_per_s`: tokens_per_step x steps in the window / the window's time;
+- `step_time_s`: the window's mean step time; `steps_timed`;
 - `world_size`, `peak_memory_gib`: `torch.cuda.max_memory_allocated` of each rank (empty on CPU).
 
 Rank 0 writes the file; the peaks of the other ranks reach it through `all_gather_object`.
@@ -15,7 +18,6 @@ Rank 0 writes the file; the peaks of the other ranks reach it through `all_gathe
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -35,22 +37,32 @@ def _sync() -> None:
 class ThroughputCallback(TrainerCallback):
     def __init__(self, seq_len: int, warmup_steps: int = 5):
         self.seq_len, self.warmup_steps = seq_len, warmup_steps
-        self.times: list[float] = []
+        self._begun = 0  # steps begun in this process (a resumed run counts from its first step)
+        self._warm = warmup_steps
         self._t0: float | None = None
+        self.steps = 0
+        self.elapsed: float | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        _sync()
-        self._t0 = time.perf_counter()
+        if self._begun == 0:  # too short a run to drop warm-up steps: time every step
+            self._warm = self.warmup_steps if state.max_steps - state.global_step > self.warmup_steps else 0
+        if self._begun == self._warm:
+            _sync()
+            self._t0 = time.perf_counter()
+        self._begun += 1
 
     def on_step_end(self, args, state, control, **kwargs):
-        _sync()
-        if self._t0 is not None:
-            self.times.append(time.perf_counter() - self._t0)
+        if self._t0 is None:
+            return
+        self.steps += 1
+        if state.global_step >= state.max_steps:
+            _sync()
+            self.elapsed = time.perf_counter() - self._t0
 
     def summary(self, args) -> dict:
         world = max(1, getattr(args, "world_size", 1))
         tokens = args.per_device_train_batch_size * args.gradient_accumulation_steps * world * self.seq_len
-        steady = self.times[self.warmup_steps :] or self.times
+        timed = self.elapsed is not None and self.steps > 0
         peak = []
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             mine = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -62,10 +74,10 @@ class ThroughputCallback(TrainerCallback):
         return {
             "world_size": world,
             "tokens_per_step": tokens,
-            "steps_timed": len(steady),
-            "warmup_steps_dropped": len(self.times) - len(steady),
-            "step_time_s": round(statistics.median(steady), 4) if steady else None,
-            "tokens_per_s": round(tokens * len(steady) / sum(steady), 1) if steady else None,
+            "steps_timed": self.steps if timed else 0,
+            "warmup_steps_dropped": self._warm,
+            "step_time_s": round(self.elapsed / self.steps, 4) if timed else None,
+            "tokens_per_s": round(tokens * self.steps / self.elapsed, 1) if timed else None,
             "peak_memory_gib": peak,
         }
 

@@ -175,3 +175,36 @@ def test_profile_steps_write_where_the_time_goes(tiny_llama_dir, tiny_text_jsonl
     assert prof["steps"] == 2 and prof["wall_s"] > 0 and prof["host_ops"]
     assert prof["device_busy_s"] == 0.0 and prof["device_kernels"] == []  # CPU: no device kernels
     assert (Path(out) / "profile.txt").read_text().strip()
+
+
+def test_gate_loss_logger_keeps_sums_on_device_until_a_flush(tmp_path):
+    # per-step records, written in batches (no host sync per step): every `flush_steps`, at checkpoints, at the end
+    from types import SimpleNamespace
+
+    from seer_attn.training.distill import GateLossLogger
+
+    class Stub:
+        def __init__(self):
+            self.step = 0
+
+        def pop_gate_losses(self):
+            self.step += 1
+            return torch.tensor([2.0 * self.step, 1.0, 3.0]), 2  # two micro-batches: [total, layer 0, layer 1] sums
+
+    args = SimpleNamespace(output_dir=str(tmp_path), device="cpu")
+    state = SimpleNamespace(global_step=0, max_steps=6, is_world_process_zero=True)
+    logger = GateLossLogger(Stub(), layer_log_steps=3, flush_steps=4)
+    path = tmp_path / "gate_loss.jsonl"
+    lines = lambda: path.read_text().splitlines() if path.exists() else []  # noqa: E731
+    for step in range(1, 6):
+        state.global_step = step
+        logger.on_step_end(args, state, None)
+        assert len(lines()) == (4 if step >= 4 else 0)
+    logger.on_save(args, state, None)
+    state.global_step = 6
+    logger.on_step_end(args, state, None)
+    logger.on_train_end(args, state, None)
+    log = [json.loads(x) for x in lines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["gate_loss"] for r in log] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert [r["layer_losses"] for r in log if "layer_losses" in r] == [[0.5, 1.5], [0.5, 1.5]]

@@ -13,7 +13,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 WHAT=$1; STEPS=${2:-30}
 R=/tmp/scale; mkdir -p $R $OUT
-COMMON=(--seed 0 --train_sampling_strategy sequential --dataloader_num_workers 2 --logging_steps 1)
+COMMON=(--seed 0 --train_sampling_strategy sequential --dataloader_num_workers 2 --logging_steps 20)
 run() {  # run NPROC module args... (torchrun for 1 process too: the same launcher on both sides; a plain
   # single process hit a Triton autotuner error on the H200 host in session 4, see docs/RESULTS.md)
   local n=$1; shift
