@@ -13,7 +13,10 @@ Rows (one loaded model, switched with `set_seerattn`):
   `budget // block_size - 1` earlier blocks are kept): `seer` (the trained decode gate), `oracle`
   (the blocks with the largest true per-token attention mass: the selection to beat), `quest` (the
   training-free bound from per-block min/max of the post-RoPE keys, as Quest), `static` (the sink
-  block, then the most recent blocks).
+  block, then the most recent blocks); the same budget in every layer;
+- `<method>+layers` (e.g. `seer+layers`): the budget spread over the layers by the decode layer
+  curves (`--layer_budgets FILE` from `python -m seer_attn.evaluation.layer_budgets --stage decode`,
+  or the checkpoint's own `seerattn_decode_layer_budget_curves`), the mean budget unchanged.
 
 Layers below `seerattn_decode_start_layer` stay dense in every row (`--start_layer` overrides it).
 Every row reports its realised density: attended blocks over causal blocks, over the sparse layers.
@@ -53,6 +56,7 @@ from seer_attn.training.data import boundary_token_ids, check_context_length, so
 
 __all__ = [
     "METHODS",
+    "LAYERED",
     "DecodePPLArguments",
     "sweep_points",
     "evaluate",
@@ -64,9 +68,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 METHODS = ("dense", "seer", "oracle", "quest", "static")
+LAYERED = tuple(f"{m}+layers" for m in METHODS if m != "dense")
 _RESET_FIELDS = (
     "seerattn_mode", "seerattn_decode_selector", "seerattn_decode_token_budget", "seerattn_decode_threshold",
-    "seerattn_decode_start_layer", "seerattn_decode_min_context",
+    "seerattn_decode_start_layer", "seerattn_decode_min_context", "seerattn_decode_layer_budget_scale",
+    "seerattn_decode_layer_budget_curves",
 )
 _CSV_FIELDS = ["dataset", "context_length", "method", "token_budget", "density", "ppl", "num_docs"]
 
@@ -96,13 +102,20 @@ class DecodePPLArguments:
     plot: bool = field(default=True, metadata={"help": "write decode_ppl_vs_budget.png"})
     yarn_factor: float | None = field(default=None, metadata={"help": "apply YaRN with this factor before evaluating"})
     generation_check: int = field(default=0, metadata={"help": "greedy tokens for the unlimited-budget == dense check (0: skip)"})
+    layer_budgets: str | None = field(
+        default=None, metadata={"help": "JSON from `layer_budgets --stage decode` for the '+layers' methods (default: the checkpoint's curves)"}
+    )
 
 
-def sweep_points(methods: list[str], budgets: list[int]) -> list[SweepPoint]:
-    """Rows to evaluate, dense first; `target` is the token budget."""
-    unknown = sorted(set(methods) - set(METHODS))
+def sweep_points(methods: list[str], budgets: list[int], layer_curves=None) -> list[SweepPoint]:
+    """Rows to evaluate, dense first; `target` is the token budget. Plain rows use the same budget in
+    every layer; `<method>+layers` rows spread it by `layer_curves` (required for them)."""
+    unknown = sorted(set(methods) - set(METHODS) - set(LAYERED))
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS + LAYERED}")
+    if any(m in LAYERED for m in methods) and layer_curves is None:
+        raise ValueError("'+layers' methods need decode layer curves: --layer_budgets FILE, or a checkpoint with "
+                         "seerattn_decode_layer_budget_curves (python -m seer_attn.evaluation.layer_budgets --stage decode)")
     for b in budgets:
         if b <= 0:
             raise ValueError(f"token budgets must be > 0, got {b}")
@@ -112,8 +125,11 @@ def sweep_points(methods: list[str], budgets: list[int]) -> list[SweepPoint]:
     for b in budgets:
         for m in methods:
             if m != "dense":
-                fields = {"seerattn_mode": "decode_eval", "seerattn_decode_selector": "gate" if m == "seer" else m,
-                          "seerattn_decode_token_budget": int(b), "seerattn_decode_threshold": None}
+                base = m.removesuffix("+layers")
+                fields = {"seerattn_mode": "decode_eval", "seerattn_decode_selector": "gate" if base == "seer" else base,
+                          "seerattn_decode_token_budget": int(b), "seerattn_decode_threshold": None,
+                          "seerattn_decode_layer_budget_scale": None,
+                          "seerattn_decode_layer_budget_curves": layer_curves if m in LAYERED else None}
                 points.append(SweepPoint(m, "token_budget", int(b), fields))
     return points
 
@@ -125,7 +141,7 @@ def evaluate(
     """Every (dataset, length, sweep point) row; the model's decode settings are restored afterwards."""
     for length in lengths:
         check_context_length(model.config, length)
-    if any(p.method == "seer" for p in points) and model.config.seerattn_decode_gate_type is None:
+    if any(p.method in ("seer", "seer+layers") for p in points) and model.config.seerattn_decode_gate_type is None:
         raise ValueError("the model has no decode gate (seerattn_decode_gate_type is None): drop 'seer' from --methods")
     start_id, _ = boundary_token_ids(tokenizer)
     saved = {k: getattr(model.config, k) for k in _RESET_FIELDS}
@@ -187,9 +203,10 @@ def generation_check(model, ids: list[int], new_tokens: int, prompt_tokens: int 
 
 
 def _markdown(records: list[dict]) -> str:
-    methods = [m for m in METHODS if m != "dense" and any(r["method"] == m for r in records)]
+    methods = [m for m in METHODS[1:] + LAYERED if any(r["method"] == m for r in records)]
     has = set(methods)
     extra = ["seer vs dense", "seer share of oracle gain"] if {"seer"} <= has else []
+    extra += ["seer+layers vs dense", "seer+layers share"] if {"seer+layers"} <= has else []
     lines = [
         "Decode-mode PPL (realised density) per dataset, context length and token budget; dense is the same for every budget.",
         "",
@@ -205,12 +222,14 @@ def _markdown(records: list[dict]) -> str:
         for m in methods:
             r = cells.get((ds, L, b, m))
             row.append(f"{r['ppl']:.4g} ({r['density']:.3f})" if r else "")
-        if extra:
-            seer = cells.get((ds, L, b, "seer"))
-            oracle, static = cells.get((ds, L, b, "oracle")), cells.get((ds, L, b, "static"))
-            row.append(f"{100 * (seer['ppl'] / d - 1):+.2f}%" if seer and d else "")
-            gain = static["ppl"] - oracle["ppl"] if oracle and static else 0.0
-            row.append(f"{(static['ppl'] - seer['ppl']) / gain:.2f}" if seer and gain > 0 else "")
+        # shares against the same-budget-in-every-layer references (as the prefill evaluator's)
+        oracle, static = cells.get((ds, L, b, "oracle")), cells.get((ds, L, b, "static"))
+        gain = static["ppl"] - oracle["ppl"] if oracle and static else 0.0
+        for name in ("seer", "seer+layers"):
+            if name in has:
+                seer = cells.get((ds, L, b, name))
+                row.append(f"{100 * (seer['ppl'] / d - 1):+.2f}%" if seer and d else "")
+                row.append(f"{(static['ppl'] - seer['ppl']) / gain:.2f}" if seer and gain > 0 else "")
         lines.append(f"| {ds} | {L} | {b} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -223,7 +242,7 @@ def plot_results(records: list[dict], path: str | Path) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", color=color, label=m)
 
-    plot_ppl_panels(records, path, METHODS, draw, "token budget per decoded token", log2_x=True)
+    plot_ppl_panels(records, path, METHODS + LAYERED, draw, "token budget per decoded token", log2_x=True)
 
 
 def write_results(records: list[dict], output_dir: str | Path, plot: bool = True) -> dict[str, Path]:
@@ -249,13 +268,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lengths, sources = _ints(args.lengths), _names(args.datasets)
     if not lengths or not sources:
         raise ValueError("give at least one length (--lengths) and one dataset (--datasets)")
-    points = sweep_points(_names(args.methods), _ints(args.budgets))
+    methods = _names(args.methods)
     min_tokens = args.min_doc_tokens if args.min_doc_tokens is not None else max(lengths) - 1
     if min_tokens < max(lengths) - 1:
         raise ValueError(f"--min_doc_tokens {min_tokens} is below max(lengths) - 1 = {max(lengths) - 1}")
 
     tokenizer = load_tokenizer(args.model)
     model = _load_model(args)
+    curves = model.config.seerattn_decode_layer_budget_curves
+    if args.layer_budgets:
+        curves = json.loads(Path(args.layer_budgets).read_text())["curves"]
+    points = sweep_points(methods, _ints(args.budgets), curves)
     docs = {}
     for source in sources:
         label = source_label(source)

@@ -20,6 +20,13 @@ The CLI writes the curves as JSON and, with `--write_config`, into the checkpoin
 The oracle needs no trained gate, so the curves can be measured before or after distillation
 (`python -m seer_attn.training.distill --layer_budget_docs 4` does it after training). Never
 calibrate on evaluation documents.
+
+`--stage decode` measures the same for decoding (:func:`measure_decode_loss_curves`): per layer and
+token budget, minus the rise of the decode-mode loss (teacher forcing, every token attending only to
+its selected blocks, `seerattn_mode="decode_eval"`) with only that layer sparse, the oracle picking
+the blocks; `--write_config` stores them as `seerattn_decode_layer_budget_curves`, and every
+requested `seerattn_decode_token_budget` is then spread over the layers
+(:func:`seer_attn.modules.layer_budget.layer_token_budgets`).
 """
 
 from __future__ import annotations
@@ -29,14 +36,19 @@ import json
 import logging
 from pathlib import Path
 
-from seer_attn.modules.layer_budget import allocate_layer_densities, concave_envelope, layer_nz_ratios
+from seer_attn.modules.layer_budget import allocate_layer_densities, concave_envelope, layer_nz_ratios, layer_token_budgets
 
-__all__ = ["allocate_layer_densities", "concave_envelope", "measure_curves", "measure_loss_curves", "calibrate_layer_budgets", "main"]
+__all__ = [
+    "allocate_layer_densities", "concave_envelope", "measure_curves", "measure_loss_curves", "measure_decode_loss_curves",
+    "calibrate_layer_budgets", "main",
+]
 OBJECTIVES = ("loss", "recall")
+STAGES = ("prefill", "decode")
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRID = (0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+DEFAULT_DECODE_GRID = (128, 256, 512, 1024, 2048, 4096)  # token budgets
 
 
 def measure_curves(model, docs, grid=DEFAULT_GRID, sparsity_method: str | None = None) -> list[list[list[float]]]:
@@ -127,14 +139,74 @@ def measure_loss_curves(model, docs, grid=DEFAULT_GRID, sparsity_method: str | N
     return curves
 
 
+def measure_decode_loss_curves(model, docs, grid=DEFAULT_DECODE_GRID, selector: str = "oracle",
+                               progress: bool = True) -> list[list[list[float]]]:
+    """Per layer, `[token_budget, -(loss rise)]`: the mean decode-mode LM loss over `docs` with only that
+    layer decoding sparsely at `token_budget` (every other layer with a budget covering the whole
+    context, i.e. exact), minus the same with every layer exact, negated; the point at the context
+    length is 0.
+
+    Args:
+        model: a Seer model (its settings are restored afterwards); `selector` `oracle` needs no decode gate.
+        docs: token-id tensors `[S]` of one length (start token first); they run as one batch.
+        grid: token budgets > 0; budgets at or above the context length are dropped (they are exact).
+        selector (str): `oracle`, `gate` (the decode gates), `quest` or `static`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    n_layers = model.config.num_hidden_layers
+    ids = torch.stack([d for d in docs])
+    S = ids.shape[1]
+    labels = ids.clone()
+    labels[:, 0] = -100
+    keys = ("seerattn_mode", "seerattn_decode_selector", "seerattn_decode_token_budget", "seerattn_decode_threshold",
+            "seerattn_decode_start_layer", "seerattn_decode_min_context", "seerattn_decode_layer_budget_scale",
+            "seerattn_decode_layer_budget_curves")
+    saved = {k: getattr(model.config, k) for k in keys}
+    was_training = model.training
+    model.eval()
+    full = 2 * S  # a budget that covers every block of the context: the layer is exact
+
+    def loss(budget: int, scale) -> float:
+        model.set_seerattn(seerattn_mode="decode_eval", seerattn_decode_selector=selector, seerattn_decode_token_budget=int(budget),
+                           seerattn_decode_threshold=None, seerattn_decode_start_layer=0, seerattn_decode_min_context=0,
+                           seerattn_decode_layer_budget_curves=None, seerattn_decode_layer_budget_scale=scale)
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=labels, logits_to_keep=1, use_cache=False).lm_loss)
+
+    grid = sorted({int(b) for b in grid if 0 < int(b) < S})
+    curves = [[] for _ in range(n_layers)]
+    try:
+        base = loss(full, None)
+        with tqdm(total=n_layers * len(grid), desc="decode layer loss curves", disable=not progress) as bar:
+            for layer in range(n_layers):
+                for b in grid:
+                    scale = [1.0 if i == layer else full / b for i in range(n_layers)]
+                    rise = loss(b, scale) - base
+                    curves[layer].append([b, round(-rise, 7)])
+                    bar.update(1)
+                curves[layer].append([S, 0.0])
+    finally:
+        model.set_seerattn(**saved)
+        model.train(was_training)
+    return curves
+
+
 def calibrate_layer_budgets(model, tokenizer, source: str, length: int = 8192, max_docs: int = 4,
-                            grid=DEFAULT_GRID, split: str = "train", objective: str = "loss",
-                            selector: str = "oracle_mass") -> list[list[list[float]]]:
-    """Measure the curves (`objective` "loss" or "recall") on the first `max_docs` documents of `source`
-    with >= `length` - 1 tokens and store them in `model.config.seerattn_layer_budget_curves` (saved
-    with the next `save_pretrained`)."""
+                            grid=None, split: str = "train", objective: str = "loss",
+                            selector: str | None = None, stage: str = "prefill") -> list[list[list[float]]]:
+    """Measure the curves (`objective` "loss" or "recall"; `stage` "prefill" or "decode") on the first
+    `max_docs` documents of `source` with >= `length` - 1 tokens and store them in the model's config
+    (`seerattn_layer_budget_curves`, or `seerattn_decode_layer_budget_curves` for decode; saved with
+    the next `save_pretrained`). `grid` defaults to the stage's (densities, or token budgets);
+    `selector` to the stage's oracle."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "decode" and objective != "loss":
+        raise ValueError("decode layer curves are measured with the loss objective only")
     import torch
 
     from seer_attn.data import boundary_token_ids, load_token_documents
@@ -147,13 +219,16 @@ def calibrate_layer_budgets(model, tokenizer, source: str, length: int = 8192, m
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if objective == "loss":
-            curves = measure_loss_curves(model, docs, grid, selector=selector)
+        if stage == "decode":
+            curves = measure_decode_loss_curves(model, docs, grid or DEFAULT_DECODE_GRID, selector=selector or "oracle")
+        elif objective == "loss":
+            curves = measure_loss_curves(model, docs, grid or DEFAULT_GRID, selector=selector or "oracle_mass")
         else:
-            curves = measure_curves(model, docs, grid)
+            curves = measure_curves(model, docs, grid or DEFAULT_GRID)
     model.train(was_training)
-    model.set_seerattn(seerattn_layer_budget_curves=curves)
-    logger.info("layer budget curves (%s) from %d documents of %s (%d layers)", objective, len(docs), source, len(curves))
+    field = "seerattn_decode_layer_budget_curves" if stage == "decode" else "seerattn_layer_budget_curves"
+    model.set_seerattn(**{field: curves})
+    logger.info("%s layer budget curves (%s) from %d documents of %s (%d layers)", stage, objective, len(docs), source, len(curves))
     return curves
 
 
@@ -163,11 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dataset", required=True, help="calibration text (a .jsonl/.jsonl.gz/folder/glob as for training); never evaluation documents")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--max_docs", type=int, default=4)
-    p.add_argument("--grid", default=",".join(str(x) for x in DEFAULT_GRID))
+    p.add_argument("--stage", default="prefill", choices=STAGES, help="prefill densities, or decode token budgets")
+    p.add_argument("--grid", default=None, help="nz_ratio values (prefill) or token budgets (decode); default: the stage's grid")
     p.add_argument("--objective", default="loss", choices=OBJECTIVES, help="what the allocation maximises (see the module docstring)")
-    p.add_argument("--selector", default="oracle_mass", choices=("oracle_mass", "gate"),
-                   help="loss objective: whose blocks the single-layer sparse forwards keep (the measured recipe: oracle_mass)")
-    p.add_argument("--show", default="0.5,0.3,0.1", help="nz_ratio values whose per-layer allocation is logged and written")
+    p.add_argument("--selector", default=None, choices=("oracle_mass", "oracle", "gate", "quest", "static"),
+                   help="loss objective: whose blocks the single-layer sparse forwards keep (default and measured recipe: "
+                        "oracle_mass for prefill, oracle for decode)")
+    p.add_argument("--show", default=None, help="requests whose per-layer allocation is logged and written "
+                                                "(default: 0.5,0.3,0.1 for prefill, 512,1024,2048 for decode)")
     p.add_argument("--output", default=None, help="JSON with the curves and the allocations (default: <model>/layer_budgets.json)")
     p.add_argument("--write_config", action="store_true", help="also store the curves in <model>/config.json (a local checkpoint)")
     args = p.parse_args(argv)
@@ -181,14 +259,21 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoSeerForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tok = load_tokenizer(args.model)
-    grid = [float(x) for x in args.grid.split(",")]
+    decode = args.stage == "decode"
+    prefill_sel, decode_sel = ("oracle_mass", "gate"), ("oracle", "gate", "quest", "static")
+    if args.selector is not None and args.selector not in (decode_sel if decode else prefill_sel):
+        raise ValueError(f"--selector {args.selector!r} is not a {args.stage} selector: choose from {decode_sel if decode else prefill_sel}")
+    grid = [(int if decode else float)(x) for x in args.grid.split(",")] if args.grid else None
     curves = calibrate_layer_budgets(model, tok, args.dataset, args.length, args.max_docs, grid, objective=args.objective,
-                                     selector=args.selector)
-    shown = {str(t): [round(x, 4) for x in layer_nz_ratios(curves, float(t))] for t in args.show.split(",") if t}
+                                     selector=args.selector, stage=args.stage)
+    show = args.show or ("512,1024,2048" if decode else "0.5,0.3,0.1")
+    bs = model.config.seerattn_gate_block_size
+    shown = {t: (layer_token_budgets(curves, int(t), bs) if decode else [round(x, 4) for x in layer_nz_ratios(curves, float(t))])
+             for t in show.split(",") if t}
     for t, d in shown.items():
-        logger.info("nz_ratio %s -> per layer %s", t, d)
+        logger.info("%s %s -> per layer %s", "token budget" if decode else "nz_ratio", t, d)
     result = {"dataset": args.dataset, "length": args.length, "max_docs": args.max_docs, "objective": args.objective,
-              "selector": args.selector,
+              "stage": args.stage, "selector": args.selector or ("oracle" if decode else "oracle_mass"),
               "curves": curves, "allocations": shown}
     out = Path(args.output) if args.output else Path(args.model) / "layer_budgets.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"--write_config needs a local checkpoint folder with config.json, not {args.model!r}")
         cfg = json.loads(cfg_path.read_text())
-        cfg["seerattn_layer_budget_curves"] = curves
+        cfg["seerattn_decode_layer_budget_curves" if decode else "seerattn_layer_budget_curves"] = curves
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         logger.info("curves written into %s", cfg_path)
     logger.info("layer budgets -> %s", out)

@@ -44,6 +44,8 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_decode_gate_norm` | bool | True | RMSNorm on the decode gate's queries and keys. |
 | `seerattn_decode_selector` | `gate`, `oracle`, `quest`, `static` | `gate` | who picks the blocks while decoding: the decode gate, or a reference (true per-token block mass, Quest's min/max-of-K bound, sink + most recent). Decoding is sparse when there is a decode gate or the selector is not `gate`. |
 | `seerattn_decode_token_budget` | int >= 0 | 2048 | tokens each decoded token attends to: its own (partial) block plus the top `budget // block_size - 1` blocks. |
+| `seerattn_decode_layer_budget_scale` | None or list of floats > 0 | None | per-layer multipliers of the decode token budget (layer `l` keeps `round(budget * scale[l])` tokens, whole blocks); takes precedence over the curves below. |
+| `seerattn_decode_layer_budget_curves` | None or per layer a list of `[token_budget, benefit]` | None | per-layer decode benefit curves (minus the decode-mode loss rise with only that layer sparse, measured with the oracle on calibration text: `python -m seer_attn.evaluation.layer_budgets --stage decode --write_config`): every requested token budget is spread over the layers by water-filling them, keeping the mean (`seer_attn.modules.layer_budget.layer_token_budgets`). |
 | `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
 | `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
 | `seerattn_decode_min_context` | int >= 0 | 8192 | decoding steps with a shorter context run dense (provisional; `benchmarks/bench_decode.py` measures the crossover); 0 forces sparse decoding. |
@@ -61,7 +63,7 @@ from transformers import PreTrainedConfig
 from seer_attn.kernels.block_mask import SPARSITY_METHODS
 from seer_attn.modules.decode import DECODE_SELECTORS, validate_decode_config
 from seer_attn.modules.decode_gate import Q_POOLINGS, parse_decode_gate_type
-from seer_attn.modules.layer_budget import check_layer_budget_curves
+from seer_attn.modules.layer_budget import check_decode_budget_curves, check_layer_budget_curves
 from seer_attn.modules.attn_gate import SUMMARY_COUNTS, parse_gate_type
 
 __all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "GATE_SHAPE_FIELDS", "apply_yarn", "check_seerattn_field"]
@@ -154,6 +156,14 @@ def check_seerattn_field(name: str, value) -> None:
             raise ValueError(f"seerattn_layer_density_scale must be None or a non-empty list of numbers > 0, got {value!r}")
     elif name == "seerattn_layer_budget_curves":
         check_layer_budget_curves(value)
+    elif name == "seerattn_decode_layer_budget_scale":
+        if value is not None and (
+            not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(x, Real) and not isinstance(x, bool) and x > 0 for x in value)
+        ):
+            raise ValueError(f"seerattn_decode_layer_budget_scale must be None or a non-empty list of numbers > 0, got {value!r}")
+    elif name == "seerattn_decode_layer_budget_curves":
+        check_decode_budget_curves(value)
     elif name == "seerattn_decode_threshold":
         if value is not None and (not isinstance(value, Real) or isinstance(value, bool) or not value >= 0):
             raise ValueError(f"seerattn_decode_threshold must be >= 0 or None, got {value!r}")
@@ -203,6 +213,8 @@ class SeerAttnConfigMixin:
     seerattn_decode_k_summaries: int = 1
     seerattn_decode_selector: str = "gate"
     seerattn_decode_token_budget: int = 2048
+    seerattn_decode_layer_budget_scale: list[float] | None = None
+    seerattn_decode_layer_budget_curves: list[list[list[float]]] | None = None
     seerattn_decode_threshold: float | None = None
     seerattn_decode_start_layer: int = 0
     seerattn_decode_min_context: int = 8192
@@ -234,6 +246,10 @@ class SeerAttnConfigMixin:
         if scale is not None and n_layers is not None and len(scale) != n_layers:
             raise ValueError(f"seerattn_layer_density_scale has {len(scale)} entries for {n_layers} layers")
         check_layer_budget_curves(self.seerattn_layer_budget_curves, n_layers)
+        dscale = self.seerattn_decode_layer_budget_scale
+        if dscale is not None and n_layers is not None and len(dscale) != n_layers:
+            raise ValueError(f"seerattn_decode_layer_budget_scale has {len(dscale)} entries for {n_layers} layers")
+        check_decode_budget_curves(self.seerattn_decode_layer_budget_curves, n_layers)
         validate_decode_config(self)
 
     @classmethod

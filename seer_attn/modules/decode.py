@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from seer_attn.kernels.naive import attn_with_token_pooling_naive, sparse_decode_attn_naive
 from seer_attn.modules.decode_gate import Q_POOLINGS, CompressedKeyCache, DecodeGate, parse_decode_gate_type
+from seer_attn.modules.layer_budget import layer_token_budgets
 from seer_attn.modules.seer_attention import GATE_LOSSES, SeerAttentionStats, row_kl, dense_attention, resolve_kernel
 
 __all__ = [
@@ -82,12 +83,22 @@ class DecodeSettings:
     distill_target: str = "max"
 
     @classmethod
-    def from_config(cls, config) -> "DecodeSettings":
+    def from_config(cls, config, layer_idx: int | None = None) -> "DecodeSettings":
+        """The settings of layer `layer_idx`: its token budget follows `seerattn_decode_layer_budget_scale`
+        (a multiplier), else `seerattn_decode_layer_budget_curves` (water-filled, the mean stays the request)."""
+        budget = int(config.seerattn_decode_token_budget)
+        bs = int(config.seerattn_gate_block_size)
+        scale = getattr(config, "seerattn_decode_layer_budget_scale", None)
+        curves = getattr(config, "seerattn_decode_layer_budget_curves", None)
+        if layer_idx is not None and scale is not None and budget > 0:
+            budget = max(bs, int(round(budget * float(scale[layer_idx]) / bs)) * bs)
+        elif layer_idx is not None and curves is not None and budget > 0:
+            budget = layer_token_budgets(curves, budget, bs)[layer_idx]
         return cls(
             mode=config.seerattn_mode,
-            block_size=config.seerattn_gate_block_size,
+            block_size=bs,
             selector=config.seerattn_decode_selector,
-            token_budget=int(config.seerattn_decode_token_budget),
+            token_budget=budget,
             threshold=None if config.seerattn_decode_threshold is None else float(config.seerattn_decode_threshold),
             start_layer=int(config.seerattn_decode_start_layer),
             min_context=int(config.seerattn_decode_min_context),
@@ -427,7 +438,7 @@ def decode_aware_attention(
         `([B, S_q, Hq, D], None)`, as `attention_fn`; statistics in `module.seer_stats`.
     """
     config = module.config
-    s = DecodeSettings.from_config(config)
+    s = DecodeSettings.from_config(config, module.layer_idx)
     gate = getattr(module.attn_gate, "decode_gate", None)
     if (gate is None) != (config.seerattn_decode_gate_type is None):
         raise RuntimeError(

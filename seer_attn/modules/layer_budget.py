@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-__all__ = ["concave_envelope", "allocate_layer_densities", "layer_nz_ratios", "check_layer_budget_curves"]
+__all__ = [
+    "concave_envelope", "allocate_layer_densities", "layer_nz_ratios", "check_layer_budget_curves", "layer_token_budgets",
+    "check_decode_budget_curves",
+]
 
 
 def concave_envelope(points) -> list[tuple[float, float]]:
@@ -44,7 +47,8 @@ def allocate_layer_densities(curves, target: float) -> list[float]:
     """Per-layer densities with mean `target` that maximise the summed benefit (recall, or minus a loss rise).
 
     Args:
-        curves: per layer, `(density, benefit)` points (at least one; densities in (0, 1]).
+        curves: per layer, `(density, benefit)` points (at least one; densities > 0: an `nz_ratio`, or
+            a decode token budget for :func:`layer_token_budgets`).
         target (float): the mean density to spend, between the mean smallest and the mean largest
             measured density of the layers.
 
@@ -120,5 +124,49 @@ def check_layer_budget_curves(curves, n_layers: int | None = None) -> None:
         )
         if not ok:
             raise ValueError(f"{name}[{i}] must be a non-empty list of [nz_ratio in (0, 1], benefit] pairs, got {c!r}")
+    if n_layers is not None and len(curves) != n_layers:
+        raise ValueError(f"{name} has {len(curves)} curves for {n_layers} layers")
+
+
+@lru_cache(maxsize=64)
+def _layer_token_budgets(curves: tuple, budget: int, block_size: int) -> tuple[int, ...]:
+    hulls = [concave_envelope(c) for c in curves]
+    lo = sum(h[0][0] for h in hulls) / len(hulls)
+    hi = sum(h[-1][0] for h in hulls) / len(hulls)
+    if budget >= hi:
+        raw = [h[-1][0] * budget / hi for h in hulls]
+    elif budget <= lo:
+        raw = [h[0][0] * budget / lo for h in hulls]
+    else:
+        raw = allocate_layer_densities(hulls, float(budget))
+    # whole blocks (a layer keeps budget // block_size - 1 completed blocks); at least its own block
+    return tuple(max(block_size, int(round(b / block_size)) * block_size) for b in raw)
+
+
+def layer_token_budgets(curves, budget: int, block_size: int = 64) -> list[int]:
+    """Per-layer decode token budgets whose mean is about `budget` (whole blocks), water-filling the
+    layers' decode benefit curves (`seerattn_decode_layer_budget_curves`: per layer `[token_budget,
+    benefit]` points, minus the decode-mode loss rise with only that layer sparse) as
+    :func:`layer_nz_ratios` does for prefill densities; cached per request. Outside the measured
+    range the nearest end's proportions are scaled."""
+    key = tuple(tuple((float(x), float(y)) for x, y in c) for c in curves)
+    return list(_layer_token_budgets(key, int(budget), int(block_size)))
+
+
+def check_decode_budget_curves(curves, n_layers: int | None = None) -> None:
+    """Raise ValueError unless `curves` is None or one non-empty list of `[token_budget > 0, benefit]` per layer."""
+    if curves is None:
+        return
+    name = "seerattn_decode_layer_budget_curves"
+    if not isinstance(curves, (list, tuple)) or not curves:
+        raise ValueError(f"{name} must be None or a non-empty list (one curve per layer), got {type(curves).__name__}")
+    for i, c in enumerate(curves):
+        ok = isinstance(c, (list, tuple)) and len(c) > 0
+        ok = ok and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+            and p[0] > 0 for p in c
+        )
+        if not ok:
+            raise ValueError(f"{name}[{i}] must be a non-empty list of [token_budget > 0, benefit] pairs, got {c!r}")
     if n_layers is not None and len(curves) != n_layers:
         raise ValueError(f"{name} has {len(curves)} curves for {n_layers} layers")

@@ -130,6 +130,17 @@ def test_layer_budgets_cli_on_a_tiny_model(tmp_path):
     reloaded = AutoSeerForCausalLM.from_pretrained(str(gates))
     assert reloaded.config.seerattn_layer_budget_curves == curves
     assert reloaded.config.seerattn_mode == "sparse" and reloaded.config.seerattn_layer_density_scale is None
+    # decode token budgets: their own curves and config field, the prefill curves untouched
+    dec = main(["--model", str(gates), "--dataset", str(data), "--length", "512", "--max_docs", "2", "--stage", "decode",
+                "--grid", "128,256", "--show", "192", "--output", str(tmp_path / "decode.json"), "--write_config"])
+    assert dec["stage"] == "decode" and dec["selector"] == "oracle"
+    assert [[p[0] for p in c] for c in dec["curves"]] == [[128, 256, 512]] * 2
+    assert sum(dec["allocations"]["192"]) / 2 == pytest.approx(192, abs=32)
+    reloaded = AutoSeerForCausalLM.from_pretrained(str(gates))
+    assert reloaded.config.seerattn_decode_layer_budget_curves == dec["curves"]
+    assert reloaded.config.seerattn_layer_budget_curves == curves
+    with pytest.raises(ValueError, match="not a decode selector"):
+        main(["--model", str(gates), "--dataset", str(data), "--stage", "decode", "--selector", "oracle_mass"])
 
 
 def test_loss_curve_is_zero_where_only_that_layer_changes_nothing(tmp_path):
@@ -150,3 +161,74 @@ def test_loss_curve_is_zero_where_only_that_layer_changes_nothing(tmp_path):
     # the gates' own blocks instead of the oracle's
     by_gate = measure_loss_curves(model, docs, grid=(0.05,), selector="gate", progress=False)
     assert [[p[0] for p in c] for c in by_gate] == [[0.05, 1.0]] * 3 and model.config.seerattn_selector == "gate"
+
+
+def test_layer_token_budgets_keep_the_mean_in_whole_blocks():
+    from seer_attn.modules.layer_budget import layer_token_budgets
+
+    steep = [[128, -0.5], [512, -0.1], [2048, -0.01], [8192, 0.0]]
+    flat = [[128, -0.02], [512, -0.01], [2048, -0.001], [8192, 0.0]]
+    b = layer_token_budgets([steep, flat, flat, flat], 512)
+    assert all(x % 64 == 0 and x >= 64 for x in b)
+    assert sum(b) / 4 == pytest.approx(512, abs=32) and b[0] > b[1] == b[2] == b[3]
+    # outside the measured range: the nearest end's proportions, scaled
+    assert layer_token_budgets([steep, flat], 64) == [64, 64]
+    assert layer_token_budgets([steep, flat], 16384) == [16384, 16384]
+
+
+def test_decode_layer_budgets_set_each_layer_token_budget():
+    from seer_attn import SeerLlamaConfig
+    from seer_attn.modules.decode import DecodeSettings
+    from seer_attn.modules.layer_budget import layer_token_budgets
+
+    steep = [[128, -0.5], [512, -0.1], [2048, 0.0]]
+    flat = [[128, -0.02], [512, -0.01], [2048, 0.0]]
+    c = SeerLlamaConfig(num_hidden_layers=3, seerattn_decode_token_budget=512, seerattn_decode_layer_budget_curves=[steep, flat, flat])
+    per_layer = [DecodeSettings.from_config(c, i).token_budget for i in range(3)]
+    assert per_layer == layer_token_budgets([steep, flat, flat], 512) and per_layer[0] > per_layer[1]
+    assert DecodeSettings.from_config(c).token_budget == 512  # no layer: the request
+    c.seerattn_decode_layer_budget_scale = [2.0, 0.5, 1.0]  # explicit scales take precedence
+    assert [DecodeSettings.from_config(c, i).token_budget for i in range(3)] == [1024, 256, 512]
+    c.seerattn_decode_token_budget = 0  # 0 stays 0 (the own block only)
+    assert DecodeSettings.from_config(c, 1).token_budget == 0
+    assert SeerLlamaConfig.from_dict(c.to_dict()).seerattn_decode_layer_budget_curves == [steep, flat, flat]
+    with pytest.raises(ValueError, match="2 curves for 3 layers"):
+        SeerLlamaConfig(num_hidden_layers=3, seerattn_decode_layer_budget_curves=[steep, flat])
+    with pytest.raises(ValueError, match=r"seerattn_decode_layer_budget_curves\[1\]"):
+        SeerLlamaConfig(num_hidden_layers=2, seerattn_decode_layer_budget_curves=[steep, [[0, 0.5]]])
+    with pytest.raises(ValueError, match="seerattn_decode_layer_budget_scale has 2 entries for 3 layers"):
+        SeerLlamaConfig(num_hidden_layers=3, seerattn_decode_layer_budget_scale=[1.0, 1.0])
+    with pytest.raises(ValueError, match="seerattn_decode_layer_budget_scale must be"):
+        c.seerattn_decode_layer_budget_scale = [1.0, -1.0, 1.0]
+
+
+def test_decode_loss_curves_are_zero_where_the_layer_keeps_everything():
+    from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+    from seer_attn.evaluation.decode_ppl import sweep_points as decode_points
+    from seer_attn.evaluation.layer_budgets import measure_decode_loss_curves
+
+    torch.manual_seed(0)
+    cfg = SeerLlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                          intermediate_size=128, vocab_size=100, max_position_embeddings=1024)
+    model = SeerLlamaForCausalLM(cfg).eval()
+    docs = [torch.randint(0, 100, (512,)) for _ in range(2)]
+    # 512 tokens = 8 blocks; a budget of 128 keeps one earlier block per token
+    curves = measure_decode_loss_curves(model, docs, grid=(128, 4096), progress=False)
+    assert [[p[0] for p in c] for c in curves] == [[128, 512]] * 3  # budgets >= the context are dropped
+    assert all(abs(c[0][1]) > 1e-4 and c[-1][1] == 0.0 for c in curves)
+    assert model.config.seerattn_mode == "sparse" and model.config.seerattn_decode_layer_budget_scale is None
+    # the reference of the rises: a budget covering the context is exactly dense attention
+    ids = torch.stack(docs)
+    with torch.no_grad():
+        dense = model(input_ids=ids, labels=ids, logits_to_keep=1).lm_loss
+        model.set_seerattn(seerattn_mode="decode_eval", seerattn_decode_selector="oracle", seerattn_decode_token_budget=1024,
+                           seerattn_decode_min_context=0)
+        full = model(input_ids=ids, labels=ids, logits_to_keep=1).lm_loss
+    torch.testing.assert_close(full, dense, atol=1e-5, rtol=1e-5)
+    # the evaluator's '+layers' rows carry the curves, the plain rows none
+    pts = {p.method: p.fields for p in decode_points(["oracle", "oracle+layers"], [256], curves)}
+    assert pts["oracle+layers"]["seerattn_decode_layer_budget_curves"] == curves
+    assert pts["oracle"]["seerattn_decode_layer_budget_curves"] is None
+    assert pts["oracle+layers"]["seerattn_decode_selector"] == "oracle"
+    with pytest.raises(ValueError, match="'\\+layers' methods need decode layer curves"):
+        decode_points(["seer+layers"], [256])
