@@ -170,6 +170,21 @@ class DistillTrainingArguments(TrainingArguments):
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file of argument values; command-line flags override it"})
 
 
+def refuse_data_parallel(targs) -> None:
+    """Raise when one process sees several GPUs: the HF Trainer would wrap the model in
+    `torch.nn.DataParallel`, whose replicas run in threads (Triton's autotuner is not thread-safe:
+    on two H200s a plain `python -m seer_attn.training.distill` died in it with
+    `TypeError: 'NoneType' object is not a mapping`) and whose global batch is per-device batch x GPUs."""
+    n_gpu = getattr(targs, "n_gpu", 1)
+    if n_gpu > 1 and getattr(targs, "world_size", 1) == 1:
+        raise RuntimeError(
+            f"{n_gpu} GPUs are visible to this single process, so the Trainer would run torch.nn.DataParallel "
+            f"(replicas in threads, which Triton's autotuner does not survive; global batch {n_gpu} x "
+            f"per_device_train_batch_size). Start one process per GPU (NPROC={n_gpu} in scripts/*.sh, or "
+            f"`torchrun --nproc_per_node {n_gpu} -m ...`), or pick one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+
+
 def sum_over_ranks(values: list[float], device) -> list[float]:
     """Sum `values` over the data-parallel ranks (every rank must call it); unchanged in one process.
 
@@ -381,6 +396,7 @@ def main(argv: list[str] | None = None) -> str:
     """Run distillation; returns the folder of the final gate-only checkpoint (`output_dir`)."""
     margs, dargs, targs = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    refuse_data_parallel(targs)
     set_seed(targs.seed)
     tokenizer = load_tokenizer(margs.model)
     model = load_distill_model(margs)

@@ -41,7 +41,7 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from seer_attn.data import check_context_length
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
-from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config, sum_over_ranks
+from seer_attn.training.distill import DataArguments, build_train_dataset, parse_with_config, refuse_data_parallel, sum_over_ranks
 from seer_attn.training.profiling import ProfileCallback
 from seer_attn.training.throughput import ThroughputCallback
 
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> str:
     """Fine-tune; returns the folder of the final full checkpoint (`output_dir`)."""
     margs, dargs, targs = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    refuse_data_parallel(targs)
     set_seed(targs.seed)
     if targs.gradient_checkpointing and not targs.gradient_checkpointing_kwargs:
         targs.gradient_checkpointing_kwargs = {"use_reentrant": False}

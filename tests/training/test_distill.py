@@ -208,3 +208,15 @@ def test_gate_loss_logger_keeps_sums_on_device_until_a_flush(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["gate_loss"] for r in log] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert [r["layer_losses"] for r in log if "layer_losses" in r] == [[0.5, 1.5], [0.5, 1.5]]
+
+
+def test_one_process_on_several_gpus_is_refused():
+    # the Trainer would fall back to torch.nn.DataParallel (threads: Triton's autotuner crashed on 2 H200s)
+    from types import SimpleNamespace
+
+    from seer_attn.training.distill import refuse_data_parallel
+
+    with pytest.raises(RuntimeError, match="2 GPUs are visible to this single process.*NPROC=2.*CUDA_VISIBLE_DEVICES"):
+        refuse_data_parallel(SimpleNamespace(n_gpu=2, world_size=1))
+    refuse_data_parallel(SimpleNamespace(n_gpu=1, world_size=1))  # one GPU, or one per process: fine
+    refuse_data_parallel(SimpleNamespace(n_gpu=1, world_size=2))
