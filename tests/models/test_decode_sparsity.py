@@ -263,11 +263,19 @@ def test_smollm2_triton_decoding_gpu(eval_text):
     seq, scores, _ = greedy(model, x, n=150)
     model.set_seerattn(seerattn_mode="dense")
     dseq, dscores, _ = greedy(model, x, n=150)
-    assert torch.equal(seq, dseq)
+    if not torch.equal(seq, dseq):  # say where and how close the dense top two were there (a GPU run failed here or below)
+        i = int((seq != dseq).nonzero()[0, 1]) - x.shape[1]
+        top2 = dscores[0, i].topk(2).values
+        pytest.fail(f"unlimited-budget generation leaves dense at new token {i}: dense top-2 margin "
+                    f"{float(top2[0] - top2[1]):.3g}, max |sparse - dense| score before it "
+                    f"{float((scores[:, :i + 1] - dscores[:, :i + 1]).abs().max()):.3g}")
     for selector in ("gate", "oracle"):
         model.set_seerattn(seerattn_mode="sparse", seerattn_decode_token_budget=256, seerattn_decode_selector=selector)
         seq, scores, _ = greedy(model, x, n=150)
         model.set_seerattn(seerattn_mode="decode_eval")
         with torch.no_grad():
             tf = model(seq[:, :-1], use_cache=False).logits
-        torch.testing.assert_close(tf[:, x.shape[1] - 1 :], scores, atol=2e-3, rtol=0)
+        diff = (tf[:, x.shape[1] - 1 :] - scores).abs().amax(-1)[0]  # per generated token
+        assert float(diff.max()) <= 2e-3, (
+            f"{selector}: teacher-forced decode mode vs generation, max |diff| {float(diff.max()):.3g} at new token "
+            f"{int(diff.argmax())} of {diff.numel()}; tokens above 2e-3: {int((diff > 2e-3).sum())}")
