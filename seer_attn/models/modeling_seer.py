@@ -268,8 +268,19 @@ def seer_attention_forward(
     padded = attention_mask is not None and not bool(attention_mask.all())
     if record and (padded or split):
         raise ValueError("recording block masks (seer_record_masks) needs unpadded inputs: pass one sequence at a time")
-    # padded batches (and rows of documents kept apart) run packed, in one pass, where the settings allow
-    packed = (padded or split) and settings.kernel != "TopK" and varlen_unsupported(settings, module.attn_gate) is None
+    # padded batches (and rows of documents kept apart) run packed, in one pass, where the settings allow;
+    # CUDA inference with several gate summaries or a layer-wide budget stays per sequence, where the
+    # fused gate kernel scores them without the packed path's PyTorch [nb * n_q, nb * n_k] logits
+    gate = module.attn_gate
+    fused_better = (
+        query.is_cuda and settings.mode == "sparse" and not train_gate and settings.selector == "gate"
+        and ((getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)) != (1, 1)
+             or settings.sparsity_method in ("adaptive", "top_p"))
+    )
+    packed = (
+        (padded or split) and settings.kernel != "TopK" and varlen_unsupported(settings, gate) is None
+        and (split or not fused_better)
+    )
     if split and not packed:
         raise NotImplementedError(
             "seerattn_cross_document=False runs the documents packed: it needs the CSR, naive or auto kernel and "
@@ -309,19 +320,22 @@ def seer_attention_forward(
 _pack_cache: dict = {}
 
 
-def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, block_size: int, split_documents: bool):
+def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, block_size: int, split_documents: bool,
+                  rope_stride: int | None = None):
     """Where the real tokens of a batch go when packed, shared by every layer of one forward.
 
     A sequence is a batch row's real tokens, or with `split_documents` each document of a row (a
     token with position id 0 starts one). Returns `(token_index [total], cu_seqlens [n + 1] int32,
-    seqlens (host), block_pos [n, nb])`: the flat `b * S + t` index of every packed token in order,
-    and the position id of every packed block's first token (the gate's RoPE positions).
+    seqlens (host), block_pos [n, nb * block_size / rope_stride])`: the flat `b * S + t` index of every
+    packed token in order, and the position id of the first token of every gate summary of each
+    sequence (every `rope_stride` tokens, default `block_size`: the gate's RoPE positions).
     """
+    rope_stride = rope_stride or block_size
     B, S = position_ids.shape
     key = (None if attention_mask is None else (attention_mask.data_ptr(), tuple(attention_mask.shape),
                                                 attention_mask._version),
            position_ids.data_ptr(), tuple(position_ids.shape), position_ids.stride(), position_ids._version,
-           block_size, split_documents)
+           block_size, split_documents, rope_stride)
     hit = _pack_cache.get("entry")
     if hit is not None and hit[0] == key:
         return hit[2]
@@ -339,7 +353,7 @@ def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tenso
     cu = torch.cat([start.nonzero().squeeze(-1), index.new_tensor([index.numel()])]).to(torch.int32)
     seqlens = (cu[1:] - cu[:-1]).tolist()  # the one host sync of the packed path
     nb = -(-max(seqlens) // block_size)
-    block_pos = pos[varlen_block_starts(cu, nb, block_size)]
+    block_pos = pos[varlen_block_starts(cu, nb * (block_size // rope_stride), rope_stride)]
     plan = (index, cu, seqlens, block_pos)
     # the cache holds the tensors, so no other tensor can take their addresses while the entry lives
     _pack_cache["entry"] = (key, (attention_mask, position_ids), plan)
@@ -353,7 +367,8 @@ def _seer_attention_packed(module, query, key, value, q_pre, k_pre, attention_ma
     `[B, H, S, D]` inputs, 2-D padding mask or None; returns `([B, H, S, D] output (0 at padding), stats)`.
     """
     B, Hq, S, D = query.shape
-    index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size, split_documents)
+    index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size, split_documents,
+                                                  getattr(module.attn_gate, "rope_stride", settings.block_size))
     pack = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)[index]  # noqa: E731
     cos, sin = module.gate_rotary_emb(torch.zeros((), device=query.device, dtype=torch.float32), block_pos)
     o, stats = seer_attention_varlen(

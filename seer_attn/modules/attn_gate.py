@@ -212,9 +212,14 @@ class AttnGate(nn.Module):
         return self.pool(q, self.q_pools, self.q_summaries), self.pool(k, self.k_pools, self.k_summaries)
 
     def score(
-        self, qb: torch.Tensor, kb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, output: str | None = None
+        self, qb: torch.Tensor, kb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, output: str | None = None,
+        real: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Scores from pooled summaries (see :meth:`forward` for `cos`, `sin`, `output` and the result)."""
+        """Scores from pooled summaries (see :meth:`forward` for `cos`, `sin`, `output` and the result).
+
+        `real`: per batch element, how many of the query and key summaries are real (int tensors `[B]`),
+        for batches of packed sequences of different lengths padded to one summary grid; by default
+        every summary is (one sequence)."""
         output = output or ("probs" if self.training else "logits")
         if output not in ("probs", "logits"):
             raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
@@ -242,13 +247,14 @@ class AttnGate(nn.Module):
         if self.q_summaries == 1 and self.k_summaries == 1:
             logits = logits.masked_fill(~causal, float("-inf"))
             return torch.softmax(logits, dim=-1) if output == "probs" else logits
-        return self._mixture(logits, nb, causal, output)
+        return self._mixture(logits, nb, causal, output, real)
 
-    def _mixture(self, logits: torch.Tensor, nb: int, causal: torch.Tensor, output: str) -> torch.Tensor:
+    def _mixture(self, logits: torch.Tensor, nb: int, causal: torch.Tensor, output: str, real=None) -> torch.Tensor:
         """`[B, H, nq, nk]` summary logits -> `[B, H, nb, nb]` block log-probabilities (or probabilities).
 
         Each query summary's softmax runs over the key summaries of the causal blocks of its block's
         row; a key block's probability sums its summaries'; a query block averages its real summaries.
+        `real` (see :meth:`score`): per batch element, the real query and key summary counts.
         """
         B, H, nq, nk = logits.shape
         n_q, n_k = self.q_summaries, self.k_summaries
@@ -257,12 +263,23 @@ class AttnGate(nn.Module):
         logits = F.pad(logits, (0, nb * n_k - nk, 0, nb * n_q - nq), value=_MASKED)
         q_block = torch.arange(nb * n_q, device=dev) // n_q
         k_block = torch.arange(nb * n_k, device=dev) // n_k
-        visible = causal[q_block][:, k_block] & (torch.arange(nb * n_k, device=dev) < nk)
+        if real is None:
+            visible = causal[q_block][:, k_block] & (torch.arange(nb * n_k, device=dev) < nk)
+            q_real = (torch.arange(nb * n_q, device=dev) < nq).view(nb, n_q)
+        else:  # [B, 1, nb * n_q, nb * n_k] and [B, 1, nb, n_q, 1]: each sequence's own summaries
+            nq_b, nk_b = real
+            k_ok = torch.arange(nb * n_k, device=dev)[None] < nk_b.to(dev)[:, None]
+            visible = (causal[q_block][:, k_block][None] & k_ok[:, None, :])[:, None]
+            q_real = (torch.arange(nb * n_q, device=dev)[None] < nq_b.to(dev)[:, None]).view(B, 1, nb, n_q, 1)
         logp = torch.log_softmax(logits.masked_fill(~visible, _MASKED), dim=-1)
         logp = logp.view(B, H, nb * n_q, nb, n_k).logsumexp(-1)  # [B, H, nb * n_q, nb]
-        q_real = (torch.arange(nb * n_q, device=dev) < nq).view(nb, n_q)
-        logp = logp.view(B, H, nb, n_q, nb).masked_fill(~q_real[:, :, None], _MASKED).logsumexp(3)
-        logp = logp - q_real.sum(1).float().log()[:, None]  # mean over the block's real summaries
+        if real is None:
+            logp = logp.view(B, H, nb, n_q, nb).masked_fill(~q_real[:, :, None], _MASKED).logsumexp(3)
+            logp = logp - q_real.sum(1).float().log()[:, None]  # mean over the block's real summaries
+        else:
+            logp = logp.view(B, H, nb, n_q, nb).masked_fill(~q_real, _MASKED).logsumexp(3)
+            # rows past a sequence's end have no real summary: any finite value (they are never used)
+            logp = logp - q_real.sum(3).clamp_min(1).float().log()
         logp = logp.masked_fill(~causal, float("-inf"))
         return logp.exp() if output == "probs" else logp
 

@@ -522,10 +522,20 @@ def pool_blocks_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, nb: int, block
 
 
 def gate_scores_varlen(gate, q_pre, k_pre, cos, sin, cu_seqlens, nb: int, output: str) -> torch.Tensor:
-    """The gate's `[n, Hq, nb, nb]` scores of packed sequences (rows past a sequence's end: garbage)."""
-    qb = pool_blocks_varlen(q_pre, cu_seqlens, nb, gate.block_size, gate.q_pools)
-    kb = pool_blocks_varlen(k_pre, cu_seqlens, nb, gate.block_size, gate.k_pools)
-    return gate.score(qb, kb, cos, sin, output)
+    """The gate's `[n, Hq, nb, nb]` scores of packed sequences (rows past a sequence's end: garbage).
+
+    `cos`, `sin`: `[n, nb * block_size / gate.rope_stride, Dg]`, every summary start of each sequence
+    (one entry per block for one summary per side). With several summaries per block each sequence
+    pools its own sub-blocks and the mixture counts only its real summaries.
+    """
+    n_q, n_k = getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)
+    qb = pool_blocks_varlen(q_pre, cu_seqlens, nb * n_q, gate.block_size // n_q, gate.q_pools)
+    kb = pool_blocks_varlen(k_pre, cu_seqlens, nb * n_k, gate.block_size // n_k, gate.k_pools)
+    if (n_q, n_k) == (1, 1):
+        return gate.score(qb, kb, cos, sin, output)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    real = (-(-lens // (gate.block_size // n_q)), -(-lens // (gate.block_size // n_k)))
+    return gate.score(qb, kb, cos, sin, output, real=real)
 
 
 def _seq_blocks(seqlens: list[int], block_size: int, device) -> tuple[list[int], torch.Tensor]:
@@ -534,16 +544,28 @@ def _seq_blocks(seqlens: list[int], block_size: int, device) -> tuple[list[int],
 
 
 def select_blocks_varlen(
-    scores: torch.Tensor, settings: SeerAttentionSettings, nb_seq: torch.Tensor, dense_seq: torch.Tensor | None = None
+    scores: torch.Tensor, settings: SeerAttentionSettings, nb_seq: torch.Tensor, dense_seq: torch.Tensor | None = None,
+    nbs: list[int] | None = None,
 ) -> torch.Tensor:
     """`select_blocks` per packed sequence on `[n, H, nb, nb]` scores: the top-k budget follows each
     sequence's own block count, `dense_last_rows` counts from each sequence's last block, rows of
     sequences marked in `dense_seq` (bool `[n]`) keep every causal block, rows past a sequence's
-    end keep nothing."""
+    end keep nothing. `top_p` and `adaptive` (a budget over all of a sequence's rows and heads) run
+    `select_blocks` on each sequence's `[nb_s, nb_s]` corner (`nbs`: the block counts on the host)."""
     n, H, nb, _ = scores.shape
     causal = causal_block_mask(nb, nb, scores.device)
     rows = torch.arange(nb, device=scores.device)
-    if settings.sparsity_method == "nz_ratio":
+    if settings.sparsity_method in ("top_p", "adaptive"):
+        if nbs is None:
+            nbs = nb_seq.tolist()
+        mask = torch.zeros(n, H, nb, nb, dtype=torch.bool, device=scores.device)
+        for i, m in enumerate(nbs):
+            mask[i, :, :m, :m] = select_blocks(
+                scores[i : i + 1, :, :m, :m], method=settings.sparsity_method, nz_ratio=settings.nz_ratio,
+                threshold=settings.threshold, top_p=settings.top_p, adaptive_row_floor=settings.adaptive_row_floor,
+                keep_sink=settings.keep_sink, keep_diagonal=settings.keep_diagonal, dense_last_rows=settings.dense_last_rows,
+            )[0]
+    elif settings.sparsity_method == "nz_ratio":
         if settings.nz_ratio >= 1.0:
             mask = causal.expand(n, H, nb, nb).clone()
         else:
@@ -558,7 +580,7 @@ def select_blocks_varlen(
     elif settings.sparsity_method == "threshold":
         mask = (scores > settings.threshold) & causal
     else:
-        raise ValueError(f"sparsity method must be 'nz_ratio' or 'threshold', got {settings.sparsity_method!r}")
+        raise ValueError(f"unknown sparsity method {settings.sparsity_method!r}")
     from seer_attn.kernels.block_mask import apply_keep_rules
 
     mask = apply_keep_rules(mask, settings.keep_sink, settings.keep_diagonal, 0)
@@ -609,12 +631,8 @@ def dense_attention_varlen(q, k, v, cu_seqlens, seqlens: list[int], sm_scale: fl
 def varlen_unsupported(settings: SeerAttentionSettings, gate) -> str | None:
     """Why `seer_attention_varlen` cannot run these settings (None: it can). The per-sequence path
     (`seer_attention` on each sequence) covers everything."""
-    if settings.mode == "sparse" and settings.sparsity_method not in ("nz_ratio", "threshold"):
-        return f"sparsity method {settings.sparsity_method!r} (packed: nz_ratio, threshold)"
     if settings.mode == "sparse" and settings.selector == "pooled":
         return "the pooled selector"
-    if settings.mode != "dense" and (getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)) != (1, 1):
-        return "gates with several summaries per block"
     return None
 
 
@@ -671,13 +689,13 @@ def seer_attention_varlen(
         q, k, v: post-RoPE `[total, Hq, D]`, `[total, Hkv, D]`, `[total, Hkv, D]`.
         q_pre, k_pre: pre-RoPE queries and keys, same shapes as `q` and `k`.
         gate: an `AttnGate` (its `q_pools`, `k_pools`, `block_size` and `score` are used).
-        cos, sin: gate RoPE tables `[n, nb, Dg]` at each block's first-token position,
+        cos, sin: gate RoPE tables `[n, nb * block_size / gate.rope_stride, Dg]` at every gate
+            summary's first-token position (each block's for one summary per side),
             `nb = ceil(max(seqlens) / block_size)` (see :func:`varlen_block_starts`).
         sm_scale (float): attention logit scale.
         settings (SeerAttentionSettings): mode, sparsity and kernel choices. `auto` picks the CSR
             kernel on CUDA (the TopK kernel has no packed path yet). Not covered (raises, see
-            :func:`varlen_unsupported`): top_p / adaptive selection, the pooled selector, gates with
-            several summaries per block, recording masks.
+            :func:`varlen_unsupported`): the pooled selector, recording masks.
         cu_seqlens (torch.Tensor): int32 `[n + 1]` cumulative lengths, on q's device.
         seqlens (list[int], Optional): the `n` lengths on the host (saves a device sync per call).
         train_gate, target_cache: as in :func:`seer_attention` (the cached target is the `[n, H, nb, nb]` map).
@@ -722,7 +740,7 @@ def seer_attention_varlen(
         return dense_attention_varlen(q, k, v, cu_seqlens, seqlens, sm_scale), stats
 
     kernel = resolve_kernel_varlen(settings.kernel, q.device, needs_grad)
-    output = "probs" if settings.sparsity_method == "threshold" else "logits"
+    output = "logits" if settings.sparsity_method == "nz_ratio" else "probs"
     if settings.selector in ("oracle", "oracle_mass"):
         with torch.no_grad():
             target = "max" if settings.selector == "oracle" else "mass"
@@ -756,7 +774,7 @@ def seer_attention_varlen(
 
     # sequences under min_sparse_length run dense, here as "every causal block kept" (same result)
     dense_seq = torch.tensor(short, device=q.device) if any(short) else None
-    mask = select_blocks_varlen(scores, settings, nb_seq, dense_seq)
+    mask = select_blocks_varlen(scores, settings, nb_seq, dense_seq, nbs)
     stats.kept_blocks = mask.sum()
     stats.sparse = True
     if kernel == "naive":

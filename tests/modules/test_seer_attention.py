@@ -59,7 +59,7 @@ def block_rope(starts, d):
     return emb.cos(), emb.sin()
 
 
-def run_both(settings, lens, train_gate=False, seed=0, Hq=4, Hkv=2, D=64, dtype=torch.float16):
+def run_both(settings, lens, train_gate=False, seed=0, Hq=4, Hkv=2, D=64, dtype=torch.float16, summaries=(1, 1)):
     """(packed output, packed stats, per-sequence outputs, per-sequence stats)."""
     from seer_attn.modules.seer_attention import seer_attention_varlen, varlen_block_starts
 
@@ -67,17 +67,18 @@ def run_both(settings, lens, train_gate=False, seed=0, Hq=4, Hkv=2, D=64, dtype=
     total = sum(lens)
     cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
     q, k, v, qp, kp = (torch.randn(total, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv, Hq, Hkv))
-    gate = AttnGate(Hq, Hkv, D)
+    gate = AttnGate(Hq, Hkv, D, q_summaries=summaries[0], k_summaries=summaries[1])
+    stride = gate.rope_stride  # one RoPE entry per gate summary start
     nb = math.ceil(max(lens) / 64)
     # positions restart at every sequence, as when each runs alone
     pos = torch.cat([torch.arange(n) for n in lens])
-    cos, sin = block_rope(pos[varlen_block_starts(cu, nb, 64)], D)
+    cos, sin = block_rope(pos[varlen_block_starts(cu, nb * (64 // stride), stride)], D)
     o, stats = seer_attention_varlen(q, k, v, qp, kp, gate, cos, sin, 1 / math.sqrt(D), settings, cu, lens,
                                      train_gate=train_gate)
     outs, singles = [], []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         one = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
-        c1, s1 = block_rope(torch.arange(0, b - a, 64)[None], D)
+        c1, s1 = block_rope(torch.arange(0, b - a, stride)[None], D)
         ob, sb = seer_attention(one(q), one(k), one(v), one(qp), one(kp), gate, c1, s1, 1 / math.sqrt(D), settings,
                                 train_gate=train_gate)
         outs.append(ob[0].transpose(0, 1))
@@ -92,6 +93,12 @@ VARLEN_SETTINGS = [
     dict(nz_ratio=0.3, min_sparse_length=150),  # the 65- and 130-token sequences run dense
     dict(mode="distill"),
     dict(mode="dense"),
+    # the default recipe: several summaries per block, adaptive selection with a row floor, top-p
+    dict(nz_ratio=0.3, summaries=(4, 2)),
+    dict(sparsity_method="adaptive", nz_ratio=0.3, adaptive_row_floor=0.5, summaries=(4, 2)),
+    dict(sparsity_method="adaptive", nz_ratio=0.2, keep_sink=True),
+    dict(sparsity_method="top_p", top_p=0.8, summaries=(2, 1)),
+    dict(mode="distill", summaries=(4, 2)),
 ]
 
 
@@ -100,9 +107,11 @@ VARLEN_SETTINGS = [
 def test_varlen_equals_one_by_one(kernel, kw):
     if kernel == "CSR" and kw.get("mode") == "dense":
         pytest.skip("dense mode runs SDPA whatever the kernel")
+    kw = dict(kw)
+    summaries = kw.pop("summaries", (1, 1))
     settings = SeerAttentionSettings(**{"min_sparse_length": 0, "kernel": kernel, **kw})
     with torch.no_grad():
-        o, stats, ref, singles = run_both(settings, [65, 200, 130])
+        o, stats, ref, singles = run_both(settings, [65, 200, 130], summaries=summaries)
     torch.testing.assert_close(o.float(), ref.float(), atol=2e-3, rtol=2e-3)
     assert int(stats.kept) == sum(int(s.kept) for s in singles)
     assert stats.causal_blocks == sum(s.causal_blocks for s in singles)
@@ -113,10 +122,11 @@ def test_varlen_equals_one_by_one(kernel, kw):
 def test_varlen_train_gate_loss_and_grads():
     # fine-tuning path: ground truth + gate loss per sequence, gradients through the CSR kernel
     settings = SeerAttentionSettings(nz_ratio=0.5, min_sparse_length=0, kernel="CSR", loss="kl")
-    o, stats, ref, singles = run_both(settings, [63, 130], train_gate=True, dtype=torch.float32)
-    torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(stats.gate_loss, torch.stack([s.gate_loss for s in singles]).mean(), atol=1e-5, rtol=1e-5)
-    assert stats.gate_loss.requires_grad
+    for summaries in ((1, 1), (4, 2)):
+        o, stats, ref, singles = run_both(settings, [63, 130], train_gate=True, dtype=torch.float32, summaries=summaries)
+        torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(stats.gate_loss, torch.stack([s.gate_loss for s in singles]).mean(), atol=1e-5, rtol=1e-5)
+        assert stats.gate_loss.requires_grad
 
 
 def test_varlen_explicit_topk_is_refused():
