@@ -27,6 +27,9 @@ Outputs a markdown table, the targets of issue 11, and JSON at `--out`.
 key summaries, `gate_mixture_scores`) over tiles (query x key summaries per step), warps, pipeline
 stages and dot precisions, each checked against the default tile's output first:
     python benchmarks/bench_gate.py --mixture-sweep --seqlens 32768,131072 --out benchmarks/results/mixture_sweep.json
+
+`--profile DESIGN` lists where one design's time goes, kernel by kernel (torch.profiler):
+    python benchmarks/bench_gate.py --profile default --shapes llama8b --seqlens 32768,131072 --out benchmarks/results/gate_profile.json
 """
 
 from __future__ import annotations
@@ -164,8 +167,8 @@ def agreement(gate, q, k, cos, sin, twin, fused, nb, k_blocks, Hq, device) -> tu
     return n, int((gap > 1e-5 * logits[logits.isfinite()].abs().max()).sum())
 
 
-def time_design(design, Hq, Hkv, D, S, q, k, device):
-    """Fused gate + selection of another design, or a note when the fused path does not cover it."""
+def design_call(design, Hq, Hkv, D, S, q, k, device):
+    """A no-argument call of the fused gate + selection of `design`, or a note when the fused path does not cover it."""
     designs = {
         "nq2": ({"q_summaries": 2}, {}),
         "nq4": ({"q_summaries": 4}, {}),
@@ -187,7 +190,61 @@ def time_design(design, Hq, Hkv, D, S, q, k, device):
         return f"n/a ({reason})"
     n = math.ceil(S / gate.rope_stride)
     cos, sin = rope(1, n, gate.hidden_size, gate.rope_stride, device)
-    return bench(lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=True))
+    return lambda: fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=True)
+
+
+def time_design(design, Hq, Hkv, D, S, q, k, device):
+    """Fused gate + selection of another design (median ms), or a note when the fused path does not cover it."""
+    call = design_call(design, Hq, Hkv, D, S, q, k, device)
+    return call if isinstance(call, str) else bench(call)
+
+
+def profile_design(args) -> None:
+    """Where one design's time goes: every kernel of `--profile DESIGN` (torch.profiler, 20 calls after
+    warm-up), per shape and length, as total device ms per call and launches per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = [f"kernels of the fused gate, design {args.profile!r}, d={args.nz}, {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, triton {triton.__version__}", ""]
+    out = []
+    for name in args.shapes.split(","):
+        Hq, Hkv, D = SHAPES[name]
+        for S in (int(x) for x in args.seqlens.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, S, Hq, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+            k = torch.randn(1, S, Hkv, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+            call = design_call(args.profile, Hq, Hkv, D, S, q, k, "cuda")
+            if isinstance(call, str):
+                lines.append(f"{name} S={S}: {call}")
+                continue
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+            n = 20
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    call()
+                torch.cuda.synchronize()
+            rows = []
+            for e in prof.key_averages():
+                t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+                if t > 0:
+                    rows.append({"kernel": e.key[:70], "ms_per_call": t / 1e3 / n, "launches_per_call": e.count / n})
+            rows.sort(key=lambda r: -r["ms_per_call"])
+            total = sum(r["ms_per_call"] for r in rows)
+            lines += [f"{name} S={S}: {total:.3f} ms of kernels per call", "", "| kernel | ms per call | share | launches per call |",
+                      "|---|---|---|---|"]
+            lines += [f"| `{r['kernel']}` | {r['ms_per_call']:.3f} | {r['ms_per_call'] / total:.0%} | {r['launches_per_call']:g} |"
+                      for r in rows[:15]]
+            lines.append("")
+            out.append({"shape": name, "S": S, "total_ms": total, "kernels": rows})
+            del q, k
+            torch.cuda.empty_cache()
+    print("\n".join(lines), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "design": args.profile}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": out}, indent=2))
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def mixture_sweep(args) -> None:
@@ -257,11 +314,15 @@ def main():
     p.add_argument("--out", default="benchmarks/results/bench_gate.json")
     p.add_argument("--mixture-sweep", action="store_true", help="only sweep the mixture scoring kernel's launch settings")
     p.add_argument("--budget-s", type=float, default=240.0, help="--mixture-sweep: stop starting new candidates after this")
+    p.add_argument("--profile", default=None, metavar="DESIGN",
+                   help="only profile this design's kernels (e.g. default): where its time goes, per kernel")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gate.py needs a CUDA GPU")
     if args.mixture_sweep:
         return mixture_sweep(args)
+    if args.profile:
+        return profile_design(args)
     args.compile_seqlens = {int(x) for x in args.compile_seqlens.split(",") if x}
     args.designs = [d for d in args.designs.split(",") if d]
     rows = []
