@@ -224,21 +224,8 @@ def sweep_points(
     return points
 
 
-def load_eval_documents(
-    source: str,
-    tokenizer,
-    min_tokens: int,
-    max_docs: int | None = None,
-    split: str = "test",
-    text_field: str = "text",
-    subset: str | None = None,
-) -> list[list[int]]:
-    """Token ids of the first `max_docs` documents with at least `min_tokens` tokens (no special tokens):
-    `seer_attn.data.load_token_documents` with the evaluation split by default.
-
-    Raises ValueError saying how many documents were skipped when none is long enough.
-    """
-    return load_token_documents(source, tokenizer, min_tokens, max_docs, split, text_field, subset)
+# the documents evaluation scores (the "test" split by default; a named error when none is long enough)
+load_eval_documents = load_token_documents
 
 
 @torch.no_grad()

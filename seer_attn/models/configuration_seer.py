@@ -148,20 +148,14 @@ def check_seerattn_field(name: str, value) -> None:
     elif name == "seerattn_decode_gate_type":
         if value is not None:
             parse_decode_gate_type(value)
-    elif name == "seerattn_layer_density_scale":
+    elif name in ("seerattn_layer_density_scale", "seerattn_decode_layer_budget_scale"):
         if value is not None and (
             not isinstance(value, (list, tuple)) or not value
             or not all(isinstance(x, Real) and not isinstance(x, bool) and x > 0 for x in value)
         ):
-            raise ValueError(f"seerattn_layer_density_scale must be None or a non-empty list of numbers > 0, got {value!r}")
+            raise ValueError(f"{name} must be None or a non-empty list of numbers > 0, got {value!r}")
     elif name == "seerattn_layer_budget_curves":
         check_layer_budget_curves(value)
-    elif name == "seerattn_decode_layer_budget_scale":
-        if value is not None and (
-            not isinstance(value, (list, tuple)) or not value
-            or not all(isinstance(x, Real) and not isinstance(x, bool) and x > 0 for x in value)
-        ):
-            raise ValueError(f"seerattn_decode_layer_budget_scale must be None or a non-empty list of numbers > 0, got {value!r}")
     elif name == "seerattn_decode_layer_budget_curves":
         check_decode_budget_curves(value)
     elif name == "seerattn_decode_threshold":
@@ -241,14 +235,12 @@ class SeerAttnConfigMixin:
         if not self.seerattn_cross_document and self.seerattn_cuda_graphs:
             # documents are found on the host (one sync per forward): nothing a replayed graph can do
             raise ValueError("seerattn_cross_document=False cannot be combined with seerattn_cuda_graphs")
-        scale = self.seerattn_layer_density_scale
         n_layers = getattr(self, "num_hidden_layers", None)
-        if scale is not None and n_layers is not None and len(scale) != n_layers:
-            raise ValueError(f"seerattn_layer_density_scale has {len(scale)} entries for {n_layers} layers")
+        for name in ("seerattn_layer_density_scale", "seerattn_decode_layer_budget_scale"):
+            scale = getattr(self, name)
+            if scale is not None and n_layers is not None and len(scale) != n_layers:
+                raise ValueError(f"{name} has {len(scale)} entries for {n_layers} layers")
         check_layer_budget_curves(self.seerattn_layer_budget_curves, n_layers)
-        dscale = self.seerattn_decode_layer_budget_scale
-        if dscale is not None and n_layers is not None and len(dscale) != n_layers:
-            raise ValueError(f"seerattn_decode_layer_budget_scale has {len(dscale)} entries for {n_layers} layers")
         check_decode_budget_curves(self.seerattn_decode_layer_budget_curves, n_layers)
         validate_decode_config(self)
 

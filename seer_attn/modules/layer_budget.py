@@ -80,18 +80,22 @@ def allocate_layer_densities(curves, target: float) -> list[float]:
     return dens
 
 
-@lru_cache(maxsize=64)
-def _layer_nz_ratios(curves: tuple, nz_ratio: float) -> tuple[float, ...]:
+def _spread(curves: tuple, target: float) -> list[float]:
+    """Per-layer budgets with mean `target` (water-filling inside the measured range; outside it the
+    nearest end's proportions, scaled)."""
     hulls = [concave_envelope(c) for c in curves]
     lo = sum(h[0][0] for h in hulls) / len(hulls)
     hi = sum(h[-1][0] for h in hulls) / len(hulls)
-    if nz_ratio >= hi:
-        # beyond what was measured: every layer at least at its largest measured point, scaled up
-        return tuple(min(1.0, h[-1][0] * nz_ratio / hi) for h in hulls)
-    if nz_ratio <= lo:
-        # below the smallest measured point: keep the smallest points' proportions
-        return tuple(h[0][0] * nz_ratio / lo for h in hulls)
-    return tuple(min(1.0, d) for d in allocate_layer_densities(hulls, nz_ratio))
+    if target >= hi:
+        return [h[-1][0] * target / hi for h in hulls]
+    if target <= lo:
+        return [h[0][0] * target / lo for h in hulls]
+    return allocate_layer_densities(hulls, target)
+
+
+@lru_cache(maxsize=64)
+def _layer_nz_ratios(curves: tuple, nz_ratio: float) -> tuple[float, ...]:
+    return tuple(min(1.0, d) for d in _spread(curves, nz_ratio))
 
 
 def layer_nz_ratios(curves, nz_ratio: float, max_nz: float = 1.0) -> list[float]:
@@ -109,36 +113,36 @@ def layer_nz_ratios(curves, nz_ratio: float, max_nz: float = 1.0) -> list[float]
     return list(_layer_nz_ratios(key, float(nz_ratio)))
 
 
-def check_layer_budget_curves(curves, n_layers: int | None = None) -> None:
-    """Raise ValueError unless `curves` is None or one non-empty list of `[nz_ratio in (0, 1], benefit]` per layer."""
+def _check_curves(curves, name: str, x_ok, x_desc: str, n_layers: int | None) -> None:
     if curves is None:
         return
-    name = "seerattn_layer_budget_curves"
     if not isinstance(curves, (list, tuple)) or not curves:
         raise ValueError(f"{name} must be None or a non-empty list (one curve per layer), got {type(curves).__name__}")
     for i, c in enumerate(curves):
         ok = isinstance(c, (list, tuple)) and len(c) > 0
         ok = ok and all(
             isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-            and 0.0 < p[0] <= 1.0 for p in c
+            and x_ok(p[0]) for p in c
         )
         if not ok:
-            raise ValueError(f"{name}[{i}] must be a non-empty list of [nz_ratio in (0, 1], benefit] pairs, got {c!r}")
+            raise ValueError(f"{name}[{i}] must be a non-empty list of [{x_desc}, benefit] pairs, got {c!r}")
     if n_layers is not None and len(curves) != n_layers:
         raise ValueError(f"{name} has {len(curves)} curves for {n_layers} layers")
 
 
+def check_layer_budget_curves(curves, n_layers: int | None = None) -> None:
+    """Raise ValueError unless `curves` is None or one non-empty list of `[nz_ratio in (0, 1], benefit]` per layer."""
+    _check_curves(curves, "seerattn_layer_budget_curves", lambda x: 0.0 < x <= 1.0, "nz_ratio in (0, 1]", n_layers)
+
+
+def check_decode_budget_curves(curves, n_layers: int | None = None) -> None:
+    """Raise ValueError unless `curves` is None or one non-empty list of `[token_budget > 0, benefit]` per layer."""
+    _check_curves(curves, "seerattn_decode_layer_budget_curves", lambda x: x > 0, "token_budget > 0", n_layers)
+
+
 @lru_cache(maxsize=64)
 def _layer_token_budgets(curves: tuple, budget: int, block_size: int) -> tuple[int, ...]:
-    hulls = [concave_envelope(c) for c in curves]
-    lo = sum(h[0][0] for h in hulls) / len(hulls)
-    hi = sum(h[-1][0] for h in hulls) / len(hulls)
-    if budget >= hi:
-        raw = [h[-1][0] * budget / hi for h in hulls]
-    elif budget <= lo:
-        raw = [h[0][0] * budget / lo for h in hulls]
-    else:
-        raw = allocate_layer_densities(hulls, float(budget))
+    raw = _spread(curves, float(budget))
     # whole blocks (a layer keeps budget // block_size - 1 completed blocks); at least its own block
     return tuple(max(block_size, int(round(b / block_size)) * block_size) for b in raw)
 
@@ -151,22 +155,3 @@ def layer_token_budgets(curves, budget: int, block_size: int = 64) -> list[int]:
     range the nearest end's proportions are scaled."""
     key = tuple(tuple((float(x), float(y)) for x, y in c) for c in curves)
     return list(_layer_token_budgets(key, int(budget), int(block_size)))
-
-
-def check_decode_budget_curves(curves, n_layers: int | None = None) -> None:
-    """Raise ValueError unless `curves` is None or one non-empty list of `[token_budget > 0, benefit]` per layer."""
-    if curves is None:
-        return
-    name = "seerattn_decode_layer_budget_curves"
-    if not isinstance(curves, (list, tuple)) or not curves:
-        raise ValueError(f"{name} must be None or a non-empty list (one curve per layer), got {type(curves).__name__}")
-    for i, c in enumerate(curves):
-        ok = isinstance(c, (list, tuple)) and len(c) > 0
-        ok = ok and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-            and p[0] > 0 for p in c
-        )
-        if not ok:
-            raise ValueError(f"{name}[{i}] must be a non-empty list of [token_budget > 0, benefit] pairs, got {c!r}")
-    if n_layers is not None and len(curves) != n_layers:
-        raise ValueError(f"{name} has {len(curves)} curves for {n_layers} layers")

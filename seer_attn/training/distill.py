@@ -195,9 +195,7 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return sum_over_ranks_tensor(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def sum_over_ranks_tensor(t: torch.Tensor) -> torch.Tensor:
