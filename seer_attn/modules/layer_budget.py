@@ -93,6 +93,22 @@ def _spread(curves: tuple, target: float) -> list[float]:
     return allocate_layer_densities(hulls, target)
 
 
+_KEYS: dict[int, tuple] = {}
+
+
+def _curves_key(curves) -> tuple:
+    """The hashable form of `curves`, converted once per curves object: every layer of every forward
+    (every decoding step) asks for its budget, and rebuilding the tuple each time costs host time."""
+    hit = _KEYS.get(id(curves))
+    if hit is not None and hit[0] is curves:
+        return hit[1]
+    key = tuple(tuple((float(x), float(y)) for x, y in c) for c in curves)
+    if len(_KEYS) > 64:
+        _KEYS.clear()
+    _KEYS[id(curves)] = (curves, key)  # holds the object, so its id is not reused while the entry lives
+    return key
+
+
 @lru_cache(maxsize=64)
 def _layer_nz_ratios(curves: tuple, nz_ratio: float) -> tuple[float, ...]:
     return tuple(min(1.0, d) for d in _spread(curves, nz_ratio))
@@ -109,8 +125,7 @@ def layer_nz_ratios(curves, nz_ratio: float, max_nz: float = 1.0) -> list[float]
     """
     if nz_ratio > max_nz:
         return [float(nz_ratio)] * len(curves)
-    key = tuple(tuple((float(x), float(y)) for x, y in c) for c in curves)
-    return list(_layer_nz_ratios(key, float(nz_ratio)))
+    return list(_layer_nz_ratios(_curves_key(curves), float(nz_ratio)))
 
 
 def _check_curves(curves, name: str, x_ok, x_desc: str, n_layers: int | None) -> None:
@@ -153,5 +168,4 @@ def layer_token_budgets(curves, budget: int, block_size: int = 64) -> list[int]:
     benefit]` points, minus the decode-mode loss rise with only that layer sparse) as
     :func:`layer_nz_ratios` does for prefill densities; cached per request. Outside the measured
     range the nearest end's proportions are scaled."""
-    key = tuple(tuple((float(x), float(y)) for x, y in c) for c in curves)
-    return list(_layer_token_budgets(key, int(budget), int(block_size)))
+    return list(_layer_token_budgets(_curves_key(curves), int(budget), int(block_size)))
