@@ -6,11 +6,10 @@
 
 Times `model(ids, logits_to_keep=1, use_cache=False)` (sparse mode, `seerattn_min_sparse_length=0`):
 - padded: `[n, max_len]` with right padding and an attention mask: the packed (varlen) path, one
-  `seer_attention_varlen` call per layer (kernel `auto` -> CSR);
+  `seer_attention_varlen` call per layer, with the TopK kernel (`auto` for inference) and with CSR;
 - packed: the same tokens as one row, position ids restarting per sequence, `seerattn_cross_document
-  =False` (identical results: every sequence attends to itself only);
-- loop: the padded batch with the TopK kernel, which still runs one call per sequence;
-- alone: every sequence in its own forward (TopK), summed.
+  =False` (identical results: every sequence attends to itself only), TopK;
+- alone: every sequence in its own forward (TopK), summed: what a loop over the batch costs.
 Projections and MLPs run on padding tokens in the padded batch, so padded/packed also carries
 `n * max_len / total` of that work. Medians of CUDA-event timings.
 """
@@ -57,7 +56,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 4096, 16384, 8192, 24576, 6144, 12288, 20480])
     p.add_argument("--nz-ratio", type=float, default=0.1)
     p.add_argument("--out", default="benchmarks/results/bench_padded.json")
-    p.add_argument("--smoke", action="store_true", help="CPU self-test: tiny model and lengths, naive/CSR kernels")
+    p.add_argument("--smoke", action="store_true", help="CPU self-test: tiny model and lengths, kernels interpreted")
     args = p.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -85,25 +84,23 @@ def main() -> None:
     packed_pos = torch.cat([torch.arange(m, device=device) for m in lens])[None]
     # per-row top-k: the packed (varlen) path supports nz_ratio and threshold, not the adaptive default
     sparse = dict(seerattn_mode="sparse", seerattn_nz_ratio=args.nz_ratio, seerattn_sparsity_method="nz_ratio")
-    fast_kernel = "CSR" if args.smoke else "auto"
-    loop_kernel = "CSR" if args.smoke else "TopK"
 
     rows = {}
-    model.set_seerattn(**sparse, seerattn_kernel_implementation=fast_kernel, seerattn_cross_document=True)
-    rows["padded (packed path)"] = timed(lambda: model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False), device)
+    model.set_seerattn(**sparse, seerattn_cross_document=True)
+    for kernel in ("TopK", "CSR"):
+        model.set_seerattn(seerattn_kernel_implementation=kernel)
+        rows[f"padded (packed path, {kernel})"] = timed(
+            lambda: model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False), device)
     with torch.no_grad():
         density = model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False).density
-    model.set_seerattn(seerattn_cross_document=False)
-    rows["packed (one row, cross-document off)"] = timed(
+    model.set_seerattn(seerattn_cross_document=False, seerattn_kernel_implementation="TopK")
+    rows["packed (one row, cross-document off, TopK)"] = timed(
         lambda: model(packed_ids, position_ids=packed_pos, logits_to_keep=1, use_cache=False), device)
-    model.set_seerattn(seerattn_cross_document=True, seerattn_kernel_implementation=loop_kernel)
-    if not args.smoke:
-        rows["padded, per-sequence loop (TopK)"] = timed(
-            lambda: model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False), device)
-    rows["alone, summed"] = sum(
+    model.set_seerattn(seerattn_cross_document=True)
+    rows["alone, summed (TopK)"] = sum(
         timed(lambda: model(ids[i : i + 1, : lens[i]], logits_to_keep=1, use_cache=False), device) for i in range(n))
 
-    base = rows["packed (one row, cross-document off)"]
+    base = rows["packed (one row, cross-document off, TopK)"]
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config_json, "lengths": lens, "nz_ratio": args.nz_ratio, "density": density,
             "padding_overhead_tokens": n * S / total}

@@ -15,6 +15,10 @@ Index formats (see :func:`block_sparse_attn_topk`):
   `kv_indices`); row `i` keeps `block_index[..., i, :block_count[..., i]]`, in any order.
   :func:`seer_attn.kernels.block_mask.mask_to_kv_blocks` builds it from a mask (ascending rows).
 
+Packed sequences (`cu_seqlens`, flash-attn's varlen layout `[total, H, D]`): the index tensors have one
+batch entry per sequence and `nb` rows for the longest; each program reads its sequence's bounds and
+the plan empties the rows past a sequence's end, so a padded batch runs in one launch.
+
 A *plan* step turns either format into canonical lists in one small launch (per row: ascending,
 unique, causal, with a count), so the attention kernels never see negatives, repeats or unsorted
 rows; the pair kernels also get the merged list of their two rows (one more launch), and `lpt` an
@@ -317,19 +321,35 @@ def _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, SAFE: tl.constexpr, DOT_P
     return b_mn, b_l, b_acc
 
 
+@triton.jit
+def _seq_bounds(cu_seqlens, i_b, T, VARLEN: tl.constexpr):
+    # (first token, length, batch coordinate) of sequence i_b: packed sequences live in one [1, H, total, D]
+    # view and read their bounds from cu_seqlens; a padded batch has T tokens in each of its B entries
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        T_s = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+        i_bd = 0 * i_b
+    else:
+        bos = 0 * i_b
+        T_s = T + 0 * i_b.to(tl.int32)
+        i_bd = i_b
+    return bos, T_s, i_bd
+
+
 @triton.jit(do_not_specialize=["T", "NB", "KMAX", "HQ", "G", "n_items"])
 def block_sparse_attn_topk_fwd_row_kernel(
-    q, k, v, o, kv_idx, kv_num, order, desc_k, desc_v,
+    q, k, v, o, kv_idx, kv_num, order, desc_k, desc_v, cu_seqlens,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     qk_scale, T, NB, KMAX, HQ, G, n_items,
     D: tl.constexpr, BS: tl.constexpr, NJ: tl.constexpr, TMA: tl.constexpr, LPT: tl.constexpr,
-    WS: tl.constexpr, DOT_PREC: tl.constexpr,
+    WS: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # work item = (batch * Hq + head) * nb + query block; a grid of n_items programs runs the loop
-    # once, a persistent grid strides over the items
+    # once, a persistent grid strides over the items (packed: batch = sequence, nb its longest's blocks;
+    # the plan emptied the rows past each sequence's end)
     for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
         if LPT:
             item = tl.load(order + w).to(tl.int64)
@@ -342,14 +362,15 @@ def block_sparse_attn_topk_fwd_row_kernel(
         i_b = i_bh // HQ
         i_h = i_bh % HQ
         i_hkv = i_h // G
+        bos, T_s, i_bd = _seq_bounds(cu_seqlens, i_b, T, VARLEN)
 
         o_m = i_m * BS + tl.arange(0, BS)
         o_d = tl.arange(0, D)
-        m_m = o_m < T
-        p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd
+        m_m = o_m < T_s
+        p_q = q + i_bd * stride_qb + bos * stride_qt + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd
         b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-        k_base = k + i_b * stride_kb + i_hkv * stride_kh
-        v_base = v + i_b * stride_vb + i_hkv * stride_vh
+        k_base = k + i_bd * stride_kb + bos * stride_kt + i_hkv * stride_kh
+        v_base = v + i_bd * stride_vb + bos * stride_vt + i_hkv * stride_vh
 
         # canonical row: ascending, unique, <= i_m; the diagonal, if kept, is the last entry
         n = tl.load(kv_num + item)
@@ -370,36 +391,40 @@ def block_sparse_attn_topk_fwd_row_kernel(
                 b_bias = tl.where((o_j >= BS) & (i_n2 < 0), float("-inf"), 0.0)
             else:
                 o_k = i_n * BS + o_j
-            b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_n * BS, o_k, o_d, stride_kt, stride_kd, T, NJ * BS, D, TMA, False)
+            b_k = _load_kt(k_base, desc_k, i_bd, i_hkv, bos + i_n * BS, o_k, o_d, stride_kt, stride_kd, T_s, NJ * BS, D,
+                           TMA, False)
             b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
             if NJ == 2:
                 b_s += b_bias[None, :]
-            b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_n * BS, o_k, o_d, stride_vt, stride_vd, T, NJ * BS, D, TMA, False)
+            b_v = _load_v(v_base, desc_v, i_bd, i_hkv, bos + i_n * BS, o_k, o_d, stride_vt, stride_vd, T_s, NJ * BS, D,
+                          TMA, False)
             b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, False, DOT_PREC)
         if has_diag:
             o_k = i_m * BS + tl.arange(0, BS)
-            b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_m * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
+            b_k = _load_kt(k_base, desc_k, i_bd, i_hkv, bos + i_m * BS, o_k, o_d, stride_kt, stride_kd, T_s, BS, D, TMA,
+                           True)
             b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
-            b_s = tl.where((o_m[:, None] >= o_k[None, :]) & (o_k < T)[None, :], b_s, float("-inf"))
-            b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_m * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
+            b_s = tl.where((o_m[:, None] >= o_k[None, :]) & (o_k < T_s)[None, :], b_s, float("-inf"))
+            b_v = _load_v(v_base, desc_v, i_bd, i_hkv, bos + i_m * BS, o_k, o_d, stride_vt, stride_vd, T_s, BS, D, TMA,
+                          True)
             b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, False, DOT_PREC)
         # a row with no kept block has b_l == 0 and b_acc == 0: its output is 0
         b_l = tl.where(b_l == 0.0, 1.0, b_l)
         b_o = b_acc / b_l[:, None]
-        p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
+        p_o = o + i_bd * stride_ob + bos * stride_ot + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "NB", "UMAX", "HQ", "G", "NP", "n_items"])
 def block_sparse_attn_topk_fwd_pair_kernel(
-    q, k, v, o, u_idx, u_num, order, desc_k, desc_v,
+    q, k, v, o, u_idx, u_num, order, desc_k, desc_v, cu_seqlens,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     qk_scale, T, NB, UMAX, HQ, G, NP, n_items,
     D: tl.constexpr, BS: tl.constexpr, HEADS: tl.constexpr, TMA: tl.constexpr, LPT: tl.constexpr,
-    WS: tl.constexpr, DOT_PREC: tl.constexpr,
+    WS: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # work item = one pair of 64-row slots (see _pair_lists_kernel); rows 0..BS-1 are slot A, BS.. slot B
     BM: tl.constexpr = 2 * BS
@@ -429,12 +454,14 @@ def block_sparse_attn_topk_fwd_pair_kernel(
             i_hkv = i_h // G
             r_head = i_h + 0 * o_r
             r_tok = i_m0 * BS + o_r
+        bos, T_s, i_bd = _seq_bounds(cu_seqlens, i_b, T, VARLEN)
         o_d = tl.arange(0, D)
-        m_r = r_tok < T
-        p_q = q + i_b * stride_qb + r_head[:, None] * stride_qh + r_tok[:, None] * stride_qt + o_d[None, :] * stride_qd
+        m_r = r_tok < T_s
+        p_q = (q + i_bd * stride_qb + bos * stride_qt + r_head[:, None] * stride_qh + r_tok[:, None] * stride_qt
+               + o_d[None, :] * stride_qd)
         b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
-        k_base = k + i_b * stride_kb + i_hkv * stride_kh
-        v_base = v + i_b * stride_vb + i_hkv * stride_vh
+        k_base = k + i_bd * stride_kb + bos * stride_kt + i_hkv * stride_kh
+        v_base = v + i_bd * stride_vb + bos * stride_vt + i_hkv * stride_vh
 
         # merged ascending list; entries >= i_m0 (at most two) touch the diagonal and need the causal mask
         n = tl.load(u_num + item)
@@ -452,29 +479,35 @@ def block_sparse_attn_topk_fwd_pair_kernel(
             # rows of the slot that does not keep this block get -inf logits
             b_bias = tl.where(tl.where(in_b, (e & 2) != 0, (e & 1) != 0), 0.0, float("-inf"))
             o_k = (e >> 2).to(tl.int64) * BS + o_j
-            b_k = _load_kt(k_base, desc_k, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, False)
+            b_k = _load_kt(k_base, desc_k, i_bd, i_hkv, bos + (e >> 2) * BS, o_k, o_d, stride_kt, stride_kd, T_s, BS, D,
+                           TMA, False)
             b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) + b_bias[:, None]
-            b_v = _load_v(v_base, desc_v, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, False)
+            b_v = _load_v(v_base, desc_v, i_bd, i_hkv, bos + (e >> 2) * BS, o_k, o_d, stride_vt, stride_vd, T_s, BS, D,
+                          TMA, False)
             b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
         for i_t in range(n - n_tail, n):
             e = tl.load(p_u + i_t)
             b_keep = tl.where(in_b, (e & 2) != 0, (e & 1) != 0)
             o_k = (e >> 2).to(tl.int64) * BS + o_j
-            b_k = _load_kt(k_base, desc_k, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
+            b_k = _load_kt(k_base, desc_k, i_bd, i_hkv, bos + (e >> 2) * BS, o_k, o_d, stride_kt, stride_kd, T_s, BS, D,
+                           TMA, True)
             b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
-            m_s = b_keep[:, None] & (r_tok[:, None] >= o_k[None, :]) & (o_k < T)[None, :]
+            m_s = b_keep[:, None] & (r_tok[:, None] >= o_k[None, :]) & (o_k < T_s)[None, :]
             b_s = tl.where(m_s, b_s, float("-inf"))
-            b_v = _load_v(v_base, desc_v, i_b, i_hkv, (e >> 2) * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
+            b_v = _load_v(v_base, desc_v, i_bd, i_hkv, bos + (e >> 2) * BS, o_k, o_d, stride_vt, stride_vd, T_s, BS, D,
+                          TMA, True)
             b_m, b_l, b_acc = _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
         b_l = tl.where(b_l == 0.0, 1.0, b_l)
         b_o = b_acc / b_l[:, None]
-        p_o = o + i_b * stride_ob + r_head[:, None] * stride_oh + r_tok[:, None] * stride_ot + o_d[None, :] * stride_od
+        p_o = (o + i_bd * stride_ob + bos * stride_ot + r_head[:, None] * stride_oh + r_tok[:, None] * stride_ot
+               + o_d[None, :] * stride_od)
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
 @triton.jit
 def _dual_row(q, kv_idx, kv_num, i_b, i_h, i_row, i_m, has, o_d, stride_qb, stride_qh, stride_qt, stride_qd, T,
               BS: tl.constexpr):
+    # (q: already offset to the sequence's first token; i_b: its batch coordinate)
     # one of the dual kernel's rows: Q tile, list pointer, blocks below the diagonal, diagonal kept
     o_m = i_m * BS + tl.arange(0, BS)
     # (a bool scalar & a bool vector is mistyped by the interpreter: compare with a limit instead)
@@ -487,41 +520,41 @@ def _dual_row(q, kv_idx, kv_num, i_b, i_h, i_row, i_m, has, o_d, stride_qb, stri
 
 
 @triton.jit
-def _dual_step(b_q, b_m, b_l, b_acc, p_idx, n_lo, i_t, k_base, v_base, desc_k, desc_v, i_b, i_hkv, o_j, o_d,
+def _dual_step(b_q, b_m, b_l, b_acc, p_idx, n_lo, i_t, k_base, v_base, desc_k, desc_v, i_b, i_hkv, bos, o_j, o_d,
                stride_kt, stride_kd, stride_vt, stride_vd, T, qk_scale, BS: tl.constexpr, D: tl.constexpr,
                TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     # block i_t of a row's list; past the row's end it re-reads a valid block with -inf logits
     # (a missing or empty row reads nothing and uses block 0)
     i_n = tl.load(p_idx + tl.minimum(i_t, tl.maximum(n_lo - 1, 0)), mask=n_lo > 0, other=0).to(tl.int64)
     o_k = i_n * BS + o_j
-    b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_n * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, False)
+    b_k = _load_kt(k_base, desc_k, i_b, i_hkv, bos + i_n * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, False)
     b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) + tl.where(i_t < n_lo, 0.0, float("-inf"))
-    b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_n * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, False)
+    b_v = _load_v(v_base, desc_v, i_b, i_hkv, bos + i_n * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, False)
     return _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
 
 
 @triton.jit
-def _dual_diag(b_q, b_m, b_l, b_acc, o_m, i_m, k_base, v_base, desc_k, desc_v, i_b, i_hkv, o_d,
+def _dual_diag(b_q, b_m, b_l, b_acc, o_m, i_m, k_base, v_base, desc_k, desc_v, i_b, i_hkv, bos, o_d,
                stride_kt, stride_kd, stride_vt, stride_vd, T, qk_scale, BS: tl.constexpr, D: tl.constexpr,
                TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     o_k = i_m * BS + tl.arange(0, BS)
-    b_k = _load_kt(k_base, desc_k, i_b, i_hkv, i_m * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
+    b_k = _load_kt(k_base, desc_k, i_b, i_hkv, bos + i_m * BS, o_k, o_d, stride_kt, stride_kd, T, BS, D, TMA, True)
     b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC)
     b_s = tl.where((o_m[:, None] >= o_k[None, :]) & (o_k < T)[None, :], b_s, float("-inf"))
-    b_v = _load_v(v_base, desc_v, i_b, i_hkv, i_m * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
+    b_v = _load_v(v_base, desc_v, i_b, i_hkv, bos + i_m * BS, o_k, o_d, stride_vt, stride_vd, T, BS, D, TMA, True)
     return _softmax_step(b_s, qk_scale, b_m, b_l, b_acc, b_v, True, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["T", "NB", "KMAX", "HQ", "G", "NP", "n_items"])
 def block_sparse_attn_topk_fwd_dual_kernel(
-    q, k, v, o, kv_idx, kv_num, order, desc_k, desc_v,
+    q, k, v, o, kv_idx, kv_num, order, desc_k, desc_v, cu_seqlens,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     qk_scale, T, NB, KMAX, HQ, G, NP, n_items,
     D: tl.constexpr, BS: tl.constexpr, TMA: tl.constexpr, LPT: tl.constexpr, WS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # work item = (batch * Hq + head) * NP + p: query blocks 2p and 2p + 1, each with its own list and
     # K/V stream, stepped in lockstep so one row's softmax can overlap the other row's matmuls
@@ -535,17 +568,19 @@ def block_sparse_attn_topk_fwd_dual_kernel(
         i_b = i_bh // HQ
         i_h = i_bh % HQ
         i_hkv = i_h // G
+        bos, T_s, i_bd = _seq_bounds(cu_seqlens, i_b, T, VARLEN)
         o_d = tl.arange(0, D)
         o_j = tl.arange(0, BS)
-        k_base = k + i_b * stride_kb + i_hkv * stride_kh
-        v_base = v + i_b * stride_vb + i_hkv * stride_vh
+        q_seq = q + bos * stride_qt
+        k_base = k + i_bd * stride_kb + bos * stride_kt + i_hkv * stride_kh
+        v_base = v + i_bd * stride_vb + bos * stride_vt + i_hkv * stride_vh
         r_a = i_bh * NB + i_ma
         p_a = kv_idx + r_a * KMAX
         p_b = p_a + KMAX
-        b_qa, o_ma, m_ma, n_a, diag_a = _dual_row(q, p_a, kv_num, i_b, i_h, r_a, i_ma, i_ma >= 0, o_d,
-                                                  stride_qb, stride_qh, stride_qt, stride_qd, T, BS)
-        b_qb, o_mb, m_mb, n_b, diag_b = _dual_row(q, p_b, kv_num, i_b, i_h, r_a + 1, i_ma + 1, i_ma + 1 < NB, o_d,
-                                                  stride_qb, stride_qh, stride_qt, stride_qd, T, BS)
+        b_qa, o_ma, m_ma, n_a, diag_a = _dual_row(q_seq, p_a, kv_num, i_bd, i_h, r_a, i_ma, i_ma >= 0, o_d,
+                                                  stride_qb, stride_qh, stride_qt, stride_qd, T_s, BS)
+        b_qb, o_mb, m_mb, n_b, diag_b = _dual_row(q_seq, p_b, kv_num, i_bd, i_h, r_a + 1, i_ma + 1, i_ma + 1 < NB, o_d,
+                                                  stride_qb, stride_qh, stride_qt, stride_qd, T_s, BS)
         b_ma = tl.full([BS], float("-inf"), dtype=tl.float32)
         b_la = tl.zeros([BS], dtype=tl.float32)
         b_acca = tl.zeros([BS, D], dtype=tl.float32)
@@ -554,20 +589,20 @@ def block_sparse_attn_topk_fwd_dual_kernel(
         b_accb = tl.zeros([BS, D], dtype=tl.float32)
         for i_t in tl.range(0, tl.maximum(n_a, n_b), warp_specialize=WS):
             b_ma, b_la, b_acca = _dual_step(b_qa, b_ma, b_la, b_acca, p_a, n_a, i_t, k_base, v_base, desc_k, desc_v,
-                                            i_b, i_hkv, o_j, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            i_bd, i_hkv, bos, o_j, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T_s,
                                             qk_scale, BS, D, TMA, DOT_PREC)
             b_mb, b_lb, b_accb = _dual_step(b_qb, b_mb, b_lb, b_accb, p_b, n_b, i_t, k_base, v_base, desc_k, desc_v,
-                                            i_b, i_hkv, o_j, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            i_bd, i_hkv, bos, o_j, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T_s,
                                             qk_scale, BS, D, TMA, DOT_PREC)
         if diag_a:
             b_ma, b_la, b_acca = _dual_diag(b_qa, b_ma, b_la, b_acca, o_ma, i_ma, k_base, v_base, desc_k, desc_v,
-                                            i_b, i_hkv, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            i_bd, i_hkv, bos, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T_s,
                                             qk_scale, BS, D, TMA, DOT_PREC)
         if diag_b:
             b_mb, b_lb, b_accb = _dual_diag(b_qb, b_mb, b_lb, b_accb, o_mb, i_ma + 1, k_base, v_base, desc_k, desc_v,
-                                            i_b, i_hkv, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T,
+                                            i_bd, i_hkv, bos, o_d, stride_kt, stride_kd, stride_vt, stride_vd, T_s,
                                             qk_scale, BS, D, TMA, DOT_PREC)
-        p_o = o + i_b * stride_ob + i_h * stride_oh + o_d[None, :] * stride_od
+        p_o = o + i_bd * stride_ob + bos * stride_ot + i_h * stride_oh + o_d[None, :] * stride_od
         b_la = tl.where(b_la == 0.0, 1.0, b_la)
         tl.store(p_o + o_ma[:, None] * stride_ot, (b_acca / b_la[:, None]).to(o.dtype.element_ty), mask=m_ma[:, None])
         b_lb = tl.where(b_lb == 0.0, 1.0, b_lb)
@@ -663,9 +698,13 @@ def _pair_lists(num: torch.Tensor, idx: torch.Tensor, heads: bool, G: int) -> tu
 
 
 def plan_topk_fwd(
-    block_index: torch.Tensor, block_count: torch.Tensor | None, nb: int, G: int, cfg: dict, canonical: bool = False
+    block_index: torch.Tensor, block_count: torch.Tensor | None, nb: int, G: int, cfg: dict, canonical: bool = False,
+    nb_seq: torch.Tensor | None = None,
 ) -> dict:
     """Everything the attention kernel reads besides q/k/v (a few small launches, no host sync).
+
+    `nb_seq` (packed sequences): int `[n_seq]` blocks of each sequence; the rows past a sequence's
+    last block are emptied here, so no kernel reads keys beyond its sequence.
 
     Returns a dict with `num`/`idx` (canonical row lists), for pair kernels `u_num`/`u_idx`/`NP`
     (merged lists, one entry per work item), `order` (the work items in launch order, when
@@ -677,6 +716,9 @@ def plan_topk_fwd(
         plan["num"], plan["idx"] = block_count.to(torch.int32).contiguous(), block_index.to(torch.int32).contiguous()
     else:
         plan["num"], plan["idx"] = _canonical_lists(block_index, block_count, nb)
+    if nb_seq is not None:
+        live = torch.arange(nb, device=nb_seq.device) < nb_seq[:, None]
+        plan["num"] = plan["num"] * live[:, None, :].to(torch.int32)
     B, H = block_index.shape[:2]
     counts = plan["num"].view(-1)
     if cfg["kernel"] in ("pair", "headpair"):
@@ -701,11 +743,17 @@ def plan_topk_fwd(
 
 
 def launch_topk_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict, scale: float, block_size: int, cfg: dict
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict, scale: float, block_size: int, cfg: dict,
+    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Run the attention kernel of `cfg` on a plan from :func:`plan_topk_fwd`; returns `o` like `q`."""
-    B, Hq, S, D = q.shape
+    """Run the attention kernel of `cfg` on a plan from :func:`plan_topk_fwd`; returns `o` like `q`.
+
+    Packed sequences: `q, k, v` are `[1, H, total, D]` views of `[total, H, D]` tensors, with
+    `cu_seqlens` and `max_seqlen` (the plan then has one batch entry per sequence)."""
+    D = q.shape[-1]
+    Hq = q.shape[1]
     G = Hq // k.shape[1]
+    S = q.shape[2] if cu_seqlens is None else max_seqlen
     nb = math.ceil(S / block_size)
     o = torch.empty_like(q)
     tma = cfg["tma"] and _use_tma(k, v)
@@ -720,22 +768,24 @@ def launch_topk_fwd(
     grid = n_items
     if cfg["persistent"]:
         grid = min(n_items, cfg["persistent"] * _num_sms(q.device))
-    common = dict(D=D, BS=block_size, TMA=tma, LPT=bool(cfg["lpt"]), WS=bool(cfg["ws"]), DOT_PREC=dot_precision(q.dtype))
+    common = dict(D=D, BS=block_size, TMA=tma, LPT=bool(cfg["lpt"]), WS=bool(cfg["ws"]), VARLEN=cu_seqlens is not None,
+                  DOT_PREC=dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
+    cu = cu_seqlens if cu_seqlens is not None else plan["num"]  # (any pointer: not read without VARLEN)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["kernel"] == "row":
         block_sparse_attn_topk_fwd_row_kernel[(grid,)](
-            q, k, v, o, plan["idx"], plan["num"], plan["order"], desc_k, desc_v, *strides,
+            q, k, v, o, plan["idx"], plan["num"], plan["order"], desc_k, desc_v, cu, *strides,
             scale * _LOG2E, S, nb, plan["idx"].shape[-1], Hq, G, n_items, NJ=cfg["nj"], **common, **launch,
         )
     elif cfg["kernel"] == "dual":
         block_sparse_attn_topk_fwd_dual_kernel[(grid,)](
-            q, k, v, o, plan["idx"], plan["num"], plan["order"], desc_k, desc_v, *strides,
+            q, k, v, o, plan["idx"], plan["num"], plan["order"], desc_k, desc_v, cu, *strides,
             scale * _LOG2E, S, nb, plan["idx"].shape[-1], Hq, G, plan["NP"], n_items, **common, **launch,
         )
     else:
         block_sparse_attn_topk_fwd_pair_kernel[(grid,)](
-            q, k, v, o, plan["u_idx"], plan["u_num"], plan["order"], desc_k, desc_v, *strides,
+            q, k, v, o, plan["u_idx"], plan["u_num"], plan["order"], desc_k, desc_v, cu, *strides,
             scale * _LOG2E, S, nb, plan["u_idx"].shape[-1], Hq, G, plan["NP"], n_items,
             HEADS=cfg["kernel"] == "headpair", **common, **launch,
         )
@@ -757,8 +807,9 @@ def _legacy_topk_fwd(q, k, v, block_index, scale, block_size):
     return o
 
 
-def _check_index(q: torch.Tensor, block_index, block_count, nb: int, block_size: int) -> None:
-    B, Hq, S, _ = q.shape
+def _check_index(q: torch.Tensor, block_index, block_count, nb: int, block_size: int, B: int) -> None:
+    # (q: [B, Hq, S, D], or the [1, Hq, total, D] view of packed sequences with B of them)
+    Hq = q.shape[1]
     for name, t in (("block_index", block_index), ("block_count", block_count)):
         if t is None and name == "block_count":
             continue
@@ -770,7 +821,7 @@ def _check_index(q: torch.Tensor, block_index, block_count, nb: int, block_size:
     if block_index.dim() != 4 or tuple(block_index.shape[:3]) != (B, Hq, nb) or block_index.shape[3] == 0:
         raise ValueError(
             f"block_sparse_attn_topk: block_index must be [B, Hq, nb, K] = [{B}, {Hq}, {nb}, K>0] "
-            f"for S={S}, block_size={block_size}; got {tuple(block_index.shape)}"
+            f"(nb = ceil(S / block_size) with block_size={block_size}); got {tuple(block_index.shape)}"
         )
     if block_count is not None and tuple(block_count.shape) != (B, Hq, nb):
         raise ValueError(
@@ -788,6 +839,8 @@ def block_sparse_attn_topk(
     block_count: torch.Tensor | None = None,
     config: dict | None = None,
     canonical: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention over the key blocks listed per query block (forward only).
 
@@ -813,22 +866,44 @@ def block_sparse_attn_topk(
             is already ascending, without repeats and within `[0, i]` (as `gate_select` writes
             it); the list-preparation launch is skipped and the lists are read as they are. Needs
             `block_count`. Default: `False` (any order, repeats and out-of-range entries accepted).
+        cu_seqlens (torch.Tensor, Optional): packed sequences, flash-attn's varlen layout: int32
+            `[n_seq + 1]` cumulative lengths, with `q [total, Hq, D]`, `k, v [total, Hkv, D]`,
+            `block_index [n_seq, Hq, nb, K]` (and `block_count [n_seq, Hq, nb]`) where
+            `nb = ceil(max_seqlen / block_size)`. Sequence `s` attends within itself only and reads
+            the rows `block_index[s, :, :nb_s]` of its own `nb_s` blocks (entries past them are
+            ignored). One launch for the whole batch. Default: `None` (`[B, H, S, D]` inputs).
+        max_seqlen (int, Optional): longest packed sequence; read from `cu_seqlens` (one host sync)
+            when not given.
 
     Returns:
-        o (torch.Tensor): `[B, Hq, S, D]` in `q.dtype`, same memory layout as `q`. Rows whose block
-            keeps nothing are 0.
+        o (torch.Tensor): `[B, Hq, S, D]` (packed: `[total, Hq, D]`) in `q.dtype`, same memory
+            layout as `q`. Rows whose block keeps nothing are 0.
     """
-    check_attn_inputs("block_sparse_attn_topk", q, k, v, block_size)
-    B, Hq, S, D = q.shape
+    name = "block_sparse_attn_topk"
+    packed = cu_seqlens is not None
+    if packed:
+        from seer_attn.kernels.block_sparse_attn_csr import _check_varlen, resolve_max_seqlen, varlen_block_counts
+
+        q4, k4, v4 = _check_varlen(name, q, k, v, cu_seqlens, block_size)
+        max_seqlen = resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0])
+        B, Hq, S, D = cu_seqlens.numel() - 1, q4.shape[1], max_seqlen, q4.shape[3]
+        nb_seq = varlen_block_counts(cu_seqlens, block_size)
+    else:
+        check_attn_inputs(name, q, k, v, block_size)
+        q4, k4, v4 = q, k, v
+        B, Hq, S, D = q.shape
+        nb_seq = None
     nb = math.ceil(S / block_size)
-    _check_index(q, block_index, block_count, nb, block_size)
+    _check_index(q4, block_index, block_count, nb, block_size, B)
     cfg = resolve_config(D, block_size, config)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if not scale > 0:
         # masked logits are -inf before scaling
         raise ValueError(f"block_sparse_attn_topk: sm_scale must be > 0, got {sm_scale}")
-    G = Hq // k.shape[1]
+    G = Hq // k4.shape[1]
     if cfg["kernel"] == "legacy":
+        if packed:
+            raise ValueError("block_sparse_attn_topk: the 'legacy' kernel has no cu_seqlens (packed) path")
         if block_count is not None:
             live = torch.arange(block_index.shape[-1], device=q.device) < block_count[..., None]
             block_index = torch.where(live, block_index, -1)
@@ -837,5 +912,6 @@ def block_sparse_attn_topk(
         raise ValueError(f"block_sparse_attn_topk: the 'headpair' kernel needs an even GQA group, got Hq/Hkv = {G}")
     if canonical and block_count is None:
         raise ValueError("block_sparse_attn_topk: canonical=True needs block_count (the length of each row's list)")
-    plan = plan_topk_fwd(block_index, block_count, nb, G, cfg, canonical=canonical)
-    return launch_topk_fwd(q, k, v, plan, scale, block_size, cfg)
+    plan = plan_topk_fwd(block_index, block_count, nb, G, cfg, canonical=canonical, nb_seq=nb_seq)
+    o = launch_topk_fwd(q4, k4, v4, plan, scale, block_size, cfg, cu_seqlens, max_seqlen)
+    return o.transpose(1, 2).squeeze(0) if packed else o

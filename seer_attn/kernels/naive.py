@@ -30,6 +30,7 @@ __all__ = [
     "attn_with_pooling_varlen_naive",
     "block_sparse_attn_naive",
     "block_sparse_attn_topk_naive",
+    "block_sparse_attn_topk_varlen_naive",
     "block_sparse_attn_varlen_naive",
     "attn_with_token_pooling_naive",
     "sparse_decode_attn_naive",
@@ -461,3 +462,38 @@ def block_sparse_attn_varlen_naive(
                                     upcast)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs)
+
+
+def block_sparse_attn_topk_varlen_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sm_scale: float | None = None,
+    block_size: int = 64,
+    upcast: bool = True,
+    block_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`block_sparse_attn_topk_naive` on every packed sequence alone.
+
+    Args:
+        q (torch.Tensor): `[total, Hq, D]`.
+        k, v (torch.Tensor): `[total, Hkv, D]`.
+        block_index (torch.Tensor): int `[n_seq, Hq, nb, K]`, `nb = ceil(max_len / block_size)`;
+            sequence `s` reads the rows `block_index[s, :, :nb_s]` (entries >= nb_s are above every
+            row's diagonal and ignored).
+        cu_seqlens (torch.Tensor): int `[n_seq + 1]`, cumulative sequence lengths.
+        block_count (torch.Tensor, Optional): int `[n_seq, Hq, nb]`, as in the padded twin.
+
+    Returns:
+        o (torch.Tensor): `[total, Hq, D]`.
+    """
+    from seer_attn.kernels.block_mask import indices_to_mask, kv_blocks_to_mask
+
+    _, nb = _sequences(cu_seqlens, block_size)
+    if block_count is None:
+        mask = indices_to_mask(block_index, nb)
+    else:
+        mask = kv_blocks_to_mask(block_count, block_index, nb)
+    return block_sparse_attn_varlen_naive(q, k, v, mask, cu_seqlens, sm_scale, block_size, upcast=upcast)

@@ -35,8 +35,8 @@ padding arrives as a 2-D `[B, S_k]` mask (or `None` when nothing is padded).
 
 - Padding: each sequence of a padded batch runs on its real tokens only (gate blocks start at the
   first real token), so a padded row gives the same result as that sequence alone. The real tokens
-  run packed, one `seer_attention_varlen` call per layer, where it supports the settings (else, and
-  with the TopK kernel, which has no packed path yet, one call per sequence).
+  run packed, one `seer_attention_varlen` call per layer, where it supports the settings (else one
+  call per sequence; also CUDA inference with the fused gate, see below).
 - `seerattn_cross_document=False`: the documents of a row (a token with position id 0 starts one)
   run packed in the same way, each attending only within itself with its own gate blocks.
 - Decoding with a KV cache (fewer queries than keys) is dense: the gate only scores prefill.
@@ -278,13 +278,13 @@ def seer_attention_forward(
              or settings.sparsity_method in ("adaptive", "top_p"))
     )
     packed = (
-        (padded or split) and settings.kernel != "TopK" and varlen_unsupported(settings, gate) is None
+        (padded or split) and varlen_unsupported(settings, gate) is None
         and (split or not fused_better)
     )
     if split and not packed:
         raise NotImplementedError(
-            "seerattn_cross_document=False runs the documents packed: it needs the CSR, naive or auto kernel and "
-            f"settings seer_attention_varlen supports ({varlen_unsupported(settings, module.attn_gate) or 'TopK kernel'})"
+            "seerattn_cross_document=False runs the documents packed: it needs settings seer_attention_varlen supports "
+            f"({varlen_unsupported(settings, module.attn_gate)})"
         )
     if not padded and not split:
         o, stats = run(query, key, value, q_pre, k_pre, position_ids)
@@ -294,8 +294,8 @@ def seer_attention_forward(
             cache, split,
         )
     else:
-        # one call per sequence: the TopK kernel has no packed (cu_seqlens) path yet, and some
-        # settings have no packed implementation (see varlen_unsupported)
+        # one call per sequence: settings with no packed implementation (see varlen_unsupported), and
+        # CUDA inference with the fused gate (above)
         o = query.new_zeros(query.shape)
         stats, losses = SeerAttentionStats(), []
         for b in range(B):

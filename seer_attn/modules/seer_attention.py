@@ -637,22 +637,8 @@ def varlen_unsupported(settings: SeerAttentionSettings, gate) -> str | None:
 
 
 def resolve_kernel_varlen(kernel: str, device: torch.device, needs_grad: bool) -> str:
-    """`resolve_kernel` for packed inputs: `auto` picks CSR on CUDA (inference too), since the TopK
-    kernel takes no `cu_seqlens` yet; an explicit `TopK` is refused rather than swapped."""
-    if kernel == "auto":
-        return "CSR" if device.type == "cuda" else "naive"
-    kernel = resolve_kernel(kernel, device, needs_grad)
-    if kernel == "TopK":
-        import inspect
-
-        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
-
-        if "cu_seqlens" not in inspect.signature(block_sparse_attn_topk).parameters:
-            raise NotImplementedError(
-                "block_sparse_attn_topk has no cu_seqlens (packed) path yet; use seerattn_kernel_implementation "
-                "'CSR' or 'auto' for padded or packed batches"
-            )
-    return kernel
+    """`resolve_kernel` for packed inputs (every kernel has a `cu_seqlens` path: same choice as for one sequence)."""
+    return resolve_kernel(kernel, device, needs_grad)
 
 
 def _pooling_attention_varlen(q, k, v, cu_seqlens, max_seqlen, sm_scale, block_size, target, kernel):
@@ -693,9 +679,9 @@ def seer_attention_varlen(
             summary's first-token position (each block's for one summary per side),
             `nb = ceil(max(seqlens) / block_size)` (see :func:`varlen_block_starts`).
         sm_scale (float): attention logit scale.
-        settings (SeerAttentionSettings): mode, sparsity and kernel choices. `auto` picks the CSR
-            kernel on CUDA (the TopK kernel has no packed path yet). Not covered (raises, see
-            :func:`varlen_unsupported`): the pooled selector, recording masks.
+        settings (SeerAttentionSettings): mode, sparsity and kernel choices, resolved as for one
+            sequence (`auto`: TopK for inference on CUDA, CSR when gradients flow). Not covered
+            (raises, see :func:`varlen_unsupported`): the pooled selector, recording masks.
         cu_seqlens (torch.Tensor): int32 `[n + 1]` cumulative lengths, on q's device.
         seqlens (list[int], Optional): the `n` lengths on the host (saves a device sync per call).
         train_gate, target_cache: as in :func:`seer_attention` (the cached target is the `[n, H, nb, nb]` map).

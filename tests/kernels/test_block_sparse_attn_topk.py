@@ -278,3 +278,109 @@ def test_block_sparse_attn_topk_variants_gpu(S, Hq, Hkv, D, variant):
     for density in (0.01, 0.1, 0.5, 1.0):
         check(q, k, v, make_block_index(1, Hq, nb, density), config=VARIANTS[variant])
     check(q, k, v, *reversed(make_kv_blocks(1, Hq, nb)), config=VARIANTS[variant])
+
+
+# ---- packed sequences (cu_seqlens) ----
+
+
+def packed_qkv(lens, Hq, Hkv, D, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    total = sum(lens)
+    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(total, h, D, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
+    return q, k, v, cu
+
+
+def packed_lists(lens, Hq, seed=0):
+    """Variable-count lists `[n, Hq, nb, nb]` for packed sequences, with junk in the rows past each
+    sequence's end and in entries past a sequence's own blocks (both must be ignored)."""
+    nb = math.ceil(max(lens) / 64)
+    count, index = make_kv_blocks(len(lens), Hq, nb, device="cpu", seed=seed)
+    for s, n in enumerate(lens):
+        nb_s = math.ceil(n / 64)
+        count[s, :, nb_s:] = nb
+        index[s, :, nb_s:] = torch.arange(nb, dtype=index.dtype)
+    return count.to(DEVICE), index.to(DEVICE)
+
+
+def check_varlen(q, k, v, cu, idx, count=None, config=None):
+    from seer_attn.kernels.naive import block_sparse_attn_topk_varlen_naive
+
+    out = block_sparse_attn_topk(q, k, v, idx, block_count=count, config=config, cu_seqlens=cu)
+    ref = block_sparse_attn_topk_varlen_naive(q.double(), k.double(), v.double(), idx, cu, block_count=count)
+    low = block_sparse_attn_topk_varlen_naive(q, k, v, idx, cu, upcast=False, block_count=count)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not out.isnan().any(), "NaN in output (unwritten or 0/0)"
+    err = (out.double() - ref).abs().max().item()
+    bound = 2 * (low.double() - ref).abs().max().item() + ATOL[q.dtype]
+    assert err <= bound, f"max err {err:.3e} > bound {bound:.3e}"
+    return out
+
+
+TOPK_VARLEN_CASES = [
+    # (lens, Hq, Hkv, D, dtype): odd lengths, a 1-token and an empty sequence, GQA, head_dim 128
+    ([63, 130, 65], 4, 2, 64, torch.float32),
+    ([200, 1, 0, 64], 2, 2, 64, torch.float16),
+    ([70, 129], 2, 1, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("variant", ["row", "row_nj2", "row_tma_persistent_lpt", "dual_tma_persistent_lpt", "pair",
+                                     "headpair_tma_persistent_lpt"])
+@pytest.mark.parametrize("lens, Hq, Hkv, D, dtype", TOPK_VARLEN_CASES, ids=[f"{c[0]}-D{c[3]}" for c in TOPK_VARLEN_CASES])
+def test_block_sparse_attn_topk_varlen(lens, Hq, Hkv, D, dtype, variant):
+    # one launch over packed sequences == the twin on each sequence == the padded kernel on each alone
+    cfg = VARIANTS[variant]
+    if cfg["kernel"] == "headpair" and (Hq // Hkv) % 2:
+        pytest.skip("headpair needs an even GQA group")
+    if dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp32 small cases run under the Triton interpreter only")
+    q, k, v, cu = packed_qkv(lens, Hq, Hkv, D, dtype, seed=len(lens))
+    count, index = packed_lists(lens, Hq, seed=sum(lens))
+    out = check_varlen(q, k, v, cu, index, count, config=cfg)
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if b == a:
+            continue
+        n = math.ceil((b - a) / 64)
+        one = lambda t: t[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        alone = block_sparse_attn_topk(one(q), one(k), one(v), index[s : s + 1, :, :n], block_count=count[s : s + 1, :, :n],
+                                       config=cfg)
+        torch.testing.assert_close(out[a:b], alone[0].transpose(0, 1), rtol=0, atol=0)
+
+
+def test_block_sparse_attn_topk_varlen_index_formats_and_errors():
+    # torch.topk-style indices (no count, repeats, -1) and max_seqlen given; clear errors
+    lens, Hq, Hkv = [65, 130], 4, 2
+    q, k, v, cu = packed_qkv(lens, Hq, Hkv, 64, torch.float16, seed=7)
+    idx = make_block_index(2, Hq, 3, 0.5)
+    a = check_varlen(q, k, v, cu, idx)
+    b = block_sparse_attn_topk(q, k, v, idx, cu_seqlens=cu, max_seqlen=130)
+    assert torch.equal(a, b)
+    # the plan empties the rows past each sequence's last block, so no program reads past its sequence
+    nb_seq = torch.tensor([2, 3], device=DEVICE)
+    plan = topk_mod.plan_topk_fwd(idx, None, 3, 2, topk_mod.resolve_config(64), nb_seq=nb_seq)
+    assert (plan["num"][0, :, 2] == 0).all() and (plan["num"][:, :, :2] > 0).all()
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        block_sparse_attn_topk(q, k, v, idx, cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match=r"\[total, H, D\]"):
+        block_sparse_attn_topk(q[None], k, v, idx, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="block_index"):
+        block_sparse_attn_topk(q, k, v, idx[:, :, :2], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        block_sparse_attn_topk(q, k, v, idx, cu_seqlens=cu.flip(0))
+    with pytest.raises(ValueError, match="legacy"):
+        block_sparse_attn_topk(q, k, v, idx, cu_seqlens=cu, config={"kernel": "legacy"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "legacy"])
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (9, 3, 64)])
+def test_block_sparse_attn_topk_varlen_gpu(Hq, Hkv, D, variant):
+    if VARIANTS[variant]["kernel"] == "headpair" and (Hq // Hkv) % 2:
+        pytest.skip("headpair needs an even GQA group")
+    lens = [1000, 4096, 63, 2049]
+    q, k, v, cu = packed_qkv(lens, Hq, Hkv, D, torch.bfloat16, seed=D)
+    count, index = packed_lists(lens, Hq, seed=Hq)
+    check_varlen(q, k, v, cu, index, count, config=VARIANTS[variant])
+    nb = math.ceil(max(lens) / 64)
+    check_varlen(q, k, v, cu, make_block_index(len(lens), Hq, nb, 0.1), config=VARIANTS[variant])

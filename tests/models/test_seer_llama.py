@@ -340,8 +340,9 @@ def test_cuda_graphs_replay_equals_eager(method):
 
 # distill packed: test_padding_equals_unpadded and tests/modules; "default": the default gate design
 # (4 / 2 summaries per block, pooled init) with adaptive selection and its row floor
-@pytest.mark.parametrize("mode,design", [("sparse", "classic"), ("sparse", "default")])
-def test_padded_batch_runs_packed_and_equals_one_by_one(mode, design, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode,design,kernel", [("sparse", "classic", "CSR"), ("sparse", "default", "CSR"),
+                                               ("sparse", "classic", "TopK")])
+def test_padded_batch_runs_packed_and_equals_one_by_one(mode, design, kernel, tmp_path, monkeypatch):
     # a padded batch runs as one packed (varlen) call per layer; each row equals its sequence alone
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
@@ -352,7 +353,7 @@ def test_padded_batch_runs_packed_and_equals_one_by_one(mode, design, tmp_path, 
     extra = {} if design == "classic" else dict(
         seerattn_gate_q_summaries=4, seerattn_gate_k_summaries=2, seerattn_gate_init="pooled", seerattn_sparsity_method="adaptive"
     )
-    model = load(str(tmp_path), seerattn_mode=mode, seerattn_nz_ratio=0.5, seerattn_kernel_implementation="CSR", **extra)
+    model = load(str(tmp_path), seerattn_mode=mode, seerattn_nz_ratio=0.5, seerattn_kernel_implementation=kernel, **extra)
     calls = []
     real_packed = modeling._seer_attention_packed
     monkeypatch.setattr(modeling, "_seer_attention_packed", lambda *a, **k: calls.append(1) or real_packed(*a, **k))

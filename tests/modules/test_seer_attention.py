@@ -102,11 +102,13 @@ VARLEN_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["naive", "CSR"])
+@pytest.mark.parametrize("kernel", ["naive", "CSR", "TopK"])
 @pytest.mark.parametrize("kw", VARLEN_SETTINGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_varlen_equals_one_by_one(kernel, kw):
-    if kernel == "CSR" and kw.get("mode") == "dense":
+    if kernel != "naive" and kw.get("mode") == "dense":
         pytest.skip("dense mode runs SDPA whatever the kernel")
+    if kernel == "TopK" and kw.get("mode") == "distill":
+        pytest.skip("distillation runs the pooling kernel, as with CSR")
     kw = dict(kw)
     summaries = kw.pop("summaries", (1, 1))
     settings = SeerAttentionSettings(**{"min_sparse_length": 0, "kernel": kernel, **kw})
@@ -129,11 +131,15 @@ def test_varlen_train_gate_loss_and_grads():
         assert stats.gate_loss.requires_grad
 
 
-def test_varlen_explicit_topk_is_refused():
-    from seer_attn.modules.seer_attention import resolve_kernel_varlen
+def test_varlen_kernel_choice_follows_one_sequence():
+    # every kernel has a packed path now: `auto` and explicit choices resolve as for one sequence
+    from seer_attn.modules.seer_attention import resolve_kernel, resolve_kernel_varlen
 
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        resolve_kernel_varlen("TopK", torch.device("cpu"), needs_grad=False)
+    for kernel in ("auto", "naive"):
+        for grad in (False, True):
+            assert resolve_kernel_varlen(kernel, torch.device("cpu"), grad) == resolve_kernel(kernel, torch.device("cpu"), grad)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        resolve_kernel_varlen("TopK", torch.device("cpu"), needs_grad=True)
 
 
 def test_kl_top_loss_is_a_coarser_kl():
