@@ -153,6 +153,11 @@ class PPLArguments:
     yarn_factor: float | None = field(
         default=None, metadata={"help": "apply YaRN with this factor before evaluating (a model that was not fine-tuned for it)"}
     )
+    share_gqa_blocks: bool | None = field(
+        default=None,
+        metadata={"help": "every sparse row selects one block set per GQA group (seerattn_share_gqa_blocks; default: the "
+                          "model config's)"},
+    )
 
 
 @dataclass
@@ -493,6 +498,8 @@ def _load_model(args: PPLArguments):
     config = AutoSeerForCausalLM.config_from(args.model, seerattn_mode="dense")
     if getattr(args, "adaptive_row_floor", None) is not None:
         config.seerattn_adaptive_row_floor = args.adaptive_row_floor
+    if getattr(args, "share_gqa_blocks", None) is not None:
+        config.seerattn_share_gqa_blocks = bool(args.share_gqa_blocks)
     if getattr(args, "layer_budgets", None):
         config.seerattn_layer_budget_curves = json.loads(Path(args.layer_budgets).read_text())["curves"]
         config.validate_seerattn()

@@ -23,6 +23,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_layer_budget_curves` | None or per layer a list of `[nz_ratio, benefit]` | None | per-layer benefit curves measured with the oracle on calibration text (minus the loss rise with only that layer sparse, or its recall; `python -m seer_attn.evaluation.layer_budgets --write_config`, or `distill --layer_budget_docs n`): every requested `nz_ratio` is then spread over the layers by water-filling these curves, keeping the mean (`seer_attn.modules.layer_budget`). |
 | `seerattn_layer_budget_max_nz` | (0, 1] | 0.2 | the curves redistribute requests up to this `nz_ratio`; above it every layer gets the request (there the curves are at noise level and the measured allocation lost PPL). |
 | `seerattn_top_p` | (0, 1] | 0.9 | keep each row's most probable blocks up to this cumulative probability (method `top_p`). |
+| `seerattn_share_gqa_blocks` | bool | False | every query head of a GQA group attends to the same key blocks, chosen from the group's mean block probability (as NSA): the budget is spent per KV head, and the kernel could load each K/V tile once for the whole group. |
 | `seerattn_keep_sink` | bool | False | always keep key block 0. |
 | `seerattn_keep_diagonal` | bool | True | always keep each row's diagonal block (no query block is ever empty). |
 | `seerattn_dense_last_rows` | int | 0 | make the last n query-block rows dense. |
@@ -87,7 +88,8 @@ GATE_SHAPE_FIELDS = (
     # the decode gate's too (its type has its own message, at forward)
     "seerattn_decode_q_pooling", "seerattn_decode_k_summaries", "seerattn_decode_gate_norm",
 )
-_BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_cuda_graphs", "seerattn_cross_document",
+_BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_share_gqa_blocks", "seerattn_cuda_graphs",
+          "seerattn_cross_document",
           "seerattn_decode_gate_norm", "seerattn_compile_gate")
 _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
              "seerattn_decode_start_layer", "seerattn_decode_min_context")
@@ -186,6 +188,7 @@ class SeerAttnConfigMixin:
     seerattn_layer_density_scale: list[float] | None = None
     seerattn_layer_budget_curves: list[list[list[float]]] | None = None
     seerattn_layer_budget_max_nz: float = 0.2
+    seerattn_share_gqa_blocks: bool = False
     seerattn_keep_sink: bool = False
     seerattn_keep_diagonal: bool = True
     seerattn_dense_last_rows: int = 0

@@ -201,6 +201,10 @@ def select_index(gate, q, k, cos, sin, settings, kernel: str) -> tuple[torch.Ten
     and the fused path applies (:func:`use_fused`), else None (the caller runs the twin)."""
     if kernel != "TopK" or not use_fused(gate, q, settings.sparsity_method):
         return None
+    if getattr(settings, "share_gqa_blocks", False) and q.shape[1] != k.shape[1]:
+        _log_once("fused gate does not select per GQA group yet (seerattn_share_gqa_blocks); running the PyTorch "
+                  "AttnGate (twin) and its selection instead")
+        return None
     return gate_block_index(gate, q, k, cos, sin, settings, return_count=True)
 
 

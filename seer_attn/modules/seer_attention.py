@@ -51,6 +51,7 @@ class SeerAttentionSettings:
     adaptive_row_floor: float = 0.0
     keep_sink: bool = False
     keep_diagonal: bool = True
+    share_gqa_blocks: bool = False
     dense_last_rows: int = 0
     min_sparse_length: int = 0
     kernel: str = "auto"
@@ -81,6 +82,7 @@ class SeerAttentionSettings:
             adaptive_row_floor=float(getattr(config, "seerattn_adaptive_row_floor", 0.0)),
             keep_sink=config.seerattn_keep_sink,
             keep_diagonal=config.seerattn_keep_diagonal,
+            share_gqa_blocks=bool(getattr(config, "seerattn_share_gqa_blocks", False)),
             dense_last_rows=config.seerattn_dense_last_rows,
             min_sparse_length=resolve_min_sparse_length(config),
             kernel=config.seerattn_kernel_implementation,
@@ -309,6 +311,21 @@ def _record(stats, q, k, v, sm_scale, settings, kernel, mask=None, mass=None) ->
     stats.mask, stats.mass, stats.oracle_mask = mask, mass, _reference_mask(mass, settings)
 
 
+def group_block_scores(scores: torch.Tensor, num_kv_heads: int, probs: bool) -> torch.Tensor:
+    """Scores of every query head `[B, Hq, nb, nb]` -> one per GQA group `[B, Hkv, nb, nb]`: the mean of
+    the group's block probabilities (`probs`: the rows already are probabilities, else they are logits
+    and are softmaxed over their causal blocks first). Selecting on them gives the whole group the
+    same blocks (`seerattn_share_gqa_blocks`), as NSA's group-shared selection."""
+    B, Hq, nbq, nb = scores.shape
+    if Hq % num_kv_heads:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({num_kv_heads})")
+    p = scores.float()
+    if not probs:
+        p = torch.softmax(p.masked_fill(~causal_block_mask(nbq, nb, scores.device), float("-inf")), dim=-1)
+    # (rows with no finite score, e.g. past a packed sequence's end, are NaN after the softmax: give them 0)
+    return p.nan_to_num(0.0).view(B, num_kv_heads, Hq // num_kv_heads, nbq, nb).mean(2)
+
+
 def _topk_index(scores: torch.Tensor, settings: SeerAttentionSettings) -> torch.Tensor:
     """Per-row top-k block indices plus the always-kept blocks, `[B, H, nb, K]` (repeats possible).
 
@@ -420,10 +437,18 @@ def seer_attention(
             _record(stats, q, k, v, sm_scale, settings, kernel)
         return dense_attention(q, k, v, sm_scale), stats
 
+    G = q.shape[1] // k.shape[1]
+    shared = settings.share_gqa_blocks and G > 1 and index is None
+    if shared:
+        # one selection per GQA group (the budget is spent per KV head), given to each of its heads below
+        probs = output == "probs" or settings.selector in ("oracle", "oracle_mass")
+        scores = group_block_scores(scores, k.shape[1], probs)
     if index is None and kernel == "TopK" and settings.sparsity_method == "nz_ratio" and settings.dense_last_rows == 0:
         # the TopK kernel reads top-k indices as they are (order, repeats and entries above the
         # diagonal are fine): skip the mask -> sorted-indices conversion and its host sync
         index = _topk_index(scores, settings)
+        if shared:
+            index = index.repeat_interleave(G, dim=1)
     elif index is None:
         mask = select_blocks(
             scores,
@@ -436,6 +461,8 @@ def seer_attention(
             keep_diagonal=settings.keep_diagonal,
             dense_last_rows=settings.dense_last_rows,
         )
+        if shared:
+            mask = mask.repeat_interleave(G, dim=1)
     if count is not None:
         # fused gate: canonical lists, entries past each row's count unwritten
         stats.kept_blocks = count.sum()
@@ -449,7 +476,7 @@ def seer_attention(
     stats.sparse = True
     if record:
         _record(stats, q, k, v, sm_scale, settings, kernel, mask if index is None else indices_to_mask(index, nb),
-                scores if settings.selector == "oracle_mass" else None)
+                scores if settings.selector == "oracle_mass" and not shared else None)
     if kernel == "naive":
         o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
     elif kernel == "TopK":
@@ -760,7 +787,13 @@ def seer_attention_varlen(
 
     # sequences under min_sparse_length run dense, here as "every causal block kept" (same result)
     dense_seq = torch.tensor(short, device=q.device) if any(short) else None
-    mask = select_blocks_varlen(scores, settings, nb_seq, dense_seq, nbs)
+    G = q.shape[1] // k.shape[1]
+    if settings.share_gqa_blocks and G > 1:
+        probs = output == "probs" or settings.selector in ("oracle", "oracle_mass")
+        mask = select_blocks_varlen(group_block_scores(scores, k.shape[1], probs), settings, nb_seq, dense_seq, nbs)
+        mask = mask.repeat_interleave(G, dim=1)
+    else:
+        mask = select_blocks_varlen(scores, settings, nb_seq, dense_seq, nbs)
     stats.kept_blocks = mask.sum()
     stats.sparse = True
     if kernel == "naive":

@@ -99,6 +99,9 @@ VARLEN_SETTINGS = [
     dict(sparsity_method="adaptive", nz_ratio=0.2, keep_sink=True),
     dict(sparsity_method="top_p", top_p=0.8, summaries=(2, 1)),
     dict(mode="distill", summaries=(4, 2)),
+    # one block set per GQA group
+    dict(nz_ratio=0.3, share_gqa_blocks=True),
+    dict(sparsity_method="adaptive", nz_ratio=0.3, adaptive_row_floor=0.5, share_gqa_blocks=True, summaries=(4, 2)),
 ]
 
 
@@ -162,3 +165,60 @@ def test_kl_top_loss_is_a_coarser_kl():
     assert gate_loss(logits, one_hot, "kl_top").item() == pytest.approx(gate_loss(logits, one_hot, "kl").item(), rel=1e-5)
     with pytest.raises(ValueError, match="kl_top"):
         gate_loss(logits, t, "l1")
+
+
+@pytest.mark.parametrize("selector,method", [("gate", "nz_ratio"), ("gate", "adaptive"), ("oracle_mass", "nz_ratio"),
+                                             ("gate", "threshold")])
+def test_share_gqa_blocks_gives_each_group_one_block_set(selector, method):
+    # seerattn_share_gqa_blocks: the heads of a GQA group attend to the same blocks, those selection picks
+    # from the group's mean block probability; at the same nz_ratio the density is the per-head one's
+    from seer_attn.kernels.block_mask import causal_block_mask
+    from seer_attn.modules.seer_attention import baseline_scores, group_block_scores
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, S = 2, 6, 2, 64, 1280  # 20 blocks: a budget of 3 per row at nz 0.3, besides the diagonal
+    G, nb = Hq // Hkv, S // 64
+    q, k, v = (torch.randn(B, h, S, D) for h in (Hq, Hkv, Hkv))
+    gate = AttnGate(Hq, Hkv, D)
+    with torch.no_grad():
+        for w in gate.parameters():
+            w.normal_(0.0, 0.5)  # peaked, head-specific block probabilities: the heads of a group disagree
+    cos, sin = rope(B, nb, D)
+    kw = dict(selector=selector, sparsity_method=method, nz_ratio=0.3, threshold=0.05, min_sparse_length=0, kernel="naive")
+    masks = {}
+    for share in (False, True):
+        settings = SeerAttentionSettings(share_gqa_blocks=share, **kw)
+        with torch.no_grad():
+            _, stats = seer_attention(q, k, v, q, k, gate, cos, sin, 1 / math.sqrt(D), settings, record=True)
+        masks[share] = stats.mask
+    grouped = masks[True].view(B, Hkv, G, nb, nb)
+    assert (grouped == grouped[:, :, :1]).all()
+    assert not (masks[False].view(B, Hkv, G, nb, nb) == masks[False].view(B, Hkv, G, nb, nb)[:, :, :1]).all()
+    # the reference: select_blocks on the group mean of the per-head probabilities
+    with torch.no_grad():
+        if selector == "gate":
+            scores = gate(q, k, cos, sin, output="probs")
+        else:
+            scores = baseline_scores(selector, q, k, v, 1 / math.sqrt(D), 64, "naive")
+    ref = select_blocks(group_block_scores(scores, Hkv, probs=True), method=method, nz_ratio=0.3, threshold=0.05,
+                        adaptive_row_floor=kw.get("adaptive_row_floor", 0.0))
+    assert torch.equal(grouped[:, :, 0], ref)
+    if method != "threshold":
+        causal = causal_block_mask(nb, nb)
+        dens = [m[..., causal].float().mean().item() for m in (masks[False], masks[True])]
+        assert dens[1] == pytest.approx(dens[0], abs=0.02)
+
+
+def test_group_block_scores():
+    from seer_attn.modules.seer_attention import group_block_scores
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5, 5)
+    p = group_block_scores(logits, 2, probs=False)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    ref = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).view(1, 2, 2, 5, 5).mean(2)
+    torch.testing.assert_close(p, ref)
+    torch.testing.assert_close(p.sum(-1), torch.ones(1, 2, 5))
+    assert torch.equal(group_block_scores(ref, 2, probs=True), ref)  # one head per group: unchanged
+    with pytest.raises(ValueError, match="multiple"):
+        group_block_scores(logits, 3, probs=False)
