@@ -22,6 +22,8 @@ What it does:
    - the pair variants' wasted fraction (half-tiles computed for a row that does not keep the
      block) on that random mask and on a gate-like correlated mask (``correlated_block_mask``),
      and their time on the correlated mask next to the row kernel's;
+   - with ``--gqa`` (default): a mask with one block set per GQA group (``seerattn_share_gqa_blocks``),
+     where the two-head ``headpair`` tile wastes nothing: Flex64, the row kernel and ``headpair`` on it;
 3. prints one table per head_dim and a summary: per variant, the geometric mean over the cells of
    Flex64 / (plan + kernel), Flex128 / (plan + kernel) and Flex64 / kernel; the best variant per
    head_dim (by the first), and the ``TOPK_FWD_CONFIG`` entry to paste into
@@ -249,7 +251,32 @@ def run_cell(name: str, S: int, d: float, vs: dict, flex, args, default_cfg: dic
             del plan
         except Exception as ex:  # noqa: BLE001 - a plan or kernel that fails here is reported, the rest goes on
             log(f"  {vname}: failed: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
-    cell["tflops"] = {key: flops / ms * 1e-9 for key, ms in cell["ms"].items() if not key.startswith(("flex128", "corr:", "cudnn"))}
+    if G > 1 and args.gqa:
+        # one block set per GQA group (seerattn_share_gqa_blocks): the heads of a group keep the same blocks,
+        # so the two-head tile wastes nothing; Flex64 and the default row kernel on the same mask beside it
+        gmask = random_block_mask(1, Hkv, nb, d, DEV).repeat_interleave(G, dim=1)
+        cell["real_density_gqa"] = round(block_density(gmask), 4)
+        gnum, gidx = mask_to_kv_blocks(gmask, max_blocks=int(gmask.sum(-1).max()))
+        if flex is not None:
+            gbm = flex_block_mask(gmask, S)
+            put("gqa:flex64", lambda: flex(q, k, v, block_mask=gbm, enable_gqa=True, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}))
+            del gbm
+        for vname, c in (("gqa:row_tma_w4s3", dict(kernel="row", tma=True, num_warps=4, num_stages=3)),
+                         ("gqa:headpair_tma_w8s3", dict(kernel="headpair", tma=True, num_warps=8, num_stages=3)),
+                         ("gqa:headpair_w8s3", dict(kernel="headpair", num_warps=8, num_stages=3))):
+            if c["kernel"] == "headpair" and G % 2:
+                continue
+            try:
+                gcfg = topk_mod.resolve_config(D, BS, c)
+                gplan = topk_mod.plan_topk_fwd(gidx, gnum, nb, G, gcfg)
+                if c["kernel"] == "headpair":
+                    cell["waste_headpair_gqa"] = round(pair_waste(gplan), 4)
+                put(vname, lambda: topk_mod.launch_topk_fwd(q, k, v, gplan, scale, BS, gcfg))
+                del gplan
+            except Exception as ex:  # noqa: BLE001
+                log(f"  {vname}: failed: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
+        del gmask, gnum, gidx
+    cell["tflops"] = {key: flops / ms * 1e-9 for key, ms in cell["ms"].items() if not key.startswith(("flex128", "corr:", "cudnn", "gqa:"))}
     # pair kernels on the tiles they compute (kept + wasted): their time on a mask with waste w is
     # about this time * (1 - w_random) / (1 - w)
     cell["tile_tflops"] = {
@@ -297,6 +324,9 @@ def tables(cells: list[dict]) -> str:
         out.append("| headpair waste random / correlated | " + " | ".join(
             f"{fmt(c.get('waste_headpair'))} / {fmt(c.get('waste_headpair_corr'))}" for c in cs) + " |")
         out.append("| Flex128 mask real d | " + " | ".join(fmt(c.get("real_density_128")) for c in cs) + " |")
+        if any("real_density_gqa" in c for c in cs):
+            out.append("| gqa: (one block set per GQA group) mask real d, headpair waste | " + " | ".join(
+                f"{fmt(c.get('real_density_gqa'))}, {fmt(c.get('waste_headpair_gqa'))}" for c in cs) + " |")
         out.append("| pair kernels, TFLOP/s on computed tiles (best) | " + " | ".join(
             fmt(max(c.get("tile_tflops", {}).values(), default=None), 0) for c in cs) + " |")
     return "\n".join(out)
@@ -348,6 +378,8 @@ def main() -> None:
     ap.add_argument("--risky", action="store_true",
                     help="also warp-specialised variants (Triton documents them for Blackwell; a compiler crash would end the run)")
     ap.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True, help="cuDNN dense at 32k")
+    ap.add_argument("--gqa", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time a mask with one block set per GQA group (gqa: rows)")
     ap.add_argument("--target-ms", type=float, default=250.0, help="time spent per measurement")
     ap.add_argument("--budget-s", type=float, default=360.0, help="start no new cell after this many seconds")
     ap.add_argument("--out", default="benchmarks/results/sweep_topk.json")

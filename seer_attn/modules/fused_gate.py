@@ -176,12 +176,16 @@ def gate_block_index(gate, q, k, cos, sin, settings, return_count: bool = False)
     if reason is not None:
         raise ValueError(f"gate_block_index: the fused gate does not support {reason}")
     scores = _scores(gate, q, k, cos, sin, fill_upper=False)
+    G = q.shape[1] // k.shape[1]
+    shared = getattr(settings, "share_gqa_blocks", False) and G > 1
+    if shared:
+        scores = _group_log_probs(scores, k.shape[1], _is_mixture(gate))
     nb, H = scores.shape[-1], scores.shape[1]
     method = settings.sparsity_method
     # adaptive: the per-row top-k budget of all heads (the kernel raises it to the forced count)
     budget = H * topk_budget(settings.nz_ratio, nb) if method == "adaptive" else 0
     floor_k = int(getattr(settings, "adaptive_row_floor", 0.0) * nz_ratio_to_k(settings.nz_ratio, nb))
-    return gate_select(
+    out = gate_select(
         scores,
         method,
         nz_ratio_to_k(settings.nz_ratio, nb) if method == "nz_ratio" else 1,
@@ -194,16 +198,33 @@ def gate_block_index(gate, q, k, cos, sin, settings, return_count: bool = False)
         row_floor_k=floor_k if method == "adaptive" else 0,
         return_count=return_count,
     )
+    if shared:
+        # one list per GQA group, handed to each of its query heads
+        out = tuple(t.repeat_interleave(G, dim=1) for t in out) if return_count else out.repeat_interleave(G, dim=1)
+    return out
+
+
+def _is_mixture(gate) -> bool:
+    return getattr(gate, "q_summaries", 1) > 1 or getattr(gate, "k_summaries", 1) > 1
+
+
+def _group_log_probs(scores: torch.Tensor, num_kv_heads: int, log_probs: bool) -> torch.Tensor:
+    """Causal lower triangle of `[B, Hq, nb, nb]` logits (or block log-probabilities, `log_probs`) -> the
+    log of each GQA group's mean block probability, `[B, Hkv, nb, nb]` (`-inf` above the diagonal):
+    `seerattn_share_gqa_blocks` (see `seer_attention.group_block_scores`, the twin in probability space)."""
+    from seer_attn.kernels.block_mask import causal_block_mask
+
+    B, Hq, nb, _ = scores.shape
+    s = scores.masked_fill(~causal_block_mask(nb, nb, scores.device), float("-inf"))
+    if not log_probs:
+        s = torch.log_softmax(s, dim=-1)
+    return torch.logsumexp(s.view(B, num_kv_heads, Hq // num_kv_heads, nb, nb), dim=2) - math.log(Hq // num_kv_heads)
 
 
 def select_index(gate, q, k, cos, sin, settings, kernel: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The sparse branch's hook: `(index, count)` of :func:`gate_block_index` when the TopK kernel runs
     and the fused path applies (:func:`use_fused`), else None (the caller runs the twin)."""
     if kernel != "TopK" or not use_fused(gate, q, settings.sparsity_method):
-        return None
-    if getattr(settings, "share_gqa_blocks", False) and q.shape[1] != k.shape[1]:
-        _log_once("fused gate does not select per GQA group yet (seerattn_share_gqa_blocks); running the PyTorch "
-                  "AttnGate (twin) and its selection instead")
         return None
     return gate_block_index(gate, q, k, cos, sin, settings, return_count=True)
 
@@ -218,20 +239,32 @@ def gate_block_index_twin(gate, q, k, cos, sin, settings) -> torch.Tensor:
         qb, kb = gate.pool_inputs(q, k)
         method = settings.sparsity_method
         scores = gate.score(qb, kb, cos, sin, output="logits" if method == "nz_ratio" else "probs")
-        if method == "nz_ratio" and settings.dense_last_rows == 0:
-            idx = topk_block_index(scores, nz_ratio_to_k(settings.nz_ratio, scores.shape[-1]))
-            rows = torch.arange(scores.shape[-2], device=scores.device).expand(*scores.shape[:-1])[..., None]
-            extra = ([torch.zeros_like(rows)] if settings.keep_sink else []) + ([rows] if settings.keep_diagonal else [])
-            return torch.cat([idx, *extra], dim=-1)
-        mask = select_blocks(
-            scores,
-            method=method,
-            nz_ratio=settings.nz_ratio,
-            threshold=settings.threshold,
-            top_p=getattr(settings, "top_p", 1.0),
-            adaptive_row_floor=getattr(settings, "adaptive_row_floor", 0.0),
-            keep_sink=settings.keep_sink,
-            keep_diagonal=settings.keep_diagonal,
-            dense_last_rows=settings.dense_last_rows,
-        )
-        return mask_to_indices(mask)
+        G = q.shape[1] // k.shape[1]
+        if getattr(settings, "share_gqa_blocks", False) and G > 1:
+            from seer_attn.modules.seer_attention import group_block_scores
+
+            grouped = group_block_scores(scores, k.shape[1], probs=method != "nz_ratio")
+            return _twin_select(grouped, settings).repeat_interleave(G, dim=1)
+        return _twin_select(scores, settings)
+
+
+def _twin_select(scores: torch.Tensor, settings) -> torch.Tensor:
+    # the twin's selection on scores of any head count (per query head, or per GQA group)
+    method = settings.sparsity_method
+    if method == "nz_ratio" and settings.dense_last_rows == 0:
+        idx = topk_block_index(scores, nz_ratio_to_k(settings.nz_ratio, scores.shape[-1]))
+        rows = torch.arange(scores.shape[-2], device=scores.device).expand(*scores.shape[:-1])[..., None]
+        extra = ([torch.zeros_like(rows)] if settings.keep_sink else []) + ([rows] if settings.keep_diagonal else [])
+        return torch.cat([idx, *extra], dim=-1)
+    mask = select_blocks(
+        scores,
+        method=method,
+        nz_ratio=settings.nz_ratio,
+        threshold=settings.threshold,
+        top_p=getattr(settings, "top_p", 1.0),
+        adaptive_row_floor=getattr(settings, "adaptive_row_floor", 0.0),
+        keep_sink=settings.keep_sink,
+        keep_diagonal=settings.keep_diagonal,
+        dense_last_rows=settings.dense_last_rows,
+    )
+    return mask_to_indices(mask)

@@ -69,6 +69,26 @@ def test_gate_block_index(method, keep_sink, dense_rows, n_q):
     assert torch.equal(count, live.sum(-1).int()) and torch.equal(torch.where(live, idx_c, -1), idx)
 
 
+@pytest.mark.parametrize("method,n_q", [("nz_ratio", 1), ("adaptive", 2), ("threshold", 1)])
+def test_gate_block_index_shared_per_gqa_group(method, n_q):
+    # seerattn_share_gqa_blocks: one list per GQA group (selected on the group's mean probability),
+    # the same blocks as the twin, identical for the heads of a group
+    gate, q, k, cos, sin = setup(S=600, Hq=6, Hkv=2, seed=4, n_q=n_q)
+    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.4, threshold=0.08, adaptive_row_floor=0.5,
+                               share_gqa_blocks=True)
+    idx, count = fused_gate.gate_block_index(gate, q, k, cos, sin, st, return_count=True)
+    ref = fused_gate.gate_block_index_twin(gate, q, k, cos, sin, st)
+    nb = idx.shape[-2]
+    live = torch.arange(idx.shape[-1]) < count[..., None]
+    mask = indices_to_mask(torch.where(live, idx, -1).long(), nb)
+    assert torch.equal(mask, indices_to_mask(ref.long(), nb))
+    grouped = mask.view(1, 2, 3, nb, nb)
+    assert (grouped == grouped[:, :, :1]).all()
+    per_head = fused_gate.gate_block_index_twin(gate, q, k, cos, sin, SeerAttentionSettings(
+        sparsity_method=method, nz_ratio=0.4, threshold=0.08, adaptive_row_floor=0.5))
+    assert not torch.equal(mask, indices_to_mask(per_head.long(), nb))
+
+
 def test_unsupported_designs_are_named():
     assert fused_gate.unsupported_reason(AttnGate(4, 2, 64)) is None
     assert "hidden size 48" in fused_gate.unsupported_reason(AttnGate(4, 2, 64, "Qavg_Kavg", hidden_size=48))
@@ -101,14 +121,14 @@ def test_use_fused_logs_fallback_once(monkeypatch, caplog):
         fused_gate.set_fused_gate(True)
 
 
-@pytest.mark.parametrize("method", ["nz_ratio", "adaptive"])
-def test_seer_attention_through_fused_gate(monkeypatch, method):
+@pytest.mark.parametrize("method,shared", [("nz_ratio", False), ("adaptive", False), ("adaptive", True)])
+def test_seer_attention_through_fused_gate(monkeypatch, method, shared):
     # the sparse branch with the fused gate (canonical lists + counts straight into the TopK kernel)
     # gives the same output and kept count as with the twin gate
     gate, q_pre, k_pre, cos, sin = setup(S=260, dtype=torch.float32, seed=5)
     v = torch.randn_like(k_pre)
     st = SeerAttentionSettings(mode="sparse", nz_ratio=0.5, kernel="TopK", keep_sink=True, sparsity_method=method,
-                               adaptive_row_floor=0.5)  # fmt: skip
+                               adaptive_row_floor=0.5, share_gqa_blocks=shared)  # fmt: skip
     scale = 1 / 8
     with torch.no_grad():
         ref, ref_stats = seer_attention(q_pre, k_pre, v, q_pre, k_pre, gate, cos, sin, scale, st)
@@ -124,8 +144,8 @@ def test_seer_attention_through_fused_gate(monkeypatch, method):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["nz_ratio", "threshold", "top_p", "adaptive"])
-@pytest.mark.parametrize("n_q,n_k", [(1, 1), (2, 2)])
-def test_gate_block_index_gpu(method, n_q, n_k):
+@pytest.mark.parametrize("n_q,n_k,shared", [(1, 1, False), (2, 2, False), (4, 2, True)])
+def test_gate_block_index_gpu(method, n_q, n_k, shared):
     # bf16 inputs at a realistic size: the fused selection equals the twin's up to near ties
     torch.manual_seed(0)
     S, Hq, Hkv, D = 4000, 32, 8, 128
@@ -133,7 +153,8 @@ def test_gate_block_index_gpu(method, n_q, n_k):
     q = torch.randn(1, S, Hq, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
     k = torch.randn(1, S, Hkv, D, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
     cos, sin = rope_tables(1, math.ceil(S / gate.rope_stride), D, stride=gate.rope_stride)
-    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.2, threshold=0.02, top_p=0.7, keep_sink=True)
+    st = SeerAttentionSettings(sparsity_method=method, nz_ratio=0.2, threshold=0.02, top_p=0.7, keep_sink=True,
+                               share_gqa_blocks=shared)
     with torch.no_grad():
         nb = math.ceil(S / 64)
         m = indices_to_mask(fused_gate.gate_block_index(gate, q, k, cos, sin, st).long(), nb)

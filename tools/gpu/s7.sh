@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Next GPU session's kernel/gate calls (no model needed; carry .gpu/wheels .gpu/scripts).
+# usage: bash .gpu/scripts/s7.sh PART...   (several parts in one call; each has its own cap CAP_<part>)
+#   tests   : GPU tests of the TopK packed (cu_seqlens) path and the fused gate's GQA-shared selection
+#   padded  : benchmarks/bench_padded.py: a padded batch packed through TopK vs CSR vs a loop (issue 10)
+#   profile : bench_gate.py --profile default and default_shared, Llama-8B 32k/128k (issue 11)
+#   gate    : bench_gate.py --designs default,default_shared (issue 11: per-group selection's cost)
+#   gqa     : sweep_topk.py on a few variants with the gqa: rows (one block set per GQA group)
+# Logs and JSON land in $OUT/r, tarred at the end into $OUT/s7_<parts>.tar.gz.
+set -u
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRITON_INTERPRET=0
+mkdir -p /tmp/site "$OUT/r"
+if [ ! -f /tmp/site/.ok ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl && touch /tmp/site/.ok
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+R=$OUT/r
+run() {  # run NAME CAP cmd...
+  local name=$1 cap=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$cap" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $(( $(date +%s) - t0 ))s"
+  grep -v "it/s\]\|s/it\]" "$R/$name.log" | tail -n "${TAILN:-25}"
+}
+for part in "$@"; do
+  case $part in
+    tests)
+      TAILN=40 run gputests "${CAP_tests:-240}" python -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf \
+        tests/kernels/test_block_sparse_attn_topk.py -k varlen tests/modules/test_fused_gate.py ;;
+    padded)
+      run bench_padded "${CAP_padded:-150}" python benchmarks/bench_padded.py --out "$R/bench_padded.json" ;;
+    profile)
+      run profile_default "${CAP_profile:-120}" python benchmarks/bench_gate.py --profile default --shapes llama8b \
+        --seqlens 32768,131072 --out "$R/gate_profile_default.json"
+      run profile_shared "${CAP_profile:-120}" python benchmarks/bench_gate.py --profile default_shared --shapes llama8b \
+        --seqlens 32768,131072 --out "$R/gate_profile_shared.json" ;;
+    gate)
+      run bench_gate "${CAP_gate:-240}" python benchmarks/bench_gate.py --designs default,default_shared \
+        --compile-seqlens "" --out "$R/bench_gate.json" ;;
+    gqa)
+      TAILN=60 run sweep_gqa "${CAP_gqa:-300}" python benchmarks/sweep_topk.py --variants '^row_tma_w4s3$|^headpair_tma_w8s3$' \
+        --full --seqlens 32768,131072 --budget-s 220 --out "$R/sweep_gqa.json" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+(cd "$OUT" && tar czf "s7_$(echo "$@" | tr ' ' _).tar.gz" r && rm -rf r)
+ls -la "$OUT"
