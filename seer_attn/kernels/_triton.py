@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["is_interpreter", "prune_configs", "check_attn_inputs", "dot_precision"]
+__all__ = ["is_interpreter", "prune_configs", "check_attn_inputs", "dot_precision", "use_tma"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HEAD_DIMS = (64, 128)
@@ -26,6 +26,25 @@ def is_interpreter() -> bool:
 def prune_configs(configs: list) -> list:
     """Autotune candidates: all of them on a GPU, only the first under the interpreter."""
     return configs[:1] if is_interpreter() else configs
+
+
+def use_tma(*ts: torch.Tensor) -> bool:
+    """Hopper tensor descriptors (TMA loads) apply to these tensors: Triton has them, the GPU is sm90+
+    (or the interpreter, which emulates them), every stride but the last 16-byte aligned."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+        import triton.language as tl
+    except ImportError:
+        return False
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not is_interpreter() and (ts[0].device.type != "cuda" or torch.cuda.get_device_capability(ts[0].device)[0] < 9):
+        return False
+    for t in ts:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seer_attn.kernels._triton import check_attn_inputs, dot_precision, is_interpreter, prune_configs
+from seer_attn.kernels._triton import check_attn_inputs, dot_precision, is_interpreter, prune_configs, use_tma
 
 __all__ = ["attn_with_pooling"]
 
@@ -76,13 +76,21 @@ def _prune_fwd(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+def _fwd_descriptor_shapes(nargs) -> None:
+    # autotune pre-hook: the K/V tensor descriptors load [BN, D] tiles of the config being tried
+    for name in ("desc_k", "desc_v"):
+        desc = nargs[name]
+        if hasattr(desc, "block_shape"):
+            desc.block_shape = [1, 1, nargs["BN"], nargs["D"]]
+
+
 @triton.autotune(
     configs=prune_configs(
         list(
             filter(
                 _keep_fwd,
                 [
-                    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
+                    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s, pre_hook=_fwd_descriptor_shapes)
                     for bm in (64, 128)
                     for bn in (64, 128)
                     for w in (4, 8)
@@ -102,6 +110,8 @@ def attn_pooling_fwd_kernel(
     o,
     lse,
     cu_seqlens,
+    desc_k,
+    desc_v,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -128,10 +138,13 @@ def attn_pooling_fwd_kernel(
     D: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr,
+    TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
+    # TMA: K and V tiles come through Hopper tensor descriptors (desc_k, desc_v over [B or 1, Hkv, S or
+    # total, D]; rows past the tensor read as 0, rows of the next packed sequence are masked below)
     # heaviest (last) query tiles first
     i_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -151,6 +164,8 @@ def attn_pooling_fwd_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     k_base = k + i_b * stride_kb + i_hkv * stride_kh + bos * stride_kt
     v_base = v + i_b * stride_vb + i_hkv * stride_vh + bos * stride_vt
+    # the descriptors' batch coordinate: packed sequences share one [1, H, total, D] tensor
+    i_bd = (0 * i_b if VARLEN else i_b).to(tl.int32)
 
     if IS_CAUSAL:
         lo_end = i_m * BM
@@ -165,19 +180,28 @@ def attn_pooling_fwd_kernel(
     for i_n in range(0, lo_end, BN):
         o_k = i_n + o_n
         # [D, BN]
-        b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd)
+        if TMA:
+            b_k = tl.trans(desc_k.load([i_bd, i_hkv.to(tl.int32), (bos + i_n).to(tl.int32), 0]).reshape(BN, D))
+        else:
+            b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd)
         b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_p = tl.exp2(b_s - b_mn[:, None])
         b_alpha = tl.exp2(b_m - b_mn)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(v_base + o_k[:, None] * stride_vt + o_d[None, :] * stride_vd)
+        if TMA:
+            b_v = desc_v.load([i_bd, i_hkv.to(tl.int32), (bos + i_n).to(tl.int32), 0]).reshape(BN, D)
+        else:
+            b_v = tl.load(v_base + o_k[:, None] * stride_vt + o_d[None, :] * stride_vd)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = b_mn
     for i_n in range(lo_end, hi, BN):
         o_k = i_n + o_n
         m_k = o_k < T
-        b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd, mask=m_k[None, :], other=0.0)
+        if TMA:
+            b_k = tl.trans(desc_k.load([i_bd, i_hkv.to(tl.int32), (bos + i_n).to(tl.int32), 0]).reshape(BN, D))
+        else:
+            b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd, mask=m_k[None, :], other=0.0)
         b_s = tl.dot(b_q, b_k, input_precision=DOT_PREC) * qk_scale
         if IS_CAUSAL:
             b_s = tl.where((o_m[:, None] >= o_k[None, :]) & m_k[None, :], b_s, float("-inf"))
@@ -187,7 +211,11 @@ def attn_pooling_fwd_kernel(
         b_p = tl.exp2(b_s - b_mn[:, None])
         b_alpha = tl.exp2(b_m - b_mn)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = tl.load(v_base + o_k[:, None] * stride_vt + o_d[None, :] * stride_vd, mask=m_k[:, None], other=0.0)
+        if TMA:
+            # rows past this sequence hold the next one's values: their probabilities are exactly 0
+            b_v = desc_v.load([i_bd, i_hkv.to(tl.int32), (bos + i_n).to(tl.int32), 0]).reshape(BN, D)
+        else:
+            b_v = tl.load(v_base + o_k[:, None] * stride_vt + o_d[None, :] * stride_vd, mask=m_k[:, None], other=0.0)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
         b_m = b_mn
 
@@ -227,14 +255,19 @@ def _prune_pool(configs, named_args, **kwargs):
 
 @triton.jit
 def _pool_block_row(
-    b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j, T,
+    b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j, T,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASS: tl.constexpr, DOT_PREC: tl.constexpr,
-    D: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Per query row, the pooled value of key block `j`: `max_c (s - lse)` (log2), or `sum_c p` for mass."""
+    """Per query row, the pooled value of key block `j`: `max_c (s - lse)` (log2), or `sum_c p` for mass.
+    With TMA, `kc_b, kc_h, kc_t`: the descriptor's batch coordinate, KV head and the sequence's first token."""
     o_k = j * BS + tl.arange(0, BS)
     o_d = tl.arange(0, D)
-    if MASKED:
+    if TMA:
+        b_k = tl.trans(desc_k.load([kc_b, kc_h, (kc_t + j * BS).to(tl.int32), 0]).reshape(BS, D))
+        if MASKED:
+            m_k = o_k < T
+    elif MASKED:
         m_k = o_k < T
         b_k = tl.load(k_base + o_k[None, :] * stride_kt + o_d[:, None] * stride_kd, mask=m_k[None, :], other=0.0)
     else:
@@ -255,25 +288,25 @@ def _pool_block_row(
 
 @triton.jit
 def _pool_tile(
-    b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+    b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0, T,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASS: tl.constexpr, DOT_PREC: tl.constexpr,
-    D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, C: tl.constexpr, TMA: tl.constexpr,
 ):
     """Per query row, the pooled values of key blocks `j0 .. j0 + C - 1`: `[R * BS, C]`."""
-    x0 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
-                         MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+    x0 = _pool_block_row(b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+                         MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS, TMA)
     if C == 1:
         b_x = x0[:, None]
     else:
-        x1 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0 + 1, T,
-                             MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+        x1 = _pool_block_row(b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0 + 1, T,
+                             MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS, TMA)
         if C == 2:
             b_x = tl.join(x0, x1)
         else:
-            x2 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0 + 2, T,
-                                 MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
-            x3 = _pool_block_row(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0 + 3, T,
-                                 MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS)
+            x2 = _pool_block_row(b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0 + 2, T,
+                                 MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS, TMA)
+            x3 = _pool_block_row(b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0 + 3, T,
+                                 MASKED, IS_CAUSAL, MASS, DOT_PREC, D, BS, TMA)
             # join(join(x0, x2), join(x1, x3))[n, i, a] is x_{2i + a}: reshaped, column c holds x_c
             b_x = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [R * BS, 4])
     return b_x
@@ -311,6 +344,7 @@ def attn_pooling_fwd_kernel_pool(
     lse,
     pooled,
     cu_seqlens,
+    desc_k,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -332,6 +366,7 @@ def attn_pooling_fwd_kernel_pool(
     IS_CAUSAL: tl.constexpr,
     MASS: tl.constexpr,
     VARLEN: tl.constexpr,
+    TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
@@ -352,6 +387,8 @@ def attn_pooling_fwd_kernel_pool(
     # rows past the end get lse = +inf, so their probabilities are exactly 0
     b_lse = tl.load(lse + i_b * stride_lb + i_h * stride_lh + bos + o_m, mask=m_m, other=float("inf"))
     k_base = k + i_b * stride_kb + i_hkv * stride_kh + bos * stride_kt
+    # TMA descriptor coordinates (batch, KV head, sequence start): packed sequences share one [1, H, total, D]
+    kc_b, kc_h, kc_t = (0 * i_b if VARLEN else i_b).to(tl.int32), i_hkv.to(tl.int32), bos.to(tl.int32)
     # this program's rows of the map; rows and columns past NB do not exist
     o_r = i_0 + tl.arange(0, R)
     p_row = pooled + (i_bh * NB + i_0) * NB
@@ -369,12 +406,12 @@ def attn_pooling_fwd_kernel_pool(
     n_full = tl.where(i_0 < nb, n_full, 0)
     hi = tl.where(i_0 < nb, hi, 0)
     for j0 in range(0, n_full, C):
-        b_x = _pool_tile(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
-                         False, IS_CAUSAL, MASS, DOT_PREC, D, BS, R, C)
+        b_x = _pool_tile(b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+                         False, IS_CAUSAL, MASS, DOT_PREC, D, BS, R, C, TMA)
         _pool_store(b_x, p_row, j0, T, i_0, NB, MASS, BS, R, C)
     for j0 in range(n_full, hi, C):
-        b_x = _pool_tile(b_q, b_lse, k_base, stride_kt, stride_kd, qk_scale, o_m, j0, T,
-                         True, IS_CAUSAL, MASS, DOT_PREC, D, BS, R, C)
+        b_x = _pool_tile(b_q, b_lse, k_base, desc_k, kc_b, kc_h, kc_t, stride_kt, stride_kd, qk_scale, o_m, j0, T,
+                         True, IS_CAUSAL, MASS, DOT_PREC, D, BS, R, C, TMA)
         _pool_store(b_x, p_row, j0, T, i_0, NB, MASS, BS, R, C)
     # everything else in these rows (above the diagonal, past the sequence) is exactly 0
     z0 = tl.maximum(n_full, tl.cdiv(hi, C) * C)
@@ -457,6 +494,11 @@ def attn_with_pooling(
     return (o[0].transpose(0, 1) if packed else o), pooled
 
 
+# the first pass loads K/V through Hopper tensor descriptors (TMA) where they apply (`use_tma`): the
+# TopK kernel went from FA2's rate to 400-460 TFLOP/s with them. False: plain loads everywhere (benchmarks)
+FWD_TMA = True
+
+
 def _forward_lse(q, k, v, qk_scale, is_causal, cu_seqlens, B, S, prec):
     """First pass on `[B, H, S, D]` views (packed: `[1, H, total, D]` with `cu_seqlens`, `B` sequences
     of at most `S` tokens): `o` in `q`'s layout and the base-2 logsumexp `[B, Hq, S]` (packed `[Hq, total]`)."""
@@ -466,8 +508,17 @@ def _forward_lse(q, k, v, qk_scale, is_causal, cu_seqlens, B, S, prec):
     lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device) if packed else torch.empty(
         B, Hq, S, dtype=torch.float32, device=q.device)
     o = torch.empty_like(q)
+    tma = FWD_TMA and use_tma(k, v)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # block shapes are set per autotune config (_fwd_descriptor_shapes)
+        desc_k = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, 64, k.shape[3]])
+        desc_v = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, 64, v.shape[3]])
+    else:
+        desc_k, desc_v = k, v
     attn_pooling_fwd_kernel[lambda meta: (triton.cdiv(S, meta["BM"]), B * Hq)](
-        q, k, v, o, lse, cu_seqlens if packed else lse,
+        q, k, v, o, lse, cu_seqlens if packed else lse, desc_k, desc_v,
         sb(q), *q.stride()[1:],
         sb(k), *k.stride()[1:],
         sb(v), *v.stride()[1:],
@@ -481,6 +532,7 @@ def _forward_lse(q, k, v, qk_scale, is_causal, cu_seqlens, B, S, prec):
         D=q.shape[3],
         IS_CAUSAL=is_causal,
         VARLEN=packed,
+        TMA=tma,
         DOT_PREC=prec,
     )
     return o, lse
@@ -511,9 +563,16 @@ POOL_LAUNCH: dict | None = None
 def _pool(q, k, lse, pooled, cu, sb, lse_strides, qk_scale, T, nb, Hq, G, D, block_size, is_causal, mass, packed,
           prec, config: dict | None = None) -> None:
     config = config if config is not None else POOL_LAUNCH
-    args = (q, k, lse, pooled, cu, sb(q), *q.stride()[1:], sb(k), *k.stride()[1:], *lse_strides, qk_scale, T, nb,
-            len_bucket(nb * block_size))
-    meta = dict(HQ=Hq, G=G, D=D, BS=block_size, IS_CAUSAL=is_causal, MASS=mass, VARLEN=packed, DOT_PREC=prec)
+    tma = FWD_TMA and use_tma(k)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc_k = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_size, D])
+    else:
+        desc_k = k
+    args = (q, k, lse, pooled, cu, desc_k, sb(q), *q.stride()[1:], sb(k), *k.stride()[1:], *lse_strides, qk_scale, T,
+            nb, len_bucket(nb * block_size))
+    meta = dict(HQ=Hq, G=G, D=D, BS=block_size, IS_CAUSAL=is_causal, MASS=mass, VARLEN=packed, TMA=tma, DOT_PREC=prec)
     if config is None:
         attn_pooling_fwd_kernel_pool[lambda m: (triton.cdiv(nb, m["R"]), pooled.shape[0] * Hq)](*args, **meta)
         return

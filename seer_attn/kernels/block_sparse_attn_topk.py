@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seer_attn.kernels._triton import check_attn_inputs, dot_precision, is_interpreter, prune_configs
+from seer_attn.kernels._triton import check_attn_inputs, dot_precision, is_interpreter, prune_configs, use_tma
 
 __all__ = ["block_sparse_attn_topk", "TOPK_FWD_CONFIG"]
 
@@ -649,20 +649,7 @@ def _cuda_sms(device_index: int) -> int:
 
 
 def _use_tma(*ts: torch.Tensor) -> bool:
-    """Hopper tensor descriptors apply: Triton has them, the GPU is sm90+, 16-byte aligned strides."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    if not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    if not is_interpreter() and (ts[0].device.type != "cuda" or torch.cuda.get_device_capability(ts[0].device)[0] < 9):
-        return False
-    for t in ts:
-        es = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
-            return False
-    return True
+    return use_tma(*ts)
 
 
 def _canonical_lists(block_index: torch.Tensor, block_count: torch.Tensor | None, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
