@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from seer_attn.kernels._triton import check_attn_inputs, is_interpreter
+from seer_attn.kernels._triton import check_attn_inputs, is_interpreter, use_tma
 from seer_attn.kernels.block_mask import causal_block_mask
 
 __all__ = ["block_sparse_attn_csr", "block_sparse_csr_lists", "varlen_block_counts"]
@@ -81,16 +81,23 @@ def _seq_bounds(cu_seqlens, i_b, S, VARLEN: tl.constexpr):
 
 @triton.jit
 def _fwd_step(
-    b_q, acc, m_i, l_i, p_kv_k, p_kv_v, stride_ks, stride_vs, i_m, j,
+    b_q, acc, m_i, l_i, p_kv_k, p_kv_v, desc_k, desc_v, t_b, t_h, t_0, stride_ks, stride_vs, i_m, j,
     qk_scale, S,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    # TMA: K/V tiles through the descriptors at (batch coordinate t_b, KV head t_h, token t_0 + offset);
+    # keys past the sequence read 0 or the next packed sequence's, masked below like the plain path's zeros
     o_m = i_m * BLOCK + tl.arange(0, BLOCK)
     o_d = tl.arange(0, D)
     for n0 in tl.static_range(0, BLOCK, BLOCK_N):
         # int64: j * BLOCK * stride overflows int32 at long contexts
         o_n = j.to(tl.int64) * BLOCK + n0 + tl.arange(0, BLOCK_N)
-        if DIAG:
+        if TMA:
+            tok = (t_0 + j.to(tl.int64) * BLOCK + n0).to(tl.int32)
+            b_k = desc_k.load([t_b, t_h, tok, 0]).reshape(BLOCK_N, D)
+            b_v = desc_v.load([t_b, t_h, tok, 0]).reshape(BLOCK_N, D)
+        elif DIAG:
             m_n = o_n < S
             b_k = tl.load(p_kv_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_n[:, None], other=0.0)
             b_v = tl.load(p_kv_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None], other=0.0)
@@ -112,7 +119,7 @@ def _fwd_step(
 
 @triton.jit(do_not_specialize=["S"])
 def block_sparse_attn_csr_fwd_kernel(
-    q, k, v, o, lse, crow, col, cu_seqlens,
+    q, k, v, o, lse, crow, col, cu_seqlens, desc_k, desc_v,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -120,6 +127,7 @@ def block_sparse_attn_csr_fwd_kernel(
     stride_lb, stride_lh,
     S, HQ, G, NB, MAX_NNZ, qk_scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # longest rows (largest query block index) are launched first
     i_m = NB - 1 - tl.program_id(0)
@@ -139,6 +147,8 @@ def block_sparse_attn_csr_fwd_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
     p_k = k + i_b * stride_kb + i_hk * stride_kh + bos * stride_ks
     p_v = v + i_b * stride_vb + i_hk * stride_vh + bos * stride_vs
+    # descriptor coordinates: packed sequences share one [1, H, total, D] tensor
+    t_b, t_h = (0 * i_b if VARLEN else i_b).to(tl.int32), i_hk.to(tl.int32)
 
     p_crow = crow + i_bh * (NB + 1) + i_m
     p_col = col + i_bh * MAX_NNZ
@@ -154,11 +164,11 @@ def block_sparse_attn_csr_fwd_kernel(
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     for idx in range(start, end_off):
         j = tl.load(p_col + idx)
-        acc, m_i, l_i = _fwd_step(b_q, acc, m_i, l_i, p_k, p_v, stride_ks, stride_vs, i_m, j, qk_scale, S,
-                                  BLOCK, BLOCK_N, D, False, PRECISION)
+        acc, m_i, l_i = _fwd_step(b_q, acc, m_i, l_i, p_k, p_v, desc_k, desc_v, t_b, t_h, bos, stride_ks, stride_vs,
+                                  i_m, j, qk_scale, S, BLOCK, BLOCK_N, D, False, PRECISION, TMA)
     if has_diag:
-        acc, m_i, l_i = _fwd_step(b_q, acc, m_i, l_i, p_k, p_v, stride_ks, stride_vs, i_m, i_m, qk_scale, S,
-                                  BLOCK, BLOCK_N, D, True, PRECISION)
+        acc, m_i, l_i = _fwd_step(b_q, acc, m_i, l_i, p_k, p_v, desc_k, desc_v, t_b, t_h, bos, stride_ks, stride_vs,
+                                  i_m, i_m, qk_scale, S, BLOCK, BLOCK_N, D, True, PRECISION, TMA)
 
     # a row that keeps no block: output 0, logsumexp +inf (backward then sees probability 0)
     empty = l_i == 0.0
@@ -196,15 +206,21 @@ def block_sparse_attn_csr_bwd_kernel_preprocess(
 
 @triton.jit
 def _dq_step(
-    b_q, b_do, b_lse, b_delta, b_dq, p_kv_k, p_kv_v, stride_ks, stride_vs, i_m, j,
+    b_q, b_do, b_lse, b_delta, b_dq, p_kv_k, p_kv_v, desc_k, desc_v, t_b, t_h, t_0, stride_ks, stride_vs, i_m, j,
     qk_scale, S,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DIAG: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     o_m = i_m * BLOCK + tl.arange(0, BLOCK)
     o_d = tl.arange(0, D)
     for n0 in tl.static_range(0, BLOCK, BLOCK_N):
         o_n = j.to(tl.int64) * BLOCK + n0 + tl.arange(0, BLOCK_N)
-        if DIAG:
+        if TMA:
+            # (keys past the sequence: masked by the causal test below, as the plain path's zeros are)
+            tok = (t_0 + j.to(tl.int64) * BLOCK + n0).to(tl.int32)
+            b_k = desc_k.load([t_b, t_h, tok, 0]).reshape(BLOCK_N, D)
+            b_v = desc_v.load([t_b, t_h, tok, 0]).reshape(BLOCK_N, D)
+        elif DIAG:
             m_n = o_n < S
             b_k = tl.load(p_kv_k + o_n[:, None] * stride_ks + o_d[None, :], mask=m_n[:, None], other=0.0)
             b_v = tl.load(p_kv_v + o_n[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None], other=0.0)
@@ -224,7 +240,7 @@ def _dq_step(
 
 @triton.jit(do_not_specialize=["S"])
 def block_sparse_attn_csr_bwd_kernel_dq(
-    q, k, v, do, dq, lse, delta, crow, col, cu_seqlens,
+    q, k, v, do, dq, lse, delta, crow, col, cu_seqlens, desc_k, desc_v,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -233,6 +249,7 @@ def block_sparse_attn_csr_bwd_kernel_dq(
     stride_lb, stride_lh,
     S, HQ, G, NB, MAX_NNZ, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     i_m = NB - 1 - tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -255,6 +272,7 @@ def block_sparse_attn_csr_bwd_kernel_dq(
     b_delta = tl.load(delta + p_stat, mask=m_m, other=0.0)
     p_k = k + i_b * stride_kb + i_hk * stride_kh + bos * stride_ks
     p_v = v + i_b * stride_vb + i_hk * stride_vh + bos * stride_vs
+    t_b, t_h = (0 * i_b if VARLEN else i_b).to(tl.int32), i_hk.to(tl.int32)
 
     p_crow = crow + i_bh * (NB + 1) + i_m
     p_col = col + i_bh * MAX_NNZ
@@ -267,11 +285,11 @@ def block_sparse_attn_csr_bwd_kernel_dq(
     b_dq = tl.zeros([BLOCK, D], dtype=tl.float32)
     for idx in range(start, end_off):
         j = tl.load(p_col + idx)
-        b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_ks, stride_vs, i_m, j, qk_scale, S,
-                        BLOCK, BLOCK_N, D, False, PRECISION)
+        b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, desc_k, desc_v, t_b, t_h, bos, stride_ks, stride_vs,
+                        i_m, j, qk_scale, S, BLOCK, BLOCK_N, D, False, PRECISION, TMA)
     if has_diag:
-        b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, stride_ks, stride_vs, i_m, i_m, qk_scale, S,
-                        BLOCK, BLOCK_N, D, True, PRECISION)
+        b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_k, p_v, desc_k, desc_v, t_b, t_h, bos, stride_ks, stride_vs,
+                        i_m, i_m, qk_scale, S, BLOCK, BLOCK_N, D, True, PRECISION, TMA)
     p_dq = dq + i_b * stride_dqb + i_h * stride_dqh + (bos + o_m[:, None]) * stride_dqs + o_d[None, :]
     tl.store(p_dq, (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_m[:, None])
 
@@ -279,10 +297,13 @@ def block_sparse_attn_csr_bwd_kernel_dq(
 @triton.jit
 def _dkdv_step(
     b_k, b_v, b_dk, b_dv, p_bh_q, p_bh_do, p_bh_dq, p_bh_lse, p_bh_delta, stride_qs, stride_dos, stride_dqs,
+    desc_q, desc_do, t_b, t_h, t_0,
     i, flag, o_n, qk_scale, sm_scale, S,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
+    # TMA: Q and dO tiles through the descriptors at (batch coordinate t_b, query head t_h, token t_0 +
+    # offset); rows past the sequence get lse = +inf below, so they contribute exactly 0
     # one kept query block i against the program's KB * BLOCK keys `o_n`. MASKED: the causal mask
     # and, with KB == 2, the key half that does not keep block i (`flag` bit 1: first half, bit 2:
     # second)
@@ -290,10 +311,15 @@ def _dkdv_step(
     for m0 in tl.static_range(0, BLOCK, BLOCK_M):
         o_m = i.to(tl.int64) * BLOCK + m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < S
-        # [D, BLOCK_M]
-        b_qt = tl.load(p_bh_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_m[None, :], other=0.0)
-        # [BLOCK_M, D]
-        b_do = tl.load(p_bh_do + o_m[:, None] * stride_dos + o_d[None, :], mask=m_m[:, None], other=0.0)
+        if TMA:
+            tok = (t_0 + i.to(tl.int64) * BLOCK + m0).to(tl.int32)
+            b_qt = tl.trans(desc_q.load([t_b, t_h, tok, 0]).reshape(BLOCK_M, D))
+            b_do = desc_do.load([t_b, t_h, tok, 0]).reshape(BLOCK_M, D)
+        else:
+            # [D, BLOCK_M]
+            b_qt = tl.load(p_bh_q + o_m[None, :] * stride_qs + o_d[:, None], mask=m_m[None, :], other=0.0)
+            # [BLOCK_M, D]
+            b_do = tl.load(p_bh_do + o_m[:, None] * stride_dos + o_d[None, :], mask=m_m[:, None], other=0.0)
         b_lse = tl.load(p_bh_lse + o_m, mask=m_m, other=float("inf"))
         b_delta = tl.load(p_bh_delta + o_m, mask=m_m, other=0.0)
         # [KB * BLOCK, BLOCK_M]: transposed scores, keys on rows
@@ -326,7 +352,7 @@ def _tile_flag(flags, offset, KB: tl.constexpr):
 
 @triton.jit(do_not_specialize=["S"])
 def block_sparse_attn_csr_bwd_kernel_dkdv(
-    q, k, v, do, dk, dv, dq, lse, delta, ccol, row, flags, cu_seqlens,
+    q, k, v, do, dk, dv, dq, lse, delta, ccol, row, flags, cu_seqlens, desc_q, desc_do,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -337,7 +363,7 @@ def block_sparse_attn_csr_bwd_kernel_dkdv(
     stride_lb, stride_lh,
     S, HQ, HKV, G, NT, NBQ, MAX_NNZ, qk_scale, sm_scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, VARLEN: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     # the first key tiles have the longest column lists: launched first
     i_c = tl.program_id(0)
@@ -356,6 +382,7 @@ def block_sparse_attn_csr_bwd_kernel_dkdv(
                   mask=m_n[:, None], other=0.0)
     b_dk = tl.zeros([KB * BLOCK, D], dtype=tl.float32)
     b_dv = tl.zeros([KB * BLOCK, D], dtype=tl.float32)
+    t_b = (0 * i_b if VARLEN else i_b).to(tl.int32)
 
     # one flat list per (key tile, KV head): entry e is query block e % NBQ of query head
     # i_hk * G + e // NBQ, so the G heads sharing the KV head run as one pipelined loop
@@ -376,7 +403,8 @@ def block_sparse_attn_csr_bwd_kernel_dkdv(
         # diagonal): one loop pipelines better and needs fewer registers than a peeled one
         b_dk, b_dv = _dkdv_step(
             b_k, b_v, b_dk, b_dv, p_bh_q, p_bh_do, p_bh_dq, p_bh_lse, p_bh_delta, stride_qs, stride_dos,
-            stride_dqs, i, flag, o_n, qk_scale, sm_scale, S, BLOCK, BLOCK_M, KB, D, True, DQ_ATOMIC, PRECISION,
+            stride_dqs, desc_q, desc_do, t_b, i_h.to(tl.int32), bos,
+            i, flag, o_n, qk_scale, sm_scale, S, BLOCK, BLOCK_M, KB, D, True, DQ_ATOMIC, PRECISION, TMA,
         )
 
     p_dk = dk + i_b * stride_dkb + i_hk * stride_dkh + (bos + o_n[:, None]) * stride_dks + o_d[None, :]
@@ -555,18 +583,33 @@ def block_sparse_attn_csr_fwd(
         n_seq, HQ, S, dtype=torch.float32, device=q.device)
     tiles, cfg = _launch_cfg("fwd", D, block_size, ("BLOCK_N",))
     sb = (lambda t: 0) if varlen else (lambda t: t.stride(0))
+    bn = min(tiles["BLOCK_N"], block_size)
+    tma = CSR_TMA and use_tma(k, v)
+    desc_k, desc_v = _descriptors((k, v), bn) if tma else (k, v)
     block_sparse_attn_csr_fwd_kernel[(NB, n_seq * HQ)](
-        q, k, v, o, lse, crow, col, cu_seqlens if varlen else crow,
+        q, k, v, o, lse, crow, col, cu_seqlens if varlen else crow, desc_k, desc_v,
         sb(q), q.stride(1), q.stride(2),
         sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2),
         sb(o), o.stride(1), o.stride(2),
         *_stat_strides(n_seq, HQ, S, varlen),
         S, HQ, HQ // HKV, NB, col.shape[-1], sm_scale * _LOG2E,
-        BLOCK=block_size, BLOCK_N=min(tiles["BLOCK_N"], block_size), D=D, VARLEN=varlen,
-        PRECISION=_precision(q.dtype), **cfg,
+        BLOCK=block_size, BLOCK_N=bn, D=D, VARLEN=varlen,
+        PRECISION=_precision(q.dtype), TMA=tma, **cfg,
     )
     return o, lse
+
+
+# K/V (forward, dQ) and Q/dO (dK/dV) tiles through Hopper tensor descriptors (TMA) where they apply
+# (`use_tma`; the TopK forward went from FA2's rate to 400-460 TFLOP/s with them). False: plain loads.
+CSR_TMA = True
+
+
+def _descriptors(ts, rows: int) -> tuple:
+    """Host tensor descriptors of `[B, H, S, D]` views loading `[rows, D]` tiles (packed: the `[1, H, total, D]` view)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]]) for t in ts)
 
 
 def block_sparse_attn_csr_bwd(
@@ -614,8 +657,11 @@ def block_sparse_attn_csr_bwd(
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     tiles, cfg = _launch_cfg("dkdv", D, block_size, ("BLOCK_M", "KEY_BLOCKS"))
     NT = ccol.shape[-1] - 1
+    bm = min(tiles["BLOCK_M"], block_size)
+    tma = CSR_TMA and use_tma(q, do)
+    desc_q, desc_do = _descriptors((q, do), bm) if tma else (q, do)
     block_sparse_attn_csr_bwd_kernel_dkdv[(NT, n_seq * HKV)](
-        q, k, v, do, dk, dv, dq_acc, lse, delta, ccol, row, flags, cu,
+        q, k, v, do, dk, dv, dq_acc, lse, delta, ccol, row, flags, cu, desc_q, desc_do,
         sb(q), q.stride(1), q.stride(2),
         sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2),
@@ -625,16 +671,19 @@ def block_sparse_attn_csr_bwd(
         sb(dq_acc), dq_acc.stride(1), dq_acc.stride(2),
         *stat_strides,
         S, HQ, HKV, G, NT, NB, row.shape[-1], qk_scale, sm_scale,
-        BLOCK=block_size, BLOCK_M=min(tiles["BLOCK_M"], block_size), KB=KB, D=D, VARLEN=varlen,
-        DQ_ATOMIC=atomic, PRECISION=prec, **cfg,
+        BLOCK=block_size, BLOCK_M=bm, KB=KB, D=D, VARLEN=varlen,
+        DQ_ATOMIC=atomic, PRECISION=prec, TMA=tma, **cfg,
     )
     if atomic:
         dq.copy_(dq_acc)
         return dq, dk, dv
 
     tiles, cfg = _launch_cfg("dq", D, block_size, ("BLOCK_N",))
+    bn = min(tiles["BLOCK_N"], block_size)
+    tma = CSR_TMA and use_tma(k, v)
+    desc_k, desc_v = _descriptors((k, v), bn) if tma else (k, v)
     block_sparse_attn_csr_bwd_kernel_dq[(NB, n_seq * HQ)](
-        q, k, v, do, dq, lse, delta, crow, col, cu,
+        q, k, v, do, dq, lse, delta, crow, col, cu, desc_k, desc_v,
         sb(q), q.stride(1), q.stride(2),
         sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2),
@@ -642,7 +691,7 @@ def block_sparse_attn_csr_bwd(
         sb(dq), dq.stride(1), dq.stride(2),
         *stat_strides,
         S, HQ, G, NB, col.shape[-1], qk_scale, sm_scale,
-        BLOCK=block_size, BLOCK_N=min(tiles["BLOCK_N"], block_size), D=D, VARLEN=varlen, PRECISION=prec, **cfg,
+        BLOCK=block_size, BLOCK_N=bn, D=D, VARLEN=varlen, PRECISION=prec, TMA=tma, **cfg,
     )
     return dq, dk, dv
 
