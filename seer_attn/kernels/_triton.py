@@ -30,7 +30,10 @@ def prune_configs(configs: list) -> list:
 
 def use_tma(*ts: torch.Tensor) -> bool:
     """Hopper tensor descriptors (TMA loads) apply to these tensors: Triton has them, the GPU is sm90+
-    (or the interpreter, which emulates them), every stride but the last 16-byte aligned."""
+    (or the interpreter, which emulates them), every stride but the last 16-byte aligned.
+    `SEER_ATTN_NO_TMA=1` turns them off everywhere (plain loads; for A/B timings)."""
+    if os.environ.get("SEER_ATTN_NO_TMA", "0") not in ("", "0"):
+        return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
         import triton.language as tl
