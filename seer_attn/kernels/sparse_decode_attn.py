@@ -80,8 +80,10 @@ def sparse_decode_attn_fwd_kernel(
     SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    i_s = tl.program_id(0)
-    i_bhn = tl.program_id(1).to(tl.int64)
+    # rows on the first grid axis: B * Hkv * n exceeds the second axis' 65,535 when whole documents are
+    # scored in decode mode (layer-budget calibration)
+    i_bhn = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1)
     i_t = i_bhn % N
     i_bh = i_bhn // N
     i_b, i_hkv = i_bh // HKV, i_bh % HKV
@@ -267,7 +269,7 @@ def sparse_decode_attn(
         ws_l = torch.empty(rows, ns, G, dtype=torch.float32, device=q.device)
     else:
         ws_acc = ws_m = ws_l = o  # unused
-    sparse_decode_attn_fwd_kernel[(ns, rows)](
+    sparse_decode_attn_fwd_kernel[(rows, ns)](
         q, k, v, block_index, o, ws_acc, ws_m, ws_l,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *block_index.stride(),
         scale, L, n, K, bps, ns,

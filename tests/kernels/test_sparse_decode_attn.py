@@ -139,3 +139,20 @@ def test_sparse_decode_attn_errors():
 @pytest.mark.parametrize("B,n", [(1, 1), (8, 1), (2, 4)])
 def test_sparse_decode_attn_gpu(B, n, L, Hq, Hkv, D):
     check(*rand_case(B, Hq, Hkv, L, n, D, torch.bfloat16, 64, 31), 64)
+
+
+@pytest.mark.gpu
+def test_sparse_decode_attn_gpu_many_rows():
+    # B * Hkv * n = 4 * 3 * 8192 rows: past the CUDA grid's second axis (65,535), as when the decode-mode
+    # layer-budget calibration scores whole 8k documents at once
+    B, Hq, Hkv, L, n, D = 4, 9, 3, 8192, 8192, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, Hq, n, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, L, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, L, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    own = (torch.arange(n, device="cuda") + L - n) // 64
+    idx = torch.stack([own // 2, own - 1], -1).clamp_min(-1).int().expand(B, Hkv, n, 2).contiguous()
+    o = sparse_decode_attn(q, k, v, idx, block_size=64)
+    ref = sparse_decode_attn_naive(q[:1, :, -64:].float(), k[:1].float(), v[:1].float(), idx[:1, :, -64:], block_size=64)
+    assert not o.isnan().any()
+    torch.testing.assert_close(o[:1, :, -64:].float(), ref, atol=2e-2, rtol=2e-2)
