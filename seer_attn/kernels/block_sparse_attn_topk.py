@@ -13,7 +13,8 @@ Index formats (see :func:`block_sparse_attn_topk`):
 - variable count (threshold or adaptive selection): FlexAttention's `BlockMask` convention,
   `block_count [B, Hq, nb]` (its `kv_num_blocks`) plus `block_index [B, Hq, nb, Kmax]` (its
   `kv_indices`); row `i` keeps `block_index[..., i, :block_count[..., i]]`, in any order.
-  :func:`seer_attn.kernels.block_mask.mask_to_kv_blocks` builds it from a mask (ascending rows).
+  :func:`kv_blocks_from_mask` builds it from a bool mask in one launch (ascending rows; its PyTorch
+  twin is :func:`seer_attn.kernels.block_mask.mask_to_kv_blocks`).
 
 Packed sequences (`cu_seqlens`, flash-attn's varlen layout `[total, H, D]`): the index tensors have one
 batch entry per sequence and `nb` rows for the longest; each program reads its sequence's bounds and
@@ -57,7 +58,7 @@ import triton.language as tl
 
 from seer_attn.kernels._triton import check_attn_inputs, dot_precision, is_interpreter, prune_configs, use_tma
 
-__all__ = ["block_sparse_attn_topk", "TOPK_FWD_CONFIG"]
+__all__ = ["block_sparse_attn_topk", "kv_blocks_from_mask", "TOPK_FWD_CONFIG"]
 
 # The launch used by default, per head_dim. Switch the library default here after a sweep
 # (`python benchmarks/sweep_topk.py` prints the winning entry as a dict). Pair kernels need
@@ -198,6 +199,74 @@ def block_sparse_attn_topk_fwd_kernel(
     b_o = b_acc / b_l[:, None]
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# a bool mask -> the count format, one program per row
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["NQ", "NK", "KMAX"])
+def _kv_blocks_kernel(
+    mask, num, idx, stride_mb, stride_mh, stride_mr, H, NQ, NK, KMAX, CAUSAL: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    # row i of (batch b, head h): its kept columns (CAUSAL: those <= i), ascending, at most KMAX, -1 after
+    i = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    p_row = mask + i_b * stride_mb + i_h * stride_mh + i.to(tl.int64) * stride_mr
+    p_out = idx + (i_bh * NQ + i) * KMAX
+    hi = tl.minimum(i + 1, NK) if CAUSAL else NK
+    n = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, hi, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        keep = tl.load(p_row + o_c, mask=o_c < hi, other=0) != 0
+        slot = n + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(p_out + slot, o_c, mask=keep & (slot < KMAX))
+        n += tl.sum(keep.to(tl.int32))
+    n = tl.minimum(n, KMAX)
+    for c0 in range(0, KMAX, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(p_out + o_c, tl.full([BLOCK_C], -1, tl.int32), mask=(o_c >= n) & (o_c < KMAX))
+    tl.store(num + i_bh * NQ + i, n)
+
+
+def kv_blocks_from_mask(
+    mask: torch.Tensor, max_blocks: int | None = None, causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool mask `[B, H, nb_q, nb_k]` -> `(block_count [B, H, nb_q] int32, block_index [B, H, nb_q, Kmax]
+    int32)`: the variable-count input of :func:`block_sparse_attn_topk`, in one kernel launch.
+
+    The same result as :func:`seer_attn.kernels.block_mask.mask_to_kv_blocks` (its PyTorch twin),
+    which materialises several int64 `[B, H, nb_q, nb_k]` temporaries: at a padded batch of 8
+    sequences of up to 32k (SmolLM2's heads) that cost several ms per layer. Size-1 batch or head
+    dimensions are read with stride 0 (no copy).
+
+    Args:
+        mask (torch.Tensor): bool `[B, H, nb_q, nb_k]` (CUDA, or CPU under the interpreter).
+        max_blocks (int, Optional): `Kmax`, the width of `block_index` (default `nb_k`); a row that
+            keeps more keeps its `Kmax` lowest columns and its count says so.
+        causal (bool): drop columns above the diagonal (`j > i`), so the rows are canonical for the
+            TopK kernel (`canonical=True`) and the upper triangle is never read.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        raise TypeError(f"kv_blocks_from_mask: mask must be a 4-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if mask.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"kv_blocks_from_mask: needs a CUDA mask (got {mask.device}); mask_to_kv_blocks is the CPU twin")
+    B, H, nq, nk = mask.shape
+    kmax = nk if max_blocks is None else int(max_blocks)
+    if kmax < 1:
+        raise ValueError(f"kv_blocks_from_mask: max_blocks must be >= 1, got {max_blocks}")
+    m = mask.view(torch.uint8)
+    if m.stride(3) != 1:
+        m = m.contiguous()
+    strides = tuple(0 if m.shape[d] == 1 else m.stride(d) for d in (0, 1)) + (m.stride(2),)
+    num = torch.empty(B, H, nq, dtype=torch.int32, device=mask.device)
+    idx = torch.empty(B, H, nq, kmax, dtype=torch.int32, device=mask.device)
+    if num.numel():
+        block_c = min(1024, triton.next_power_of_2(max(nk, kmax)))
+        _kv_blocks_kernel[(nq, B * H)](m, num, idx, *strides, H, nq, nk, kmax, CAUSAL=causal, BLOCK_C=block_c)
+    return num, idx
 
 
 # ----------------------------------------------------------------------------------------------

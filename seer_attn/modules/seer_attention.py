@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from seer_attn.kernels.block_mask import (
     causal_block_mask,
     indices_to_mask,
-    mask_to_kv_blocks,
     nz_ratio_to_k,
     select_blocks,
     topk_block_index,
@@ -480,12 +479,12 @@ def seer_attention(
     if kernel == "naive":
         o = block_sparse_attn_naive(q, k, v, mask, sm_scale, settings.block_size)
     elif kernel == "TopK":
-        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
+        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk, kv_blocks_from_mask
 
         if index is None:
             # variable blocks per row (threshold, top-p, adaptive): the count format, no host sync
-            count, idx = mask_to_kv_blocks(mask)
-            o = block_sparse_attn_topk(q, k, v, idx, sm_scale, settings.block_size, block_count=count)
+            count, idx = kv_blocks_from_mask(mask, causal=True)
+            o = block_sparse_attn_topk(q, k, v, idx, sm_scale, settings.block_size, block_count=count, canonical=True)
         else:
             o = block_sparse_attn_topk(q, k, v, index, sm_scale, settings.block_size, block_count=count,
                                        canonical=count is not None)  # fmt: skip
@@ -801,10 +800,11 @@ def seer_attention_varlen(
 
         o = block_sparse_attn_varlen_naive(q, k, v, mask, cu_seqlens, sm_scale, bs)
     elif kernel == "TopK":
-        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk
+        from seer_attn.kernels.block_sparse_attn_topk import block_sparse_attn_topk, kv_blocks_from_mask
 
-        count, idx = mask_to_kv_blocks(mask)
-        o = block_sparse_attn_topk(q, k, v, idx, sm_scale, bs, block_count=count, cu_seqlens=cu_seqlens,
+        # one launch; the PyTorch twin (mask_to_kv_blocks) builds int64 [n, H, nb, nb] temporaries
+        count, idx = kv_blocks_from_mask(mask, causal=True)
+        o = block_sparse_attn_topk(q, k, v, idx, sm_scale, bs, block_count=count, canonical=True, cu_seqlens=cu_seqlens,
                                    max_seqlen=max_seqlen)
     else:
         from seer_attn.kernels.block_sparse_attn_csr import block_sparse_attn_csr

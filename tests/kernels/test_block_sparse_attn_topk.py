@@ -177,6 +177,29 @@ def test_block_sparse_attn_topk_canonical_lists():
         assert (lists[..., 1:] > lists[..., :-1])[live[..., 1:]].all()
 
 
+@pytest.mark.parametrize("nq, nk, kmax", [(9, 9, None), (5, 70, None), (9, 9, 3), (65, 65, None)])
+def test_kv_blocks_from_mask(nq, nk, kmax):
+    # the one-launch kernel against its PyTorch twin, bit for bit: any mask, the causal cut, a bound
+    # below the longest row, empty rows, size-1 (broadcast) batch and head dimensions, a strided view
+    from seer_attn.kernels.block_sparse_attn_topk import kv_blocks_from_mask
+
+    torch.manual_seed(nq + nk)
+    mask = torch.rand(2, 3, nq, nk, device=DEVICE) < 0.4
+    mask[0, 1, 2] = False
+    mask[1, 2, -1] = True
+    causal = torch.ones(nq, nk, dtype=torch.bool, device=DEVICE).tril()
+    for m in (mask, mask[:1, :1].expand(2, 3, nq, nk), mask.transpose(0, 1)):
+        for is_causal in (False, True):
+            num, idx = kv_blocks_from_mask(m, max_blocks=kmax, causal=is_causal)
+            want = mask_to_kv_blocks(m & causal if is_causal else m, max_blocks=kmax)
+            assert num.dtype == idx.dtype == torch.int32
+            assert torch.equal(num, want[0]) and torch.equal(idx, want[1])
+    with pytest.raises(TypeError, match="bool"):
+        kv_blocks_from_mask(mask.int())
+    with pytest.raises(ValueError, match="max_blocks"):
+        kv_blocks_from_mask(mask, max_blocks=0)
+
+
 @pytest.mark.parametrize("variant", ["row", "pair"])
 def test_block_sparse_attn_topk_canonical_input(variant):
     # canonical=True (the fused gate's lists) reads the lists as they are: same output as the general
