@@ -32,6 +32,7 @@ Extras (each a flag; `--suite` turns on all of them for `configs/smollm2_135m_ll
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -224,6 +225,35 @@ def prefill_rows(model, length: int, args) -> list[dict]:
     return rows
 
 
+# CSR backward settings per head_dim (seer_attn.kernels.block_sparse_attn_csr._CONFIGS entries): the
+# atomic-dQ pass that was the default through session 6, and benchmarks/sweep_csr.py's kernel-level winner
+CSR_BWD_VARIANTS = {
+    "atomic dQ": {
+        "dq": {d: dict(MODE="atomic", BLOCK_N=64, num_warps=4, num_stages=3 if d == 64 else 2) for d in (64, 128)},
+        "dkdv": {d: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=4 if d == 64 else 8, num_stages=2) for d in (64, 128)},
+    },
+    "separate dQ, 4-warp dK/dV": {
+        "dq": {d: dict(MODE="separate", BLOCK_N=64, num_warps=4, num_stages=3 if d == 64 else 2) for d in (64, 128)},
+        "dkdv": {d: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=4, num_stages=2) for d in (64, 128)},
+    },
+}
+
+
+@contextlib.contextmanager
+def csr_backward(cfg: dict):
+    from seer_attn.kernels import block_sparse_attn_csr as csr
+
+    saved = {k: dict(csr._CONFIGS[k]) for k in cfg}
+    for k, per_d in cfg.items():
+        csr._CONFIGS[k].update(per_d)
+    try:
+        yield
+    finally:
+        for k, per_d in saved.items():
+            csr._CONFIGS[k].clear()
+            csr._CONFIGS[k].update(per_d)
+
+
 def train_rows(model, length: int, args) -> list[dict]:
     ids = torch.randint(100, model.config.vocab_size - 1, (1, length), device=DEVICE)
     model = model.float().train()
@@ -242,7 +272,14 @@ def train_rows(model, length: int, args) -> list[dict]:
     nzs = [float(x) for x in args.nz_ratios.split(",")]
     for nz in nzs:
         model.set_seerattn(seerattn_mode="sparse", seerattn_nz_ratio=nz, seerattn_kernel_implementation="auto")
-        add("seer (CSR + gate loss, every layer)", nz, lambda: time_train_step(model, ids))
+        if not args.csr_bwd_variants:
+            add("seer (CSR + gate loss, every layer)", nz, lambda: time_train_step(model, ids))
+            continue
+        # the CSR backward's launch settings A/B/A/B in one process (same-kind runs spread by up to 15%)
+        for rep in range(2):
+            for name, cfg in CSR_BWD_VARIANTS.items():
+                with csr_backward(cfg):
+                    add(f"seer (CSR backward {name}, run {rep + 1})", nz, lambda: time_train_step(model, ids))
     if args.gt_variants:
         n = model.config.num_hidden_layers
         for every, per in ((1, max(1, n // 4)), (4, 0)):
@@ -398,6 +435,8 @@ def main() -> None:
     p.add_argument("--train-length", type=int, default=None, help="train-step length (default: the shortest --lengths)")
     p.add_argument("--train-models", default=None, help="with --suite: only these config stems train (default: smollm2)")
     p.add_argument("--gt-variants", action="store_true", help="with --train: also the cheaper ground truth")
+    p.add_argument("--csr-bwd-variants", action="store_true",
+                   help="with --train: time the CSR backward's settings (CSR_BWD_VARIANTS) A/B/A/B")
     p.add_argument("--crossover", action="store_true", help="also search the per-layer crossover length")
     p.add_argument("--crossover-lengths", default="1024,2048,4096,8192,12288,16384,24576,32768")
     p.add_argument("--profile", action="store_true", help="profile summary of the sparse forward at the last nz_ratio")

@@ -49,20 +49,20 @@ _LOG2E = 1.4426950408889634
 # times the alternatives). BLOCK_N / BLOCK_M are sub-tiles of the 64-token gate block.
 # - "dq" MODE: "atomic" (dK/dV kernel also adds dQ with fp32 atomics) or "separate" (a dQ pass).
 # - "dkdv" KEY_BLOCKS: gate blocks per dK/dV program (1: 64 keys, 2: 128 keys).
-# benchmarks/sweep_csr.py (H100, session 3) preferred a separate dQ pass and 4-warp dK/dV at D=128
-# (fwd+bwd at 32k, d 0.1, random masks: 1.26x SmolLM2, 1.52x Llama-8B shape), but the SmolLM2 fine-tuning
-# step with those defaults was slower in the same session (908 vs 773 ms, benchmarks/RESULTS.md): kept
-# as they were until the model-level step confirms a change.
+# Backward choice (H100, benchmarks/RESULTS.md "Session 7"): the kernel sweep (benchmarks/sweep_csr.py, random
+# masks) prefers a separate dQ pass with 4-warp dK/dV at both head dims, but the model's fine-tuning step
+# (bench_prefill.py --train --csr-bwd-variants, A/B/A/B in one process, SmolLM2 and 4 Llama-8B layers at 32k)
+# agrees only at D=128 (1,231 vs 1,357 ms at d 0.5, 1,055 vs 1,081 at d 0.1); at D=64 the atomic pass is as
+# fast or faster (d 0.1: 819 vs 871 ms), so each head dim keeps what its model step preferred.
 _CONFIGS = {
     "fwd": {64: dict(BLOCK_N=64, num_warps=4, num_stages=4), 128: dict(BLOCK_N=64, num_warps=4, num_stages=2)},
     "dq": {
         64: dict(MODE="atomic", BLOCK_N=64, num_warps=4, num_stages=3),
-        128: dict(MODE="atomic", BLOCK_N=64, num_warps=4, num_stages=2),
+        128: dict(MODE="separate", BLOCK_N=64, num_warps=4, num_stages=2),
     },
-    # D=128 with 4 warps spills registers (two [64, 128] fp32 accumulators per warpgroup); 8 do not
     "dkdv": {
         64: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=4, num_stages=2),
-        128: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=8, num_stages=2),
+        128: dict(KEY_BLOCKS=1, BLOCK_M=64, num_warps=4, num_stages=2),
     },
 }
 
