@@ -238,9 +238,10 @@ def kv_blocks_from_mask(
     int32)`: the variable-count input of :func:`block_sparse_attn_topk`, in one kernel launch.
 
     The same result as :func:`seer_attn.kernels.block_mask.mask_to_kv_blocks` (its PyTorch twin),
-    which materialises several int64 `[B, H, nb_q, nb_k]` temporaries: at a padded batch of 8
-    sequences of up to 32k (SmolLM2's heads) that cost several ms per layer. Size-1 batch or head
-    dimensions are read with stride 0 (no copy).
+    which materialises several int64 `[B, H, nb_q, nb_k]` temporaries (its model-level cost was not
+    isolated: benchmarks/RESULTS.md, "Padded batches"). The row compaction is the CSR list builder's
+    (`_csr_lists_kernel`), writing each row into its own `Kmax` slots with a count instead of into
+    one flat list. Size-1 batch or head dimensions are read with stride 0 (no copy).
 
     Args:
         mask (torch.Tensor): bool `[B, H, nb_q, nb_k]` (CUDA, or CPU under the interpreter).
