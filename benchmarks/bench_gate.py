@@ -29,6 +29,11 @@ key summaries, `gate_mixture_scores`) over tiles (query x key summaries per step
 stages and dot precisions, each checked against the default tile's output first:
     python benchmarks/bench_gate.py --mixture-sweep --seqlens 32768,131072 --out benchmarks/results/mixture_sweep.json
 
+`--adaptive-bits 10,8,6,5` times the `adaptive` selection (with and without its row floor) per radix digit
+width on the same scores, checks each kept set against the first width's, and times the whole default design
+at each width (the digit width trades `tl.histogram`'s per-element cost against the number of passes):
+    python benchmarks/bench_gate.py --adaptive-bits 10,8,6,5 --shapes llama8b,smollm2 --seqlens 32768,131072
+
 `--profile DESIGN` lists where one design's time goes, kernel by kernel (torch.profiler):
     python benchmarks/bench_gate.py --profile default --shapes llama8b --seqlens 32768,131072 --out benchmarks/results/gate_profile.json
 """
@@ -44,7 +49,7 @@ from pathlib import Path
 import torch
 import triton
 
-from seer_attn.kernels.block_mask import indices_to_mask, nz_ratio_to_k
+from seer_attn.kernels.block_mask import indices_to_mask, nz_ratio_to_k, topk_budget
 from seer_attn.kernels import gate_kernel
 from seer_attn.kernels.gate_kernel import gate_mixture_scores, gate_scores, gate_select, gate_summaries
 from seer_attn.modules import fused_gate
@@ -251,6 +256,62 @@ def profile_design(args) -> None:
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def adaptive_bits_sweep(args) -> None:
+    """`adaptive` selection per radix digit width: the selection alone on the default design's block
+    log-probabilities (random bf16 q/k, random gate), with and without the row floor, next to per-row
+    top-k on the same scores, then the whole default design. Kept sets are compared with the first width's."""
+    widths = [int(x) for x in args.adaptive_bits.split(",")]
+    default_bits = gate_kernel.ADAPTIVE_BITS
+    rows, lines = [], [f"adaptive selection per radix digit width, d={args.nz}, {torch.cuda.get_device_name()}, "
+                       f"torch {torch.__version__}, triton {triton.__version__} (median ms per layer)", "",
+                       "| shape | S | bits | passes | adaptive, floor 0.5 | adaptive, no floor | top-k (same scores) | default design | blocks differing from the first width |",
+                       "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in args.shapes.split(","):
+        Hq, Hkv, D = SHAPES[name]
+        for S in (int(x) for x in args.seqlens.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, S, Hq, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+            k = torch.randn(1, S, Hkv, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+            nb = math.ceil(S / BS)
+            kk = nz_ratio_to_k(args.nz, nb)
+            budget = Hq * topk_budget(args.nz, nb)
+            # the default design's scores: 4 query / 2 key summaries, the mixture's block log-probabilities
+            gate = AttnGate(Hq, Hkv, D, q_summaries=4, k_summaries=2).to("cuda", torch.bfloat16).eval()
+            for prm in gate.parameters():
+                prm.data.normal_(0, 0.05)
+            cos, sin = rope(1, math.ceil(S / gate.rope_stride), gate.hidden_size, gate.rope_stride, "cuda")
+            with torch.no_grad():
+                scores = fused_gate._scores(gate, q, k, cos, sin, fill_upper=False)
+            topk_ms = bench(lambda: gate_select(scores, "nz_ratio", kk, return_count=True))
+            ref = None
+            for bits in widths:
+                gate_kernel.ADAPTIVE_BITS = bits
+                sel = lambda fk: gate_select(scores, "adaptive", budget=budget, row_floor_k=fk, return_count=True)  # noqa: E731
+                floor_ms, free_ms = bench(lambda: sel(kk // 2)), bench(lambda: sel(0))
+                call = design_call("default", Hq, Hkv, D, S, q, k, "cuda")
+                design_ms = call if isinstance(call, str) else bench(call)
+                idx, cnt = sel(kk // 2)
+                slot = torch.arange(idx.shape[-1], device="cuda")
+                mask = torch.zeros(1, Hq, nb, nb + 1, device="cuda", dtype=torch.bool)
+                mask.scatter_(-1, torch.where(slot < cnt[..., None], idx.long(), nb), True)
+                diff = "-" if ref is None else int((mask[..., :nb] ^ ref).sum())
+                ref = mask[..., :nb] if ref is None else ref
+                row = {"shape": name, "S": S, "bits": bits, "passes": gate_kernel.adaptive_passes(bits), "adaptive_floor_ms": floor_ms,
+                       "adaptive_ms": free_ms, "topk_ms": topk_ms, "default_design_ms": design_ms, "diff_blocks": diff}  # fmt: skip
+                rows.append(row)
+                lines.append(f"| {name} | {S} | {bits} | {row['passes']} | {floor_ms:.3f} | {free_ms:.3f} | {topk_ms:.3f} | "
+                             f"{fmt(design_ms)} | {diff} |")
+                print(f"[bench_gate] {json.dumps(row)}", flush=True)
+            gate_kernel.ADAPTIVE_BITS = default_bits
+            del q, k, scores, ref, mask
+            torch.cuda.empty_cache()
+    print("\n".join(lines), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "nz": args.nz}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def mixture_sweep(args) -> None:
     """Time `gate_mixture_scores` (4 query / 2 key summaries) per tile, warps, stages and precision."""
     import itertools
@@ -320,6 +381,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=240.0, help="--mixture-sweep: stop starting new candidates after this")
     p.add_argument("--profile", default=None, metavar="DESIGN",
                    help="only profile this design's kernels (e.g. default): where its time goes, per kernel")
+    p.add_argument("--adaptive-bits", default=None, metavar="BITS",
+                   help="only time the adaptive selection per radix digit width, e.g. 10,8,6,5 (first = reference)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gate.py needs a CUDA GPU")
@@ -327,6 +390,8 @@ def main():
         return mixture_sweep(args)
     if args.profile:
         return profile_design(args)
+    if args.adaptive_bits:
+        return adaptive_bits_sweep(args)
     args.compile_seqlens = {int(x) for x in args.compile_seqlens.split(",") if x}
     args.designs = [d for d in args.designs.split(",") if d]
     rows = []

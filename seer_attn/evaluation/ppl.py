@@ -68,6 +68,7 @@ from transformers import HfArgumentParser
 from seer_attn.data import boundary_token_ids, check_context_length, load_token_documents, source_label
 from seer_attn.evaluation.recall import RecallMeter, recording
 from seer_attn.models import AutoSeerForCausalLM, apply_yarn, load_tokenizer
+from seer_attn.models.configuration_seer import check_seerattn_field
 from seer_attn.models.loading import resolve_model_source
 
 __all__ = [
@@ -131,6 +132,9 @@ class PPLArguments:
     top_ps: str = field(default="", metadata={"help": "comma-separated top-p values (seer, oracle, oracle_mass only)"})
     adaptive_row_floor: float | None = field(
         default=None, metadata={"help": "share of each row's top-k budget that adaptive selection keeps per row (default: the model config's)"}
+    )
+    gate_precision: str | None = field(
+        default=None, metadata={"help": "the fused gate's dot precision on the GPU: tf32x3, tf32 or ieee (default: the model config's)"}
     )
     layer_budgets: str | None = field(
         default=None,
@@ -500,6 +504,9 @@ def _load_model(args: PPLArguments):
         config.seerattn_adaptive_row_floor = args.adaptive_row_floor
     if getattr(args, "share_gqa_blocks", None) is not None:
         config.seerattn_share_gqa_blocks = bool(args.share_gqa_blocks)
+    if getattr(args, "gate_precision", None) is not None:
+        check_seerattn_field("seerattn_gate_precision", args.gate_precision)
+        config.seerattn_gate_precision = args.gate_precision
     if getattr(args, "layer_budgets", None):
         config.seerattn_layer_budget_curves = json.loads(Path(args.layer_budgets).read_text())["curves"]
         config.validate_seerattn()

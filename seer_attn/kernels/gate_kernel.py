@@ -20,7 +20,7 @@ is the twin and defines the meaning; it runs dozens of small fp32 launches and c
    order-preserving int32 image of the fp32 scores, at most 32 steps, no sort; ties to the lowest
    block indices), threshold (row softmax in registers) and top-p (bisection on the kept mass);
    ``gate_adaptive_fwd_kernel`` / ``gate_adaptive_find_kernel`` find the layer-wide threshold of
-   `adaptive` exactly by a three-pass radix select over histograms of the probabilities' int32 images
+   `adaptive` exactly by a radix select over histograms of the probabilities' int32 images (five 6-bit passes)
    (ties at the threshold are ranked with an atomic counter: exactly the budget, in arbitrary order).
    Kept indices are written *canonical*: each kept block once (keep rules included), ascending from
    column 0, with the count per row, which ``block_sparse_attn_topk(..., canonical=True)`` reads with
@@ -402,7 +402,7 @@ def _row_probs(b_s, m_r, m_v):
 
 @triton.jit
 def _topk_rows(b_key, m_r, m_v, o_r, K_SEL):
-    # exact per-row top-k of int64 keys: a t with #{key >= t} >= kk, by bisection; ties at the k-th
+    # exact per-row top-k of integer keys (int64, or int32 when hi - lo + 1 cannot overflow): a t with #{key >= t} >= kk, by bisection; ties at the k-th
     # value go to the lowest block indices. A row stops as soon as some t has exactly kk keys at or
     # above it (then {key >= t} is the top-k, whatever t is in the gap below the k-th key): with
     # distinct keys that is well before the 31 steps a full bisection of an int32 range takes
@@ -508,11 +508,20 @@ def gate_select_fwd_kernel(
     _write_rows(p_row, cnt + i_bh * NB, b_sel, o_r, o_j, m_r, m_v, W, stride_iw, KEEP_SINK, KEEP_DIAG, PAD, R, NBP, WP)
 
 
-# adaptive selection: radix select of one threshold per batch element over all heads and rows,
-# ADAPTIVE_PASSES digits of ADAPTIVE_BITS bits of the probability's int32 image (probabilities are
-# in [0, 1], so their images are below 2^30 and three 10-bit digits determine them exactly)
-ADAPTIVE_BITS = 10
-ADAPTIVE_PASSES = 3
+# adaptive selection: radix select of one threshold per batch element over all heads and rows, one
+# digit of ADAPTIVE_BITS bits of the probability's int32 image per pass (probabilities are in [0, 1],
+# so their images are below 2^30: ceil(30 / bits) passes determine them exactly). The digit width is
+# a cost trade: `tl.histogram` builds each warp's histogram from one ballot per digit bit and, per
+# bin a lane owns, a mask and a popcount, so its cost per element grows with the bin count (~360
+# operations per element for 1024 bins, ~20 for 64), while each pass also reads every probability
+# image once. Measured on an H100 (`benchmarks/bench_gate.py --adaptive-bits`): see benchmarks/RESULTS.md.
+ADAPTIVE_BITS = 6
+_IMAGE_BITS = 30
+
+
+def adaptive_passes(bits: int) -> int:
+    """Radix passes of `bits` bits that cover a probability's 30-bit int32 image."""
+    return -(-_IMAGE_BITS // bits)
 
 
 # while the threshold is searched, each row of the index buffer holds the int32 images of the row's
@@ -573,7 +582,9 @@ def gate_adaptive_fwd_kernel(
         if KEEP_SINK:
             b_forced = b_forced | (m_v & (o_j[None, :] == 0))
         if HAS_FLOOR:
-            b_forced = b_forced | _topk_rows(b_key.to(tl.int64), m_r, m_v, o_r, FLOOR_K)
+            # probabilities' images lie in [0, 2^30): the bisection's hi - lo + 1 fits int32, whose
+            # compares and sums cost half of int64's (the top-k selection of raw scores needs int64)
+            b_forced = b_forced | _topk_rows(b_key, m_r, m_v, o_r, FLOOR_K)
         tl.atomic_add(fcount + i_b, tl.sum(tl.sum(b_forced.to(tl.int32), 1), 0))
         b_key = tl.where(b_forced, _FORCED, b_key)
         tl.store(p_key, b_key, mask=m_v)
@@ -585,7 +596,10 @@ def gate_adaptive_fwd_kernel(
     m_free = m_v & ~b_forced
     prefix = tl.load(state + i_b * 2)
     if PHASE == 0:
-        m_h = m_free & ((b_key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
+        if FIRST:
+            m_h = m_free  # no digit found yet (and SHIFT + BITS may reach 32: a shift past the width is undefined)
+        else:
+            m_h = m_free & ((b_key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
         b_digit = tl.where(m_h, (b_key >> SHIFT) & (NBINS - 1), 0)
         b_h = tl.histogram(tl.reshape(b_digit, [R * NBP]), NBINS)
         # elements outside the histogram were counted in bin 0
@@ -810,7 +824,7 @@ def gate_select(
             `budget` most probable blocks over all heads and rows with the forced blocks first (the
             keep rules' and each row's `row_floor_k` most probable ones; `budget` counts them and
             is raised to the largest forced count of the batch), found by an exact radix select
-            (three histogram passes, no sort, no host sync); ties at the threshold are taken in an
+            (histogram passes, no sort, no host sync); ties at the threshold are taken in an
             arbitrary order (as `torch.topk`).
         keep_sink, keep_diagonal (bool): also keep block 0 / the diagonal block (on top of the
             `k` for top-k, threshold and top-p; adaptive counts them inside the budget).
@@ -855,20 +869,24 @@ def gate_select(
 
 def _adaptive_select(scores, count, budget, floor_k, keep_sink, keep_diagonal, dense_from, nbp, R, grid, pad) -> torch.Tensor:
     B, H, nb, _ = scores.shape
-    nbins = 1 << ADAPTIVE_BITS
+    bits = ADAPTIVE_BITS  # read at call time: the benchmark sweeps it
+    if not 1 <= bits <= 10:
+        raise ValueError(f"gate_kernel.ADAPTIVE_BITS must be in 1..10 (histogram bins 2..1024), got {bits}")
+    passes = adaptive_passes(bits)
+    nbins = 1 << bits
     dev = scores.device
-    hist = torch.zeros(ADAPTIVE_PASSES, B, nbins, device=dev, dtype=torch.int32)
+    hist = torch.zeros(passes, B, nbins, device=dev, dtype=torch.int32)
     # per batch element: [threshold digits found so far, blocks still to pick]
     state = torch.zeros(B, 2, device=dev, dtype=torch.int32)
     counter = torch.zeros(B, device=dev, dtype=torch.int32)
     fcount = torch.zeros(B, device=dev, dtype=torch.int32)
     idx = torch.empty(B, H, nb, nb, device=dev, dtype=torch.int32)
     common = dict(HQ=H, HAS_FLOOR=floor_k > 0, KEEP_SINK=int(keep_sink), KEEP_DIAG=int(keep_diagonal), PAD=pad, NBP=nbp,
-                  R=R, NBINS=nbins, BITS=ADAPTIVE_BITS)  # fmt: skip
+                  R=R, NBINS=nbins, BITS=bits)  # fmt: skip
     args = (scores, idx, count, None, state, counter, fcount, *scores.stride(), *idx.stride(), nb, dense_from, max(floor_k, 1))
     # the first pass computes the probabilities and parks their images in idx; the others read them
-    for p in range(ADAPTIVE_PASSES):
-        shift = ADAPTIVE_BITS * (ADAPTIVE_PASSES - 1 - p)
+    for p in range(passes):
+        shift = bits * (passes - 1 - p)
         gate_adaptive_fwd_kernel[grid](*args[:3], hist[p], *args[4:], PHASE=0, SHIFT=shift, FIRST=p == 0, num_warps=4, **common)
         gate_adaptive_find_kernel[(B,)](
             hist[p], state, fcount, int(budget), B, SHIFT=shift, NBINS=nbins, FIRST=p == 0, BP=triton.next_power_of_2(B)

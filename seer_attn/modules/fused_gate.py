@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 _state = {"enabled": os.environ.get("SEER_ATTN_FUSED_GATE", "1") not in ("0", "false", "False")}
 _logged: set[str] = set()
 _METHODS = ("nz_ratio", "threshold", "top_p", "adaptive")
-# tl.dot input precision of the gate kernels (None: gate_kernel.GATE_DOT_PRECISION); benchmarks compare
+# tl.dot input precision of the gate kernels when set (benchmarks compare); else the layer's
+# `gate_precision` setting (`seerattn_gate_precision`), else gate_kernel.GATE_DOT_PRECISION
 GATE_PRECISION_OVERRIDE: str | None = None
 
 
@@ -101,7 +102,7 @@ def _weights(gate) -> tuple[torch.Tensor | None, torch.Tensor]:
     return w_q, gate.mask_linear_k.weight.detach()
 
 
-def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, precision: str | None = None):
     """Rotated gate vectors: fp32 `[B, Hq, nb, Dg]` and `[B, Hk, nb, Dg]` (`Hk` = Hq for the default gate)."""
     from seer_attn.kernels.gate_kernel import gate_summaries
 
@@ -118,7 +119,7 @@ def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tens
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     w_q, w_k = _weights(gate)
-    prec = GATE_PRECISION_OVERRIDE
+    prec = GATE_PRECISION_OVERRIDE or precision
     n_q, n_k = getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)
     stride = getattr(gate, "rope_stride", gate.block_size)
     S = q.shape[2]
@@ -137,16 +138,17 @@ def gate_summaries_fused(gate, q: torch.Tensor, k: torch.Tensor, cos: torch.Tens
     return qg, kg
 
 
-def _scores(gate, q, k, cos, sin, fill_upper: bool) -> torch.Tensor:
+def _scores(gate, q, k, cos, sin, fill_upper: bool, precision: str | None = None) -> torch.Tensor:
     """Logits (one summary per side) or block log-probabilities (several), fp32 `[B, Hq, nb, nb]`."""
     from seer_attn.kernels.gate_kernel import gate_mixture_scores, gate_scores
 
-    qg, kg = gate_summaries_fused(gate, q, k, cos, sin)
+    prec = GATE_PRECISION_OVERRIDE or precision
+    qg, kg = gate_summaries_fused(gate, q, k, cos, sin, prec)
     n_q, n_k = getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)
     if n_q == 1 and n_k == 1:
-        return gate_scores(qg, kg, fill_upper=fill_upper, precision=GATE_PRECISION_OVERRIDE)
+        return gate_scores(qg, kg, fill_upper=fill_upper, precision=prec)
     nb = math.ceil(q.shape[2] / gate.block_size)
-    return gate_mixture_scores(qg, kg, n_q, n_k, nb, fill_upper=fill_upper, precision=GATE_PRECISION_OVERRIDE)
+    return gate_mixture_scores(qg, kg, n_q, n_k, nb, fill_upper=fill_upper, precision=prec)
 
 
 def gate_logits(gate, q, k, cos, sin, output: str) -> torch.Tensor:
@@ -167,7 +169,7 @@ def gate_block_index(gate, q, k, cos, sin, settings, return_count: bool = False)
     canonical=True)` reads with no list preparation.
 
     `settings` carries `sparsity_method`, `nz_ratio`, `threshold`, `keep_sink`, `keep_diagonal`,
-    `dense_last_rows` (a `SeerAttentionSettings`). Same blocks as :func:`gate_block_index_twin`
+    `dense_last_rows` and `gate_precision` (a `SeerAttentionSettings`). Same blocks as :func:`gate_block_index_twin`
     except at near ties (see `seer_attn.kernels.gate_kernel`).
     """
     from seer_attn.kernels.gate_kernel import gate_select
@@ -175,7 +177,7 @@ def gate_block_index(gate, q, k, cos, sin, settings, return_count: bool = False)
     reason = unsupported_reason(gate, settings.sparsity_method)
     if reason is not None:
         raise ValueError(f"gate_block_index: the fused gate does not support {reason}")
-    scores = _scores(gate, q, k, cos, sin, fill_upper=False)
+    scores = _scores(gate, q, k, cos, sin, fill_upper=False, precision=getattr(settings, "gate_precision", None))
     G = q.shape[1] // k.shape[1]
     shared = getattr(settings, "share_gqa_blocks", False) and G > 1
     if shared:

@@ -59,6 +59,7 @@ class SeerAttentionSettings:
     selector: str = "gate"
     loss_row_start: float = 0.0
     compile_gate: bool = False
+    gate_precision: str = "tf32x3"
 
     @classmethod
     def from_config(cls, config, layer_idx: int | None = None) -> "SeerAttentionSettings":
@@ -90,6 +91,7 @@ class SeerAttentionSettings:
             selector=config.seerattn_selector,
             loss_row_start=float(getattr(config, "seerattn_gate_loss_row_start", 0.0)),
             compile_gate=bool(getattr(config, "seerattn_compile_gate", False)),
+            gate_precision=str(getattr(config, "seerattn_gate_precision", "tf32x3")),
         )
 
 

@@ -188,6 +188,32 @@ def test_gate_select_adaptive_row_floor(floor):
     assert torch.equal(indices_to_mask(idx.long(), nb), ref)
 
 
+@pytest.mark.parametrize("bits", [10, 8, 7, 6, 4])
+def test_gate_select_adaptive_digit_width(bits, monkeypatch):
+    # the radix digit width only trades histogram cost against passes: the kept set never changes
+    # (8 and 7 bits make the first pass's shift reach past the int32 width; 4 bits take 8 passes)
+    from seer_attn.kernels import gate_kernel
+
+    torch.manual_seed(bits)
+    B, H, nb, nz = 2, 2, 24, 0.3
+    scores = torch.randn(B, H, nb, nb, device=DEVICE) * 3
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=DEVICE).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    monkeypatch.setattr(gate_kernel, "ADAPTIVE_BITS", bits)
+    floor_k = int(0.5 * nz_ratio_to_k(nz, nb))
+    idx = gate_select(scores, "adaptive", keep_sink=True, budget=H * topk_budget(nz, nb), row_floor_k=floor_k)
+    ref = select_blocks(probs, "adaptive", nz_ratio=nz, keep_sink=True, adaptive_row_floor=0.5)
+    assert torch.equal(indices_to_mask(idx.long(), nb), ref)
+
+
+def test_gate_select_adaptive_rejects_bad_digit_width(monkeypatch):
+    from seer_attn.kernels import gate_kernel
+
+    monkeypatch.setattr(gate_kernel, "ADAPTIVE_BITS", 11)
+    with pytest.raises(ValueError, match="ADAPTIVE_BITS"):
+        gate_select(torch.zeros(1, 1, 4, 4, device=DEVICE), "adaptive", budget=2)
+
+
 def test_gate_select_adaptive_ties_keep_the_exact_budget():
     # every row uniform: the threshold sits on a huge tie; exactly `budget` blocks must be kept
     nb, H = 20, 2

@@ -89,6 +89,37 @@ def test_gate_block_index_shared_per_gqa_group(method, n_q):
     assert not torch.equal(mask, indices_to_mask(per_head.long(), nb))
 
 
+@pytest.mark.parametrize("n_q", [1, 4])
+def test_gate_block_index_passes_the_gate_precision(n_q, monkeypatch):
+    # `seerattn_gate_precision` reaches every product of the fused gate (summaries, then logits or the
+    # mixture); the benchmarks' module-level override still wins
+    from seer_attn.kernels import gate_kernel
+    from seer_attn.models.configuration_seer import SeerAttnConfigMixin
+
+    seen = []
+
+    def spy(name):
+        real = getattr(gate_kernel, name)
+
+        def wrapped(*a, **kw):
+            seen.append((name, kw.get("precision", a[-1] if name == "gate_summaries" else None)))
+            return real(*a, **kw)
+
+        return wrapped
+
+    for name in ("gate_summaries", "gate_scores", "gate_mixture_scores"):
+        monkeypatch.setattr(gate_kernel, name, spy(name))
+    gate, q, k, cos, sin = setup(S=300, n_q=n_q)
+    assert SeerAttnConfigMixin.seerattn_gate_precision == "tf32x3"
+    st = SeerAttentionSettings(sparsity_method="nz_ratio", nz_ratio=0.3, gate_precision="tf32")
+    fused_gate.gate_block_index(gate, q, k, cos, sin, st)
+    assert [p for _, p in seen] == ["tf32"] * 3
+    seen.clear()
+    monkeypatch.setattr(fused_gate, "GATE_PRECISION_OVERRIDE", "ieee")
+    fused_gate.gate_block_index(gate, q, k, cos, sin, st)
+    assert [p for _, p in seen] == ["ieee"] * 3
+
+
 def test_unsupported_designs_are_named():
     assert fused_gate.unsupported_reason(AttnGate(4, 2, 64)) is None
     assert "hidden size 48" in fused_gate.unsupported_reason(AttnGate(4, 2, 64, "Qavg_Kavg", hidden_size=48))
