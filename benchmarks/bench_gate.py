@@ -20,7 +20,8 @@ Designs beyond the default are timed through the fused path when `--designs` lis
 `nq4`, `nq8`: query summaries per block; `nq4nk2`: 4 query and 2 key summaries; `adaptive`,
 `adaptive_floor`: the layer-wide budget, without / with a per-row floor of half the top-k budget;
 `top_p`: per-row top-p 0.9; `default`: the library default, 4 / 2 summaries with adaptive selection and
-its row floor; `default_shared`: the same with one block set per GQA group).
+its row floor; `default_tf32`: the same with single-pass tf32 products; `default_shared`: the same with one
+block set per GQA group).
 
 Outputs a markdown table, the targets of issue 11, and JSON at `--out`.
 
@@ -185,6 +186,9 @@ def design_call(design, Hq, Hkv, D, S, q, k, device):
         "top_p": ({}, {"sparsity_method": "top_p", "top_p": 0.9}),
         # the library default recipe (4 query / 2 key summaries, adaptive with row floor 0.5)
         "default": ({"q_summaries": 4, "k_summaries": 2}, {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5}),
+        # the default with one tf32 pass per product (seerattn_gate_precision="tf32") instead of tf32x3
+        "default_tf32": ({"q_summaries": 4, "k_summaries": 2},
+                         {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5, "gate_precision": "tf32"}),
         # the same with one block set per GQA group (seerattn_share_gqa_blocks): selection over Hkv heads
         "default_shared": ({"q_summaries": 4, "k_summaries": 2},
                            {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5, "share_gqa_blocks": True}),

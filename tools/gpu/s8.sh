@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Session 8's H100 calls (issue 11 gate cost; issue 13 decode check). Parts run in the order given, each with
+# its own cap CAP_<part> (seconds); logs and JSON land in $OUT/r, tarred into $OUT/s8_<parts>.tar.gz.
+# usage: bash .gpu/scripts/s8.sh PART...
+#   gatetests : GPU tests of the gate kernels and the fused gate (the adaptive selection's new digit width,
+#               int32 floor keys, the gate precision setting)
+#   bits      : bench_gate.py --adaptive-bits 10,8,6,5: the adaptive selection per radix digit width, same scores
+#   profile   : bench_gate.py --profile default (Llama-8B 32k / 128k): where the default gate's time goes now
+#   gate      : bench_gate.py --designs default,default_tf32 (every shape and length, the issue-11 table)
+#   prefill   : bench_prefill.py --suite (end-to-end prefill, TTFT and the fine-tuning step; issue 11's targets)
+# Needing the model (stage2.sh sourced in an earlier call of the same warm machine):
+#   tf32ppl   : PPL of one gate checkpoint (.gpu/gates_s4) with the fused gate's products in tf32x3 vs tf32,
+#               adaptive+layers at nz 0.5 / 0.3 / 0.1 on 16 + 16 documents (does single-pass tf32 cost quality?)
+#   decodetest: tests/models/test_decode_sparsity.py::test_smollm2_triton_decoding_gpu alone
+set -u
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+[ -f /tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf ] && export SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/site "$OUT/r"
+if [ ! -f /tmp/site/.ok ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl && touch /tmp/site/.ok
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+R=$OUT/r
+run() {  # run NAME CAP cmd...
+  local name=$1 cap=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$cap" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $(( $(date +%s) - t0 ))s"
+  grep -v "it/s\]\|s/it\]" "$R/$name.log" | tail -n "${TAILN:-25}"
+}
+for part in "$@"; do
+  case $part in
+    gatetests)
+      TAILN=30 run gatetests "${CAP_gatetests:-240}" python -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf \
+        tests/kernels/test_gate_kernel.py tests/modules/test_fused_gate.py ;;
+    bits)
+      TAILN=20 run adaptive_bits "${CAP_bits:-240}" python benchmarks/bench_gate.py --adaptive-bits 10,8,6,5 \
+        --shapes llama8b,smollm2 --seqlens 32768,131072 --out "$R/adaptive_bits.json" ;;
+    profile)
+      run profile_default "${CAP_profile:-120}" python benchmarks/bench_gate.py --profile default --shapes llama8b \
+        --seqlens 32768,131072 --out "$R/gate_profile_default.json" ;;
+    gate)
+      run bench_gate "${CAP_gate:-300}" python benchmarks/bench_gate.py --designs default,default_tf32 \
+        --compile-seqlens "" --out "$R/bench_gate.json" ;;
+    prefill)
+      TAILN=60 run bench_prefill "${CAP_prefill:-420}" python benchmarks/bench_prefill.py --suite --out "$R/bench_prefill_suite.json" ;;
+    tf32ppl)
+      G=/tmp/runs/gates_s4; mkdir -p $G; cp .gpu/gates_s4/* $G/
+      EVAL=(--model $G --datasets /tmp/data/pg19-mini.jsonl,/tmp/data/proofpile-mini.jsonl --lengths 8192 --max_docs 16
+            --nz_ratios 0.5,0.3,0.1 --methods seer --budget_methods adaptive+layers
+            --layer_budgets docs/results/s4_9/layer_budgets_loss.json --plot false)
+      for prec in tf32x3 tf32; do
+        TAILN=12 run ppl_$prec "${CAP_tf32ppl:-200}" python -m seer_attn.evaluation.ppl "${EVAL[@]}" --gate_precision $prec \
+          --output_dir "$R/ppl_$prec"
+      done ;;
+    decodetest)
+      TAILN=30 run decodetest "${CAP_decodetest:-200}" python -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf \
+        "tests/models/test_decode_sparsity.py::test_smollm2_triton_decoding_gpu" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+(cd "$OUT" && tar czf "s8_$(echo "$@" | tr ' ' _).tar.gz" r && rm -rf r)
+ls -la "$OUT"
