@@ -12,6 +12,8 @@
 #   tf32ppl   : PPL of one gate checkpoint (.gpu/gates_s4) with the fused gate's products in tf32x3 vs tf32,
 #               adaptive+layers at nz 0.5 / 0.3 / 0.1 on 16 + 16 documents (does single-pass tf32 cost quality?)
 #   decodetest: tests/models/test_decode_sparsity.py::test_smollm2_triton_decoding_gpu alone
+#   decodegen : bench_decode.py --generate: generate() tokens/s of SmolLM2 (YaRN x4) at a 32k context, batch 1 / 8,
+#               dense vs sparse decoding (eager, DynamicCache), beside the per-step attention rows at 32k
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 [ -f /tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf ] && export SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -58,6 +60,9 @@ for part in "$@"; do
     decodetest)
       TAILN=30 run decodetest "${CAP_decodetest:-200}" python -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf \
         "tests/models/test_decode_sparsity.py::test_smollm2_triton_decoding_gpu" ;;
+    decodegen)
+      TAILN=20 run decodegen "${CAP_decodegen:-300}" python benchmarks/bench_decode.py --shapes smollm2 --contexts 32768 \
+        --batches 1,8 --no-flex --generate --gen-batches 1,8 --out "$R/bench_decode_generate.json" ;;
     *) echo "unknown part $part" ;;
   esac
 done
