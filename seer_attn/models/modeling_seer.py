@@ -501,7 +501,9 @@ class SeerCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()
+    # FSDP2 with fp32 outputs hands over fp32 hidden states while the gathered head weight is bf16;
+    # under autocast the cast is a no-op either way (autocast casts both to its own dtype)
+    logits = F.linear(h.to(weight.dtype), weight).float()
     return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
 
 

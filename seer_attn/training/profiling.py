@@ -4,11 +4,18 @@
 rank 0 and writes `<output_dir>/profile.json` and `profile.txt`:
 
 - `wall_s`: wall time of the profiled steps (synchronised at both ends);
-- `device_busy_s`: the summed self time of the device kernels (CUDA only; 0 on CPU): with
-  `wall_s` it says how much of a step the GPU sits idle (launch gaps, host syncs, data loading);
+- `device_busy_s`: how long at least one device kernel was running (the union of the kernels'
+  intervals; CUDA only, 0 on CPU): with `wall_s` it says how much of a step the GPU sits idle
+  (launch gaps, host syncs, data loading); `device_kernel_sum_s` adds the kernels' times up, which
+  counts twice what overlaps (NCCL on its own stream beside compute);
 - `host_ops`: the ops with the largest self CPU time, `device_kernels`: the kernels with the
   largest self device time (name, total seconds, calls);
 - `profile.txt`: the profiler's own table, for reading.
+
+The profiler's own cost (recording, then building the trace when it stops) lands inside the
+steps that `throughput.json` times: read tokens/s from a run without `--profile_steps` (in the
+issue-14 profile the profiled distillation steps took 0.21 s each by `wall_s`, while that run's
+`throughput.json` said 1.1 s).
 
 It answers questions like "why does distillation scale 1.35x on two GPUs" (docs/RESULTS.md).
 """
@@ -24,9 +31,25 @@ from transformers import TrainerCallback
 
 from seer_attn.training.throughput import _sync
 
-__all__ = ["ProfileCallback", "PROFILE_NAME"]
+__all__ = ["ProfileCallback", "PROFILE_NAME", "busy_time"]
 
 PROFILE_NAME = "profile.json"
+
+
+def busy_time(intervals) -> float:
+    """Length of the union of `(start, end)` intervals (any unit): time with at least one kernel running.
+
+    Summing kernel times instead counts overlapping kernels twice; summing the profiler's per-op
+    averages counts each kernel twice more, once as the kernel and once as the ATen op that launched it
+    (the first profile of issue 14 reported more busy time than wall time that way).
+    """
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
 
 
 class ProfileCallback(TrainerCallback):
@@ -74,14 +97,18 @@ class ProfileCallback(TrainerCallback):
         def dev_time(e) -> float:  # microseconds; the attribute's name changed across torch versions
             return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
 
-        kernels = [e for e in events if dev_time(e) > 0]
-        busy = sum(dev_time(e) for e in kernels) / 1e6
+        # kernels only: an ATen op's "self device time" is the time of the kernels it launched
+        kernels = [e for e in events if dev_time(e) > 0 and e.device_type != torch.autograd.DeviceType.CPU]
+        runs = [(e.time_range.start, e.time_range.end) for e in self._prof.events()
+                if e.device_type != torch.autograd.DeviceType.CPU]
+        busy = busy_time(runs) / 1e6
         host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: self.top]
         dev = sorted(kernels, key=dev_time, reverse=True)[: self.top]
         summary = {
             "steps": self.steps,
             "wall_s": round(wall, 4),
             "device_busy_s": round(busy, 4),
+            "device_kernel_sum_s": round(sum(dev_time(e) for e in kernels) / 1e6, 4),
             "device_idle_share": round(1 - busy / wall, 4) if busy and wall else None,
             "host_ops": [{"name": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 5), "calls": e.count} for e in host],
             "device_kernels": [{"name": e.key, "self_device_s": round(dev_time(e) / 1e6, 5), "calls": e.count} for e in dev],

@@ -433,3 +433,21 @@ def test_compiled_gate_training_path_matches_eager(tiny_dir):
         grads.append(torch.cat([p.grad.flatten() for g in model.gate_modules() for p in g.parameters() if p.grad is not None]))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+
+def test_chunked_causal_lm_loss_takes_fp32_hidden_with_bf16_head():
+    """FSDP2 with fp32 outputs gives fp32 hidden states beside a bf16 (gathered) head weight."""
+    from seer_attn.models import chunked_causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, 50, (2, 37), generator=g)
+    labels[0, :5] = -100
+    loss = chunked_causal_lm_loss(hidden, weight, labels, chunk=8)
+    loss.backward()
+    h = hidden.detach()[:, :-1].bfloat16()
+    logits = torch.nn.functional.linear(h, weight.detach()).float()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
