@@ -7,6 +7,8 @@
 #                                                 # each checkpoint reloaded on GPU and CPU against what training held
 #   bash .gpu/scripts/scale14.sh accelerate STEPS # the FSDP fine-tuning once through `accelerate launch` + fsdp.yaml
 #   bash .gpu/scripts/scale14.sh profile STEPS    # distillation on 1 and 2 GPUs with 3 profiled steps (profile.json)
+#   [NPROCS=1] bash .gpu/scripts/scale14.sh distillc STEPS  # distillation with the compiled gate (seerattn_compile_gate),
+#                                                 # no profiler: tokens/s against `distill`'s eager runs
 # Every run writes throughput.json (steady tokens/s, peak memory per rank) and its loss log; the results
 # come back as one tarball per part. NVLink multicast stays off in every process.
 set -u
@@ -52,6 +54,12 @@ res = {"gates_max_rel_diff": max(rel.values()), "gates_tensors": len(rel), "same
        "loss_max_rel_diff": dl, "steps_compared": len(set(la) & set(lb))}
 print(json.dumps(res)); json.dump(res, open("/tmp/scale/compare_distill.json", "w"))
 EOF
+    ;;
+  distillc)
+    for n in ${NPROCS:-1 2}; do
+      t0=$(date +%s); distill $n $R/distillc_np$n --save_steps 100000 --seerattn_compile_gate true > $R/log_distillc_np$n.txt 2>&1
+      echo "distill (compiled gate) nproc=$n rc=$? $(( $(date +%s) - t0 ))s: $(tr -d '\n' < $R/distillc_np$n/throughput.json 2>/dev/null | cut -c1-300)"
+    done
     ;;
   resume)
     # the uninterrupted 2-GPU run of the `distill` part is the reference (same STEPS)
