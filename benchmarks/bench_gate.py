@@ -20,7 +20,7 @@ Designs beyond the default are timed through the fused path when `--designs` lis
 `nq4`, `nq8`: query summaries per block; `nq4nk2`: 4 query and 2 key summaries; `adaptive`,
 `adaptive_floor`: the layer-wide budget, without / with a per-row floor of half the top-k budget;
 `top_p`: per-row top-p 0.9; `default`: the library default, 4 / 2 summaries with adaptive selection and
-its row floor; `default_tf32`: the same with single-pass tf32 products; `default_shared`: the same with one
+its row floor; `default_tf32` / `default_bf16`: the same with single-pass tf32 products / bf16 operands; `default_shared`: the same with one
 block set per GQA group).
 
 Outputs a markdown table, the targets of issue 11, and JSON at `--out`.
@@ -189,6 +189,9 @@ def design_call(design, Hq, Hkv, D, S, q, k, device):
         # the default with one tf32 pass per product (seerattn_gate_precision="tf32") instead of tf32x3
         "default_tf32": ({"q_summaries": 4, "k_summaries": 2},
                          {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5, "gate_precision": "tf32"}),
+        # the default with the products' operands rounded to bf16 (seerattn_gate_precision="bf16")
+        "default_bf16": ({"q_summaries": 4, "k_summaries": 2},
+                         {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5, "gate_precision": "bf16"}),
         # the same with one block set per GQA group (seerattn_share_gqa_blocks): selection over Hkv heads
         "default_shared": ({"q_summaries": 4, "k_summaries": 2},
                            {"sparsity_method": "adaptive", "adaptive_row_floor": 0.5, "share_gqa_blocks": True}),
@@ -321,7 +324,7 @@ def mixture_sweep(args) -> None:
     import itertools
 
     rows_out, t_start = [], time.time()
-    cands = list(itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3), ("tf32x3", "tf32")))
+    cands = list(itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3), ("tf32x3", "tf32", "bf16")))
     for name in args.shapes.split(","):
         Hq, Hkv, D = SHAPES[name]
         for S in (int(x) for x in args.seqlens.split(",")):

@@ -134,7 +134,7 @@ class PPLArguments:
         default=None, metadata={"help": "share of each row's top-k budget that adaptive selection keeps per row (default: the model config's)"}
     )
     gate_precision: str | None = field(
-        default=None, metadata={"help": "the fused gate's dot precision on the GPU: tf32x3, tf32 or ieee (default: the model config's)"}
+        default=None, metadata={"help": "the fused gate's dot precision on the GPU: tf32x3, tf32, bf16 or ieee (default: the model config's)"}
     )
     layer_budgets: str | None = field(
         default=None,

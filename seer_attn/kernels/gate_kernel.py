@@ -50,7 +50,8 @@ from seer_attn.kernels._triton import is_interpreter, prune_configs
 __all__ = ["gate_summaries", "gate_scores", "gate_mixture_scores", "gate_select", "fused_gate_index", "GATE_DOT_PRECISION"]
 
 # dot input precision of the gate's products on the GPU: tf32x3 is ~fp32 accurate (the twin is fp32)
-# at tensor-core speed; "tf32" is faster and ranks near-ties differently, "ieee" is exact fp32 FMA
+# at tensor-core speed; "tf32" (one pass) and "bf16" (operands rounded to bf16) are faster and rank
+# near-ties differently, "ieee" is exact fp32 FMA
 GATE_DOT_PRECISION = "tf32x3"
 
 _POOL_ORDER = ("max", "min", "avg")
@@ -64,9 +65,31 @@ MIXTURE_TILE_SMALL = (32, 64, 4, 2)
 MIXTURE_TILE = {64: MIXTURE_TILE_SMALL, 128: (128, 64, 8, 2)}
 
 
+GATE_PRECISIONS = ("tf32x3", "tf32", "bf16", "ieee")
+
+
 def _dot_prec(precision: str | None) -> str:
-    # the interpreter multiplies in numpy fp32 whatever is asked
-    return "ieee" if is_interpreter() else (precision or GATE_DOT_PRECISION)
+    precision = precision or GATE_DOT_PRECISION
+    if precision not in GATE_PRECISIONS:
+        raise ValueError(f"gate dot precision must be one of {GATE_PRECISIONS}, got {precision!r}")
+    if not is_interpreter():
+        return precision
+    # the interpreter multiplies in numpy fp32 whatever tf32 mode is asked, and its bf16 dot returns
+    # garbage (triton 3.x): bf16 is emulated there by rounding the operands, multiplying in fp32 (exact
+    # for bf16 values). Its fp32 -> bf16 cast truncates where the GPU rounds to nearest.
+    return "bf16_emul" if precision == "bf16" else "ieee"
+
+
+@triton.jit
+def _gdot(a, b, DOT_PREC: tl.constexpr):
+    # fp32 operands, fp32 accumulation; "bf16" rounds the operands first (one tensor-core pass at
+    # twice tf32's rate, scores off by ~|s| * 2^-9)
+    if DOT_PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT_PREC == "bf16_emul":
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -79,8 +102,8 @@ def _project_half(
     b_w_lh = tl.load(p_w + DG2 * stride_wo).to(tl.float32)
     b_w_hl = tl.load(p_w + H2 * stride_wi).to(tl.float32)
     b_w_hh = tl.load(p_w + H2 * stride_wi + DG2 * stride_wo).to(tl.float32)
-    y_lo = tl.dot(b_lo, b_w_ll, input_precision=DOT_PREC) + tl.dot(b_hi, b_w_hl, input_precision=DOT_PREC)
-    y_hi = tl.dot(b_lo, b_w_lh, input_precision=DOT_PREC) + tl.dot(b_hi, b_w_hh, input_precision=DOT_PREC)
+    y_lo = _gdot(b_lo, b_w_ll, DOT_PREC) + _gdot(b_hi, b_w_hl, DOT_PREC)
+    y_hi = _gdot(b_lo, b_w_lh, DOT_PREC) + _gdot(b_hi, b_w_hh, DOT_PREC)
     return y_lo, y_hi
 
 
@@ -278,7 +301,7 @@ def gate_score_fwd_kernel(
         # [BM, DG], [BN, DG]
         b_q = tl.load(p_q, mask=(o_m < NB)[:, None], other=0.0)
         b_k = tl.load(p_k, mask=(o_n < NB)[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        b_s = _gdot(b_q, tl.trans(b_k), DOT_PREC) * scale
         b_s = tl.where(o_n[None, :] <= o_m[:, None], b_s, float("-inf"))
         tl.store(p_s, b_s, mask=m_st)
     elif FILL:
@@ -338,7 +361,7 @@ def gate_mixture_fwd_kernel(
     for c0 in range(0, n_cols, BNK):
         o_k = c0 + o_c
         b_k = tl.load(k_base + o_k[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=(o_k < N_K)[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        b_s = _gdot(b_q, tl.trans(b_k), DOT_PREC) * scale
         m_v = ((o_k[None, :] // NK) <= (o_r[:, None] // NQ)) & (o_k < N_K)[None, :] & m_r[:, None]
         b_s = tl.where(m_v, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
@@ -355,7 +378,7 @@ def gate_mixture_fwd_kernel(
     for c0 in range(0, n_cols, BNK):
         o_k = c0 + o_c
         b_k = tl.load(k_base + o_k[:, None] * stride_kn + o_d[None, :] * stride_kd, mask=(o_k < N_K)[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * scale
+        b_s = _gdot(b_q, tl.trans(b_k), DOT_PREC) * scale
         m_v = ((o_k[None, :] // NK) <= (o_r[:, None] // NQ)) & (o_k < N_K)[None, :] & m_r[:, None]
         b_v = tl.where(m_v, b_s - b_lse[:, None], float("-inf"))
         # [BMB, NQ, BNB, NK] -> [BMB, BNB]

@@ -15,7 +15,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_gate_q_summaries` | 1, 2, 4, 8 | 4 | query summaries per block (sub-block averages; block probability = mixture of their softmaxes). |
 | `seerattn_gate_k_summaries` | 1, 2, 4, 8 | 2 | key summaries per block (block probability = sum over them). |
 | `seerattn_gate_init` | `random`, `pooled` | `pooled` | fresh gates: small random weights, or the training-free pooled-attention scores (avg-pooled Q . K). |
-| `seerattn_gate_precision` | `tf32x3`, `tf32`, `ieee` | `tf32x3` | dot precision of the fused inference gate's products on the GPU: `tf32x3` is about fp32 (the PyTorch twin's), `tf32` one tensor-core pass (the mixture scoring 2-2.5x faster; near-ties rank differently from the twin), `ieee` exact fp32 FMA. Training (the PyTorch gate) is unaffected. |
+| `seerattn_gate_precision` | `tf32x3`, `tf32`, `bf16`, `ieee` | `tf32x3` | dot precision of the fused inference gate's products on the GPU: `tf32x3` is about fp32 (the PyTorch twin's), `tf32` one tensor-core pass (the mixture scoring 2-2.5x faster; near-ties rank differently from the twin), `bf16` the operands rounded to bf16 (fp32 accumulation; twice tf32's rate), `ieee` exact fp32 FMA. Training (the PyTorch gate) is unaffected. |
 | `seerattn_sparsity_method` | `nz_ratio`, `threshold`, `top_p`, `adaptive` | `adaptive` | per-row top-k for a target density; a probability threshold; per-row top-p; or `adaptive`: the per-row top-k budget of `nz_ratio` spent on the highest gate probabilities over all rows and heads of a layer. |
 | `seerattn_nz_ratio` | (0, 1] | 0.5 | target density over the causal block triangle (methods `nz_ratio` and `adaptive`); 1.0 is exactly dense. |
 | `seerattn_threshold` | float >= 0 | 5e-3 | keep blocks with gate probability above it (method `threshold`). |
@@ -73,7 +73,7 @@ __all__ = ["SeerAttnConfigMixin", "SEERATTN_FIELDS", "GATE_SHAPE_FIELDS", "apply
 _CHOICES = {
     "seerattn_mode": ("dense", "distill", "sparse", "decode_eval"),
     "seerattn_sparsity_method": SPARSITY_METHODS,
-    "seerattn_gate_precision": ("tf32x3", "tf32", "ieee"),
+    "seerattn_gate_precision": ("tf32x3", "tf32", "bf16", "ieee"),
     "seerattn_gate_init": ("random", "pooled"),
     "seerattn_decode_gate_init": ("random", "pooled"),
     "seerattn_kernel_implementation": ("auto", "TopK", "CSR", "naive"),

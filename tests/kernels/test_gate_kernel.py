@@ -261,6 +261,35 @@ def test_gate_mixture_scores_every_tile_agrees(tile):
     torch.testing.assert_close(wide[fin], small[fin], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (4, 2)])
+def test_gate_scores_in_bf16_round_the_summaries(n_q, n_k):
+    # precision "bf16": the products of summaries rounded to bf16, accumulated in fp32; on the rounded
+    # summaries that is exact, so fp32 ("ieee") scoring of the rounded summaries is its reference
+    torch.manual_seed(0)
+    nb = 9
+    qg = torch.randn(1, 4, n_q * nb - (n_q > 1), 64, device=DEVICE)
+    kg = torch.randn(1, 2, n_k * nb, 64, device=DEVICE)
+
+    def run(a, b, precision):
+        if n_q == n_k == 1:
+            return gate_scores(a, b, fill_upper=True, precision=precision)
+        return gate_mixture_scores(a, b, n_q, n_k, nb, fill_upper=True, precision=precision)
+
+    def to_bf16(x):  # the GPU rounds to nearest even; the interpreter's cast truncates
+        if DEVICE == "cuda":
+            return x.bfloat16().float()
+        return (x.view(torch.int32) & -65536).view(torch.float32)
+
+    out = run(qg, kg, "bf16")
+    ref = run(to_bf16(qg), to_bf16(kg), "ieee")
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out))
+    torch.testing.assert_close(out[fin], ref[fin], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[fin], run(qg, kg, "ieee")[fin], atol=1e-5, rtol=1e-5)  # it did round
+    with pytest.raises(ValueError, match="precision"):
+        run(qg, kg, "fp8")
+
+
 def test_gate_select_input_errors():
     with pytest.raises(ValueError, match="fp32"):
         gate_select(torch.randn(1, 1, 4, 4, dtype=torch.float16, device=DEVICE))
