@@ -4,7 +4,7 @@
 # layer curves with the oracle on 4 calibration documents (`layer_budgets --stage decode`), then
 # decode-mode PPL on pg19-mini + proofpile-mini at 8k with and without the per-layer budgets, for the
 # gate and the references. Source stage2.sh first; calib-large (or its first ~30 MB) in /tmp/data/calib-large.
-# usage: [STEPS=500] [TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2"] [PHASE=train|eval|all] bash .gpu/scripts/s6_13.sh [DOCS]
+# usage: [STEPS=500] [TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2"] [PHASE=train|eval|all] [CURVES=json] bash .gpu/scripts/s6_13.sh [DOCS]
 # (TAG names another arm's gate and evaluation folders; the layer curves, measured with the oracle, are shared)
 DOCS=${1:-12}; STEPS=${STEPS:-500}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; PHASE=${PHASE:-all}
 R=/tmp/runs; D=/tmp/data; mkdir -p $R $OUT
@@ -16,6 +16,8 @@ if [ ! -f $R/gates_dec$TAG/model.safetensors ]; then
   echo "train rc=$? $(( $(date +%s) - t0 ))s"; tail -2 $R/log_train_dec$TAG.txt
 fi
 [ "$PHASE" = train ] && exit 0
+# CURVES=file: the oracle's decode layer curves measured before (same protocol) instead of measuring them again
+[ -n "${CURVES:-}" ] && [ ! -f $R/decode_layer_budgets.json ] && cp "$CURVES" $R/decode_layer_budgets.json
 if [ ! -f $R/decode_layer_budgets.json ]; then
   python -m seer_attn.evaluation.layer_budgets --model $R/gates_dec$TAG --stage decode --dataset $D/calib-large --length 8192 \
     --max_docs 4 --output $R/decode_layer_budgets.json --write_config > $R/log_lb_dec.txt 2>&1
