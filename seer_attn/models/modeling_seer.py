@@ -723,7 +723,8 @@ class SeerForCausalLMMixin:
         if labels is not None:
             lm_loss = chunked_causal_lm_loss(hidden, self.lm_head.weight, labels, num_items=num_items)
         slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_, :])
+        # (FSDP2 with fp32 outputs: fp32 hidden states, bf16 head weight; a no-op otherwise, autocast included)
+        logits = self.lm_head(hidden[:, slice_, :].to(self.lm_head.weight.dtype))
 
         stats = [layer.self_attn.seer_stats for layer in self.model.layers]
         losses = [s.gate_loss for s in stats if s is not None and s.gate_loss is not None]
