@@ -67,7 +67,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from seer_attn.kernels.block_mask import indices_to_mask
 from seer_attn.models.configuration_seer import GATE_SHAPE_FIELDS, SEERATTN_FIELDS, SeerAttnConfigMixin, check_seerattn_field
@@ -449,7 +449,8 @@ class SeerAttentionMixin:
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         return q, k, v
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = _one_cache(cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         q_pre, k_pre, value_states = self.project_qkv(hidden_states)
 
@@ -482,6 +483,17 @@ def _saved_for_inference(config):
             del config.seerattn_trained_mode
         else:
             config.seerattn_trained_mode = before
+
+
+# transformers 5.2x renamed the KV cache argument and output field `past_key_values` -> `cache` (the old
+# name stays a deprecated alias until 5.40): the Seer forwards take either name and speak the installed one
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -693,6 +705,7 @@ class SeerForCausalLMMixin:
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ) -> SeerCausalLMOutputWithPast:
         """As the family's `ForCausalLM.forward`, plus gate losses and realised density.
@@ -701,6 +714,7 @@ class SeerForCausalLMMixin:
         pass `logits_to_keep=1` with `labels` to skip full logits entirely (evaluation, training).
         """
         num_items = kwargs.pop("num_items_in_batch", None)
+        past_key_values = _one_cache(cache, past_key_values)
         if self.config.seerattn_cuda_graphs and graphable(
             self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache, kwargs
         ):
@@ -713,9 +727,9 @@ class SeerForCausalLMMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_NAME: past_key_values},
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -741,7 +755,7 @@ class SeerForCausalLMMixin:
         return SeerCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             lm_loss=lm_loss,

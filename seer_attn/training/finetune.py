@@ -252,7 +252,8 @@ def fsdp_keep_fp32_reduce_and_outputs(plugin) -> None:
     pol = getattr(plugin, "mixed_precision_policy", None)
     if getattr(plugin, "fsdp_version", 1) != 2 or not isinstance(pol, MixedPrecisionPolicy):
         return
-    if pol.param_dtype == torch.bfloat16 and pol.reduce_dtype == torch.bfloat16 and pol.output_dtype == torch.bfloat16:
+    # accelerate's default: output_dtype bf16 (accelerate 1.1x) or None (later: outputs stay in the bf16 compute dtype)
+    if pol.param_dtype == torch.bfloat16 and pol.reduce_dtype == torch.bfloat16 and pol.output_dtype in (torch.bfloat16, None):
         plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32,
             cast_forward_inputs=pol.cast_forward_inputs,

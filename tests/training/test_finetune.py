@@ -180,7 +180,8 @@ def test_fsdp2_bf16_policy_reduces_and_returns_fp32():
     finetune.fsdp_keep_fp32_reduce_and_outputs(plugin)
     pol = plugin.mixed_precision_policy
     assert (pol.param_dtype, pol.reduce_dtype, pol.output_dtype) == (torch.bfloat16, torch.float32, torch.float32)
-    mine = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)  # a user's own choice stays
+    # a user's own choice stays (accelerate's default is bf16 parameters and reduction, outputs bf16 or None)
+    mine = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     plugin.mixed_precision_policy = mine
     finetune.fsdp_keep_fp32_reduce_and_outputs(plugin)
     assert plugin.mixed_precision_policy is mine
