@@ -458,6 +458,8 @@ class SeerAttentionMixin:
         query_states, key_states = self.rotary_fn(q_pre, k_pre, cos, sin)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+            if getattr(past_key_values, "is_compileable", False):
+                key_states, value_states = _filled_part(key_states, value_states, attention_mask, kwargs.get("position_ids"))
 
         attn_output, attn_weights = decode_aware_attention(
             self, seer_attention_forward, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
@@ -494,6 +496,28 @@ def _one_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+def _filled_part(key: torch.Tensor, value: torch.Tensor, attention_mask, position_ids):
+    """The filled slots of a preallocated cache (`StaticCache`: `generate(cache_implementation="static")`).
+
+    Its update returns all `max_cache_len` slots, the empty ones as zeros; the Seer attention paths
+    take the keys they are given as the sequence (the dense path would attend to the empty slots).
+    For an unpadded batch the filled length is the last position + 1 (one host sync per layer and
+    step: this runs eagerly, not under CUDA graphs). Padded batches need the padding mask over the
+    slots, which the Seer paths do not take: refused.
+    """
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise NotImplementedError(
+            "a preallocated KV cache (e.g. generate(cache_implementation='static')) with a padded batch is not "
+            "supported by the Seer attention: use the default dynamic cache"
+        )
+    if position_ids is None:
+        raise ValueError("a preallocated KV cache needs position_ids to know how many slots are filled")
+    n = int(position_ids[..., -1].max()) + 1
+    if n > key.shape[2]:
+        raise ValueError(f"position {n - 1} is past the cache's {key.shape[2]} slots")
+    return key[:, :, :n], value[:, :, :n]
 
 
 @dataclass

@@ -481,7 +481,7 @@ def decode_aware_attention(
                     raise RuntimeError(
                         f"layer {module.layer_idx}: the decode gate has seen {state.num_tokens} tokens but the KV cache "
                         f"holds {Sk - Sq} before this step (was the cache cropped, or filled with decode sparsity off? "
-                        "static caches and assisted decoding are not supported)"
+                        "assisted decoding is not supported)"
                     )
                 state.append(gate, k_pre, positions, _rope_fn(module))
             if Sq < Sk and Sk >= s.min_context:

@@ -71,6 +71,24 @@ def test_decode_config_fields():
             SeerLlamaConfig(**bad)
 
 
+def test_sparse_decoding_on_a_static_cache_equals_the_dynamic_cache(tiny_dir):
+    # generate(cache_implementation="static"): the decode gate sees the filled slots only, block by block
+    model = load(tiny_dir, seerattn_decode_token_budget=2 * BS)
+    x = prompt(B=2)
+    calls = []
+    real = decode_module._attend
+    decode_module._attend = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        seq, scores, _ = greedy(model, x)
+        sseq, sscores, cache = greedy(model, x, cache_implementation="static")
+    finally:
+        decode_module._attend = real
+    assert len(calls) == 2 * 39 * 2  # both runs decoded sparsely, every step of both layers
+    assert {i: s.num_tokens for i, s in decode_states(cache).items()} == {0: 59, 1: 59}
+    assert torch.equal(sseq, seq)
+    torch.testing.assert_close(sscores, scores, atol=1e-5, rtol=0)
+
+
 def test_unlimited_budget_generation_equals_dense(tiny_dir):
     model = load(tiny_dir, seerattn_decode_token_budget=10**6)
     x = prompt(B=2)
