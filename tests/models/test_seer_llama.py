@@ -472,3 +472,20 @@ def test_static_cache_generation_equals_dynamic(tiny_dir, base, mode):
     with pytest.raises(NotImplementedError, match="padded batch"):
         model.generate(padded, attention_mask=(padded != 0).long(), max_new_tokens=2, cache_implementation="static",
                        pad_token_id=0)  # fmt: skip
+
+
+def test_kv_cache_argument_takes_either_name(tiny_dir):
+    # transformers 5.2x calls the KV cache `cache` (`past_key_values` a deprecated alias): both reach the layers
+    from transformers import DynamicCache
+
+    model = load(tiny_dir, seerattn_mode="dense")
+    x = ids(B=1, S=100)
+    with torch.no_grad():
+        full = model(x).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            pre = model(x[:, :99], use_cache=True)
+            cached = pre.cache if hasattr(pre, "cache") else pre.past_key_values
+            step = model(x[:, 99:], use_cache=True, **{name: cached}).logits[:, -1]
+            torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="once"):
+            model(x[:, 99:], use_cache=True, cache=DynamicCache(), past_key_values=DynamicCache())
