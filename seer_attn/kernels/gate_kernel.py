@@ -537,7 +537,8 @@ def gate_select_fwd_kernel(
 # a cost trade: `tl.histogram` builds each warp's histogram from one ballot per digit bit and, per
 # bin a lane owns, a mask and a popcount, so its cost per element grows with the bin count (~360
 # operations per element for 1024 bins, ~20 for 64), while each pass also reads every probability
-# image once. Measured on an H100 (`benchmarks/bench_gate.py --adaptive-bits`): see benchmarks/RESULTS.md.
+# image once. 6 is a prediction from that count, not yet a measurement: `benchmarks/bench_gate.py
+# --adaptive-bits 10,8,6,5` times the widths on the same scores (benchmarks/RESULTS.md once run).
 ADAPTIVE_BITS = 6
 _IMAGE_BITS = 30
 
