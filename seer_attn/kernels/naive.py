@@ -317,6 +317,7 @@ def sparse_decode_attn_naive(
     sm_scale: float | None = None,
     block_size: int = 64,
     upcast: bool = True,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decoding attention over selected key blocks of a KV cache plus each token's own block.
 
@@ -333,10 +334,20 @@ def sparse_decode_attn_naive(
         sm_scale (float, Optional): Default: `1 / sqrt(D)`.
         block_size (int): Default: `64`.
         upcast (bool): compute in fp32. Default: `True`.
+        seqlens (torch.Tensor, Optional): int `[B]`, the filled length of each sequence's cache (a
+            preallocated cache): sequence `b` is `k[b, :, :seqlens[b]]`, the slots after it unused.
 
     Returns:
         o (torch.Tensor): `[B, Hq, n, D]` in `q.dtype`.
     """
+    if seqlens is not None:
+        if seqlens.shape != (q.shape[0],):
+            raise ValueError(f"seqlens must be [B] = [{q.shape[0]}], got {tuple(seqlens.shape)}")
+        return torch.cat([
+            sparse_decode_attn_naive(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], block_index[b : b + 1],
+                                     sm_scale, block_size, upcast)
+            for b, n in enumerate(seqlens.tolist())
+        ])  # fmt: skip
     _check_qkv(q, k, v)
     B, Hq, n, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]

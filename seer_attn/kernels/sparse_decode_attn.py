@@ -42,6 +42,7 @@ def sparse_decode_attn_fwd_kernel(
     k,
     v,
     block_index,
+    seqlens,
     o,
     ws_acc,
     ws_m,
@@ -79,6 +80,7 @@ def sparse_decode_attn_fwd_kernel(
     BS: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
 ):
     # rows on the first grid axis: B * Hkv * n exceeds the second axis' 65,535 when whole documents are
     # scored in decode mode (layer-budget calibration)
@@ -87,8 +89,12 @@ def sparse_decode_attn_fwd_kernel(
     i_t = i_bhn % N
     i_bh = i_bhn // N
     i_b, i_hkv = i_bh // HKV, i_bh % HKV
-    # the token's position in the cache and its own block
-    t = L - N + i_t
+    # the token's position in the cache and its own block (a preallocated cache: this sequence's
+    # filled length, read on the device; slots past it are never read)
+    if HAS_SEQLENS:
+        t = tl.load(seqlens + i_b).to(tl.int64) - N + i_t
+    else:
+        t = L - N + i_t
     own = t // BS
 
     o_g = tl.arange(0, BG)
@@ -231,6 +237,7 @@ def sparse_decode_attn(
     sm_scale: float | None = None,
     block_size: int = 64,
     num_splits: int | None = None,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decoding attention of new tokens over their selected key blocks plus their own block.
 
@@ -246,12 +253,21 @@ def sparse_decode_attn(
         block_size (int): one of 16, 32, 64, 128. Default: `64`.
         num_splits (int, Optional): programs sharing one token's work list (`K + 1` blocks).
             Default: enough for about two programs per SM.
+        seqlens (torch.Tensor, Optional): int `[B]` on the device, the filled length of each
+            sequence's cache (a preallocated cache, e.g. transformers' `StaticCache`): token `i` sits
+            at `seqlens[b] - n + i` and slots from `seqlens[b]` on are never read, with no host sync
+            (CUDA-graph safe). `n <= seqlens[b] <= L` is the caller's promise. Default: `L` for all.
 
     Returns:
         o (torch.Tensor): `[B, Hq, n, D]` in `q.dtype`, same memory layout as `q`.
     """
     _check_inputs(q, k, v, block_index, block_size)
     B, Hq, n, D = q.shape
+    if seqlens is not None:
+        if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (B,) or seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"sparse_decode_attn: seqlens must be an int32/int64 tensor [B] = [{B}], got {getattr(seqlens, 'shape', seqlens)}")
+        if seqlens.device != q.device:
+            raise ValueError("sparse_decode_attn: seqlens must be on the device of q")
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
     K = block_index.shape[3]
@@ -270,11 +286,11 @@ def sparse_decode_attn(
     else:
         ws_acc = ws_m = ws_l = o  # unused
     sparse_decode_attn_fwd_kernel[(rows, ns)](
-        q, k, v, block_index, o, ws_acc, ws_m, ws_l,
+        q, k, v, block_index, seqlens if seqlens is not None else block_index, o, ws_acc, ws_m, ws_l,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *block_index.stride(),
         scale, L, n, K, bps, ns,
         HKV=Hkv, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BS=block_size, SPLIT=split,
-        DOT_PREC=dot_precision(q.dtype),
+        DOT_PREC=dot_precision(q.dtype), HAS_SEQLENS=seqlens is not None,
     )
     if split:
         sparse_decode_attn_fwd_kernel_combine[(rows * G,)](

@@ -119,6 +119,41 @@ def test_sparse_decode_attn_never_reads_unselected_keys():
         torch.testing.assert_close(o, ref, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.float32)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sparse_decode_attn_seqlens_reads_only_the_filled_slots(D, dtype, num_splits):
+    """A preallocated cache (StaticCache): each sequence's filled length comes as a device tensor; the
+    slots after it are NaN and must never be read; each sequence equals the twin on its filled part."""
+    bs, cap, n = 16, 1024, 2
+    lens = [63, 65, 1000]
+    q, k, v, _ = rand_case(len(lens), 6, 2, cap, n, D, dtype, bs, 0)
+    idx = torch.full((len(lens), 2, n, 6), -1, dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    for b, L in enumerate(lens):
+        for i in range(n):
+            own = (L - n + i) // bs
+            pick = torch.randperm(own, generator=g)[:4]
+            idx[b, :, i, : len(pick)] = pick.int()
+            idx[b, :, i, 5] = own + 3  # at or past the own block (past the filled part): ignored
+    idx = idx.to(DEVICE)
+    for b, L in enumerate(lens):
+        k[b, :, L:] = float("nan")
+        v[b, :, L:] = float("nan")
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    o = sparse_decode_attn(q, k, v, idx, block_size=bs, num_splits=num_splits, seqlens=seqlens)
+    assert not o.isnan().any()
+    ref = sparse_decode_attn_naive(q.double(), k.double(), v.double(), idx, block_size=bs, seqlens=seqlens)
+    low = sparse_decode_attn_naive(q, k, v, idx, block_size=bs, upcast=False, seqlens=seqlens)
+    err = (o.double() - ref).abs().max().item()
+    assert err <= 2 * (low.double() - ref).abs().max().item() + ATOL[dtype]
+    for b, L in enumerate(lens):  # the twin with seqlens is the twin of each sequence's filled part
+        alone = sparse_decode_attn_naive(q[b : b + 1].double(), k[b : b + 1, :, :L].double(), v[b : b + 1, :, :L].double(),
+                                         idx[b : b + 1], block_size=bs)  # fmt: skip
+        torch.testing.assert_close(ref[b : b + 1], alone, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="seqlens"):
+        sparse_decode_attn(q, k, v, idx, block_size=bs, seqlens=seqlens[:2])
+
+
 def test_sparse_decode_attn_errors():
     q, k, v, idx = rand_case(1, 4, 2, 100, 1, 64, torch.float16, 16, 2)
     with pytest.raises(TypeError, match="integer"):
