@@ -10,6 +10,8 @@
      (gate query, scores against the compressed keys, top-k at the token budget, block-sparse split-K
      kernel, statistics); the per-token append to the compressed-key cache is not included (one small
      copy per step, one compression per 64 steps);
+   - `seercomp`: the same with `seerattn_compile_decode_gate` (the gate's query, scores and selection
+     as one `torch.compile`d graph);
    - `kernel`: `sparse_decode_attn` alone on a fixed random selection of the same size.
 
    Each is timed eagerly (`triton.testing.do_bench`, median) and, except flex, inside a CUDA graph
@@ -17,7 +19,8 @@
    Ratios are `sdpa / x` at the same timing mode.
 
 2. With `--generate`: end-to-end decode tokens/s of `generate()` (DynamicCache, eager) for SmolLM2
-   with YaRN x4 at `--gen-context`, dense vs sparse decoding (untrained decode gates: timings do not
+   with YaRN x4 at `--gen-context`, dense vs sparse decoding, eager and with the compiled decode gate
+   (untrained decode gates: timings do not
    depend on the weights), prefill excluded (a 1-token generate is subtracted).
 
     python benchmarks/bench_decode.py --out benchmarks/results/bench_decode.json --generate
@@ -88,6 +91,7 @@ def attention_rows(args, flex) -> list[dict]:
                 state.keys = torch.randn(B, Hkv, L // BS, D, device="cuda")
                 pos = torch.full((1, 1), L - 1, device="cuda", dtype=torch.long)
                 s = DecodeSettings(token_budget=args.budget, kernel="TopK", block_size=BS)
+                s_c = DecodeSettings(token_budget=args.budget, kernel="TopK", block_size=BS, compile_gate=True)
                 rope = rope_fn(D)
                 nsel = min(args.budget // BS - 1, L // BS)
                 idx = torch.rand(B, Hkv, 1, L // BS, device="cuda").topk(nsel, dim=-1).indices
@@ -95,6 +99,8 @@ def attention_rows(args, flex) -> list[dict]:
                 fns = {
                     "sdpa": lambda: F.scaled_dot_product_attention(q.view(B, Hkv, G, D), k, v, scale=scale),
                     "seer": lambda: sparse_decode_step(gate, s, q, k, v, q_pre, None, pos, scale, rope, state)[0],
+                    # seerattn_compile_decode_gate: the gate's query, scores and selection as one compiled graph
+                    "seercomp": lambda: sparse_decode_step(gate, s_c, q, k, v, q_pre, None, pos, scale, rope, state)[0],
                     "kernel": lambda: sparse_decode_attn(q, k, v, idx, scale, BS),
                 }
                 if flex is not None:
@@ -107,7 +113,7 @@ def attention_rows(args, flex) -> list[dict]:
                 if flex is not None and r["flex_ms"] is None:
                     print("  FlexAttention failed: skipped from here on", flush=True)
                     flex = None
-                for m in ("seer", "kernel", "flex"):
+                for m in ("seer", "seercomp", "kernel", "flex"):
                     for mode in ("", "_graph"):
                         a, b = r.get(f"sdpa{mode}_ms"), r.get(f"{m}{mode}_ms")
                         if a and b:
@@ -140,12 +146,13 @@ def generate_rows(args) -> list[dict]:
             return time.perf_counter() - t0
 
         r = {"model": "smollm2-135m yarn x4", "context": args.gen_context, "batch": B, "budget": args.budget}
-        for mode in ("dense", "sparse"):
-            model.set_seerattn(seerattn_mode=mode)
+        for mode in ("dense", "sparse", "sparse_compiled"):
+            model.set_seerattn(seerattn_mode=mode.split("_")[0], seerattn_compile_decode_gate=mode == "sparse_compiled")
             run(2)  # warm-up (autotuning, allocator)
             t = run(1 + args.gen_tokens) - run(1)
             r[f"{mode}_tokens_per_s"] = B * args.gen_tokens / t
         r["speedup"] = r["sparse_tokens_per_s"] / r["dense_tokens_per_s"]
+        r["speedup_compiled"] = r["sparse_compiled_tokens_per_s"] / r["dense_tokens_per_s"]
         rows.append(r)
         print(json.dumps(r), flush=True)
     return rows

@@ -50,6 +50,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_decode_layer_budget_curves` | None or per layer a list of `[token_budget, benefit]` | None | per-layer decode benefit curves (minus the decode-mode loss rise with only that layer sparse, measured with the oracle on calibration text: `python -m seer_attn.evaluation.layer_budgets --stage decode --write_config`): every requested token budget is spread over the layers by water-filling them, keeping the mean (`seer_attn.modules.layer_budget.layer_token_budgets`). |
 | `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
 | `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
+| `seerattn_compile_decode_gate` | bool | False | decoding: run the decode gate's query, scores and block selection as one `torch.compile`d graph (dynamic context length) instead of ~60 eager ops per layer and step. Not yet measured on a GPU. |
 | `seerattn_decode_min_context` | int >= 0 | 8192 | decoding steps with a shorter context run dense (provisional; `benchmarks/bench_decode.py` measures the crossover); 0 forces sparse decoding. |
 | `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
@@ -92,7 +93,7 @@ GATE_SHAPE_FIELDS = (
 )
 _BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_share_gqa_blocks", "seerattn_cuda_graphs",
           "seerattn_cross_document",
-          "seerattn_decode_gate_norm", "seerattn_compile_gate")
+          "seerattn_decode_gate_norm", "seerattn_compile_gate", "seerattn_compile_decode_gate")
 _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
              "seerattn_decode_start_layer", "seerattn_decode_min_context")
 # name -> (low, high, low inclusive, high inclusive)
@@ -218,6 +219,7 @@ class SeerAttnConfigMixin:
     seerattn_decode_threshold: float | None = None
     seerattn_decode_start_layer: int = 0
     seerattn_decode_min_context: int = 8192
+    seerattn_compile_decode_gate: bool = False
     seerattn_cross_document: bool = True
     base_model: str | None = None
 

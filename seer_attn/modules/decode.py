@@ -81,6 +81,7 @@ class DecodeSettings:
     kernel: str = "auto"
     loss: str = "kl"
     distill_target: str = "max"
+    compile_gate: bool = False
 
     @classmethod
     def from_config(cls, config, layer_idx: int | None = None) -> "DecodeSettings":
@@ -105,6 +106,7 @@ class DecodeSettings:
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
+            compile_gate=bool(getattr(config, "seerattn_compile_decode_gate", False)),
         )
 
 
@@ -284,6 +286,27 @@ def token_block_scores(
     return scores.masked_fill(~_candidates(rows, nc, block_size), float("-inf"))
 
 
+def _gate_select(gate, q_pre, q_cos, q_sin, kc, rows, block_size: int, token_budget: int, threshold: float | None):
+    """The decode gate's part of a step: its queries, their scores against the compressed keys `kc`
+    (`[B, Hkv, nc * k_summaries, Dg]`), and the selection; see :func:`select_decode_blocks`."""
+    qg = gate.queries(q_pre, q_cos, q_sin)
+    return select_decode_blocks(gate.score(qg, kc, rows), block_size, token_budget, threshold)
+
+
+_compiled_gate_select = None
+
+
+def _gate_select_fn(compiled: bool):
+    # one compilation for every layer (the gate is an argument), the context length dynamic: eagerly
+    # the step is ~60 small launches per layer (docs/RESULTS.md, "Session 9 (CPU only)")
+    global _compiled_gate_select
+    if not compiled:
+        return _gate_select
+    if _compiled_gate_select is None:
+        _compiled_gate_select = torch.compile(_gate_select, dynamic=True)
+    return _compiled_gate_select
+
+
 def _attend(q, k, v, index, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
     if kernel == "naive":
         return sparse_decode_attn_naive(q, k, v, index, sm_scale, block_size)
@@ -356,8 +379,17 @@ def sparse_decode_step(
                     return qg.new_empty(B, Hkv, n, 0)
                 return gate.score(qg, kc[:, :, : nc * gate.k_summaries], rows)
 
-    scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits)
-    index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
+    if gate is not None and s.selector == "gate" and state is not None and state.keys is not None:
+        # generation: the gate's queries, scores and selection in one function (compiled on request)
+        nc = L // bs
+        with torch.no_grad():
+            index = _gate_select_fn(s.compile_gate)(
+                gate, q_pre, *rope(positions[:, -n:].expand(B, n)), state.keys[:, :, : nc * gate.k_summaries],
+                torch.arange(L - n, L, device=q.device), bs, s.token_budget, s.threshold,
+            )  # fmt: skip
+    else:
+        scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits)
+        index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
     o = _attend(q, k, v, index, sm_scale, bs, kernel)
     own = torch.arange(L - n, L, device=q.device) // bs
     kept = ((index >= 0) & (index < own[:, None])).sum() + B * Hkv * n

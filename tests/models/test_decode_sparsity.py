@@ -89,6 +89,17 @@ def test_sparse_decoding_on_a_static_cache_equals_the_dynamic_cache(tiny_dir):
     torch.testing.assert_close(sscores, scores, atol=1e-5, rtol=0)
 
 
+def test_compiled_decode_gate_generation_equals_eager(tiny_dir):
+    # seerattn_compile_decode_gate: the gate's queries, scores and selection as one torch.compile'd graph
+    torch._dynamo.reset()
+    x = prompt(B=2)
+    seq, scores, _ = greedy(load(tiny_dir, seerattn_decode_token_budget=2 * BS), x, n=24)
+    model = load(tiny_dir, seerattn_decode_token_budget=2 * BS, seerattn_compile_decode_gate=True)
+    cseq, cscores, _ = greedy(model, x, n=24)
+    assert torch.equal(cseq, seq)
+    torch.testing.assert_close(cscores, scores, atol=1e-5, rtol=0)
+
+
 def test_unlimited_budget_generation_equals_dense(tiny_dir):
     model = load(tiny_dir, seerattn_decode_token_budget=10**6)
     x = prompt(B=2)
