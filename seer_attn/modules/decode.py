@@ -362,36 +362,27 @@ def sparse_decode_step(
     Hkv, L = k.shape[1], k.shape[2]
     bs = s.block_size
     kernel = resolve_kernel(s.kernel, q.device, needs_grad=False)
-    gate_logits = None
-    if gate is not None:
-
-        def gate_logits(nc: int) -> torch.Tensor:
-            rows = torch.arange(L - n, L, device=q.device)
-            with torch.no_grad():
-                qg = gate.queries(q_pre, *rope(positions[:, -n:].expand(B, n)))
-                if state is not None:
-                    kc = state.keys
-                else:
-                    kc = gate.compress_keys(
-                        k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : gate.key_stride])
-                    )
-                if kc is None:
-                    return qg.new_empty(B, Hkv, n, 0)
-                return gate.score(qg, kc[:, :, : nc * gate.k_summaries], rows)
-
-    if gate is not None and s.selector == "gate" and state is not None and state.keys is not None:
-        # generation: the gate's queries, scores and selection in one function (compiled on request)
+    rows = torch.arange(L - n, L, device=q.device)
+    if gate is not None and s.selector == "gate":
         nc = L // bs
         with torch.no_grad():
-            index = _gate_select_fn(s.compile_gate)(
-                gate, q_pre, *rope(positions[:, -n:].expand(B, n)), state.keys[:, :, : nc * gate.k_summaries],
-                torch.arange(L - n, L, device=q.device), bs, s.token_budget, s.threshold,
-            )  # fmt: skip
+            if state is not None:
+                kc = state.keys
+            else:  # teacher forcing: the completed blocks of the whole prefix at once
+                kc = gate.compress_keys(k_pre[:, :, : nc * bs], *rope(positions.expand(B, -1)[:, : nc * bs : gate.key_stride]))
+            if kc is None:  # no completed block yet: the own block only
+                index = torch.empty(B, Hkv, n, 0, dtype=torch.long, device=q.device)
+            else:
+                # the gate's queries, scores and selection in one function (compiled on request)
+                index = _gate_select_fn(s.compile_gate)(
+                    gate, q_pre, *rope(positions[:, -n:].expand(B, n)), kc[:, :, : nc * gate.k_summaries], rows, bs,
+                    s.token_budget, s.threshold,
+                )  # fmt: skip
     else:
-        scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel, gate_logits)
+        scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel)
         index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
     o = _attend(q, k, v, index, sm_scale, bs, kernel)
-    own = torch.arange(L - n, L, device=q.device) // bs
+    own = rows // bs
     kept = ((index >= 0) & (index < own[:, None])).sum() + B * Hkv * n
     causal = B * Hkv * (_causal_blocks_before(L, bs) - _causal_blocks_before(L - n, bs))
     return o, SeerAttentionStats(kept_blocks=kept, causal_blocks=causal, sparse=True)

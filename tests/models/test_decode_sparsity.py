@@ -36,6 +36,15 @@ def tiny_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture
+def sparse_steps(monkeypatch):
+    """One entry per call of the block-sparse decoding attention (each layer's sparse decoding step)."""
+    calls = []
+    real = decode_module._attend
+    monkeypatch.setattr(decode_module, "_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def load(tiny_dir, **kw):
     model = SeerLlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, **{**DECODE, **kw}).eval()
     torch.manual_seed(0)
@@ -71,19 +80,13 @@ def test_decode_config_fields():
             SeerLlamaConfig(**bad)
 
 
-def test_sparse_decoding_on_a_static_cache_equals_the_dynamic_cache(tiny_dir):
+def test_sparse_decoding_on_a_static_cache_equals_the_dynamic_cache(tiny_dir, sparse_steps):
     # generate(cache_implementation="static"): the decode gate sees the filled slots only, block by block
     model = load(tiny_dir, seerattn_decode_token_budget=2 * BS)
     x = prompt(B=2)
-    calls = []
-    real = decode_module._attend
-    decode_module._attend = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        seq, scores, _ = greedy(model, x)
-        sseq, sscores, cache = greedy(model, x, cache_implementation="static")
-    finally:
-        decode_module._attend = real
-    assert len(calls) == 2 * 39 * 2  # both runs decoded sparsely, every step of both layers
+    seq, scores, _ = greedy(model, x)
+    sseq, sscores, cache = greedy(model, x, cache_implementation="static")
+    assert len(sparse_steps) == 2 * 39 * 2  # both runs decoded sparsely, every step of both layers
     assert {i: s.num_tokens for i, s in decode_states(cache).items()} == {0: 59, 1: 59}
     assert torch.equal(sseq, seq)
     torch.testing.assert_close(sscores, scores, atol=1e-5, rtol=0)
@@ -100,17 +103,11 @@ def test_compiled_decode_gate_generation_equals_eager(tiny_dir):
     torch.testing.assert_close(cscores, scores, atol=1e-5, rtol=0)
 
 
-def test_unlimited_budget_generation_equals_dense(tiny_dir):
+def test_unlimited_budget_generation_equals_dense(tiny_dir, sparse_steps):
     model = load(tiny_dir, seerattn_decode_token_budget=10**6)
     x = prompt(B=2)
-    calls = []
-    real = decode_module._attend
-    decode_module._attend = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        seq, scores, cache = greedy(model, x)
-    finally:
-        decode_module._attend = real
-    assert len(calls) == 39 * 2  # every decoding step of both layers went through the sparse path
+    seq, scores, cache = greedy(model, x)
+    assert len(sparse_steps) == 39 * 2  # every decoding step of both layers went through the sparse path
     states = decode_states(cache)
     assert {i: (s.num_tokens, s.num_blocks) for i, s in states.items()} == {0: (59, 59 // BS), 1: (59, 59 // BS)}
     model.set_seerattn(seerattn_mode="dense")
