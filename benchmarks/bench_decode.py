@@ -22,6 +22,10 @@
    with YaRN x4 at `--gen-context`, dense vs sparse decoding, eager and with the compiled decode gate
    (untrained decode gates: timings do not
    depend on the weights), prefill excluded (a 1-token generate is subtracted).
+3. With `--graphed`: the same model decoding greedily through `seer_attn.models.cuda_graphs.GraphedDecoder`
+   (a `StaticCache`, every one-token step one CUDA graph replay), dense vs sparse decoding; only the
+   replayed steps are timed (prefill and capture excluded). `--gen-config` times random weights of a
+   config.json instead of the SmolLM2 GGUF (the decode rate does not depend on the weights).
 
     python benchmarks/bench_decode.py --out benchmarks/results/bench_decode.json --generate
 
@@ -124,16 +128,35 @@ def attention_rows(args, flex) -> list[dict]:
     return rows
 
 
-def generate_rows(args) -> list[dict]:
-    from seer_attn import SeerLlamaForCausalLM
+def _gen_model(args):
+    from transformers import AutoConfig
+
+    from seer_attn import AutoSeerForCausalLM, SeerLlamaForCausalLM
     from seer_attn.models import apply_yarn
 
-    config = SeerLlamaForCausalLM.config_from(
-        "smollm2-135m", seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_min_context=0,
-        seerattn_decode_token_budget=args.budget, seerattn_min_sparse_length=1 << 30,
+    fields = dict(
+        seerattn_decode_gate_type="Kmaxminavg", seerattn_decode_min_context=0, seerattn_decode_token_budget=args.budget,
+        seerattn_min_sparse_length=1 << 30,
     )
-    apply_yarn(config, 4)
-    model = SeerLlamaForCausalLM.from_pretrained("smollm2-135m", config=config, dtype=torch.bfloat16).cuda().eval()
+    if args.gen_config:
+        raw = json.loads(Path(args.gen_config).read_text())
+        config = AutoSeerForCausalLM.seer_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
+        for k, v in fields.items():
+            setattr(config, k, v)
+        apply_yarn(config, 4)
+        model = AutoSeerForCausalLM.from_config(config).to(torch.bfloat16)
+        name = f"{Path(args.gen_config).stem} yarn x4 (random weights)"
+    else:
+        config = SeerLlamaForCausalLM.config_from("smollm2-135m", **fields)
+        apply_yarn(config, 4)
+        model = SeerLlamaForCausalLM.from_pretrained("smollm2-135m", config=config, dtype=torch.bfloat16)
+        name = "smollm2-135m yarn x4"
+    return model.cuda().eval(), name
+
+
+def generate_rows(args) -> list[dict]:
+    model, name = _gen_model(args)
+    config = model.config
     rows = []
     for B in _ints(args.gen_batches):
         ids = torch.randint(100, config.vocab_size - 1, (B, args.gen_context), device="cuda")
@@ -145,7 +168,7 @@ def generate_rows(args) -> list[dict]:
             torch.cuda.synchronize()
             return time.perf_counter() - t0
 
-        r = {"model": "smollm2-135m yarn x4", "context": args.gen_context, "batch": B, "budget": args.budget}
+        r = {"model": name, "context": args.gen_context, "batch": B, "budget": args.budget}
         for mode in ("dense", "sparse", "sparse_compiled"):
             model.set_seerattn(seerattn_mode=mode.split("_")[0], seerattn_compile_decode_gate=mode == "sparse_compiled")
             run(2)  # warm-up (autotuning, allocator)
@@ -155,6 +178,38 @@ def generate_rows(args) -> list[dict]:
         r["speedup_compiled"] = r["sparse_compiled_tokens_per_s"] / r["dense_tokens_per_s"]
         rows.append(r)
         print(json.dumps(r), flush=True)
+    return rows
+
+
+def graphed_rows(args) -> list[dict]:
+    from seer_attn.models.cuda_graphs import GraphedDecoder
+
+    model, name = _gen_model(args)
+    n = args.gen_tokens
+    rows = []
+    for B in _ints(args.gen_batches):
+        ids = torch.randint(100, model.config.vocab_size - 1, (B, args.gen_context), device="cuda")
+        r = {"model": name, "context": args.gen_context, "batch": B, "budget": args.budget, "tokens": n}
+        for mode in ("dense", "sparse"):
+            model.set_seerattn(seerattn_mode=mode)
+            dec = GraphedDecoder(model, max_cache_len=args.gen_context + n + 8)
+            dec.prefill(ids)
+            dec.step()  # capture (and its warm-up runs)
+            dec.prefill(ids)  # the same buffers and graph, a fresh context
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                dec.step()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            r[f"{mode}_tokens_per_s"] = B * n / dt
+            r[f"{mode}_ms_per_step"] = 1e3 * dt / n
+            r[f"{mode}_tokens"] = dec.out[:, args.gen_context : args.gen_context + 8].tolist()
+            del dec
+            torch.cuda.empty_cache()
+        r["speedup"] = r["sparse_tokens_per_s"] / r["dense_tokens_per_s"]
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if not k.endswith("_tokens")}), flush=True)
     return rows
 
 
@@ -169,6 +224,9 @@ def main() -> None:
     p.add_argument("--gen-context", type=int, default=32768)
     p.add_argument("--gen-batches", default="1,8")
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--graphed", action="store_true", help="time GraphedDecoder (StaticCache + CUDA graphs), dense vs sparse")
+    p.add_argument("--gen-config", default=None, help="config.json for --generate / --graphed with random weights")
+    p.add_argument("--skip-attention", action="store_true", help="only the generation parts")
     p.add_argument("--out", default="benchmarks/results/bench_decode.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -181,14 +239,15 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = 64
         flex = torch.compile(flex_attention, dynamic=True)
     t0 = time.perf_counter()
-    rows = attention_rows(args, flex)
+    rows = [] if args.skip_attention else attention_rows(args, flex)
     gen = generate_rows(args) if args.generate else []
+    graphed = graphed_rows(args) if args.graphed else []
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "budget": args.budget, "seconds": round(time.perf_counter() - t0, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "attention": rows, "generate": gen}, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "attention": rows, "generate": gen, "graphed": graphed}, indent=2))
 
     fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
     ratio = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
@@ -204,6 +263,10 @@ def main() -> None:
     for r in gen:
         print(f"generate {r['model']} L={r['context']} B={r['batch']}: dense {r['dense_tokens_per_s']:.1f} tok/s, "
               f"sparse {r['sparse_tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x)")
+    for r in graphed:
+        print(f"graphed {r['model']} L={r['context']} B={r['batch']}: dense {r['dense_tokens_per_s']:.1f} tok/s "
+              f"({r['dense_ms_per_step']:.2f} ms/step), sparse {r['sparse_tokens_per_s']:.1f} tok/s "
+              f"({r['sparse_ms_per_step']:.2f} ms/step): {r['speedup']:.2f}x")
     print(f"({meta['seconds']} s)")
 
 

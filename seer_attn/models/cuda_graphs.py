@@ -12,13 +12,20 @@ Costs: the graph keeps its own memory pool (one forward's activations) while it 
 kept (a new shape or new `seerattn_*` values recapture). Logits are copied out of the graph's
 static buffer (cheap with `logits_to_keep=1`). Anything else, e.g. generate() with its KV cache,
 runs eagerly as before.
+
+:class:`GraphedDecoder` is the decoding counterpart: greedy decoding on a `StaticCache`, each one-token
+step replayed as one CUDA graph, dense or sparse decoding alike (so the two compare on equal terms).
+Its steps go through `seer_attn.modules.decode.static_decode_attention`, which keeps every length on
+the device.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["graphable", "GraphedPrefill"]
+from seer_attn.modules.decode import decode_states
+
+__all__ = ["graphable", "GraphedPrefill", "GraphedDecoder"]
 
 
 def graphable(
@@ -78,3 +85,144 @@ class GraphedPrefill:
                 f"(use the fused gate / TopK with nz_ratio or threshold, or turn the switch off): {e}"
             ) from e
         self.graph, self.static_out, self.key = graph, out, key
+
+
+def _slot_counters(cache) -> list[torch.Tensor]:
+    # a StaticCache layer counts its filled slots in a device tensor (`cumulative_length`) that every
+    # update advances: warm-up runs before a capture advance it too and must be undone
+    counters = [getattr(layer, "cumulative_length", None) for layer in getattr(cache, "layers", [])]
+    if not counters or any(not isinstance(c, torch.Tensor) for c in counters):
+        raise RuntimeError(
+            "GraphedDecoder needs transformers' StaticCache with per-layer device slot counters "
+            "(`cache.layers[i].cumulative_length`); this transformers version lays its cache out differently"
+        )
+    return counters
+
+
+class GraphedDecoder:
+    """Greedy decoding on a preallocated KV cache, one CUDA graph replay per generated token.
+
+    Args:
+        model: a Seer causal LM (`eval()`, no grad needed); dense or sparse decoding as its config says.
+        max_cache_len (int): cache slots (prompt + generated tokens).
+        graphs (bool): capture and replay the one-token step (CUDA only). `False` runs the very same
+            step eagerly (the CPU form the tests check against `generate()`). Default: `True`.
+
+    Usage::
+
+        dec = GraphedDecoder(model, max_cache_len=S + n)
+        tokens = dec.generate(input_ids, n)      # [B, S + n]
+        # or, to time decoding alone: dec.prefill(input_ids); then dec.step() n times
+
+    A graph is captured on the first step after each prefill whose batch size differs from the last
+    one's, and per side of `seerattn_decode_min_context` (the rule is decided on the host, where the
+    filled length is known without a sync). Changing `seerattn_*` fields after a capture needs
+    :meth:`reset`.
+    """
+
+    def __init__(self, model, max_cache_len: int, graphs: bool = True):
+        if model.training:
+            raise ValueError("GraphedDecoder decodes with a model in eval() mode")
+        self.model, self.max_cache_len, self.graphs = model, int(max_cache_len), graphs
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the cache, the buffers and every captured graph."""
+        self.cache = self.tokens = self.pos = self.out = None
+        self.length = 0  # filled slots, on the host
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Fill a fresh cache with the prompt `[B, S]` (eagerly); returns the first generated token `[B, 1]`."""
+        from transformers import StaticCache
+
+        from seer_attn.models.modeling_seer import CACHE_NAME
+
+        B, S = input_ids.shape
+        if S >= self.max_cache_len:
+            raise ValueError(f"a prompt of {S} tokens leaves no slot of max_cache_len={self.max_cache_len} to generate into")
+        same_batch = self.out is not None and self.out.shape[0] == B
+        if not same_batch:
+            self._graphs = {}
+            self.tokens = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+            self.pos = torch.zeros(1, 1, dtype=torch.long, device=input_ids.device)
+            self.out = torch.zeros(B, self.max_cache_len, dtype=torch.long, device=input_ids.device)
+        if self.cache is None or not same_batch:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        else:
+            # keep the buffers (the graphs point at them): zero the slot counters and the decode-gate states
+            self.cache.reset()
+            for state in decode_states(self.cache).values():
+                for t in (state.keys, state.block):
+                    if t is not None:
+                        t.zero_()
+        positions = torch.arange(S, device=input_ids.device)[None]
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{CACHE_NAME: self.cache})  # fmt: skip
+        first = out.logits[:, -1:].argmax(-1)
+        self.out[:, :S] = input_ids
+        self.out[:, S : S + 1] = first
+        self.tokens.copy_(first)
+        self.pos.fill_(S)  # the position of the token the next step feeds
+        self.length = S
+        return first
+
+    def _run(self) -> None:
+        from seer_attn.models.modeling_seer import CACHE_NAME
+
+        hidden = self.model.model(input_ids=self.tokens, position_ids=self.pos, use_cache=True,
+                                  **{CACHE_NAME: self.cache}).last_hidden_state  # fmt: skip
+        nxt = self.model.lm_head(hidden[:, -1:]).argmax(-1)  # [B, 1]
+        self.pos.add_(1)
+        self.out.scatter_(1, self.pos.expand(nxt.shape[0], 1), nxt)
+        self.tokens.copy_(nxt)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed the last token, write the next one into the output buffer (no host sync when graphed)."""
+        if self.out is None:
+            raise RuntimeError("GraphedDecoder.step before prefill")
+        if self.length + 1 >= self.max_cache_len:
+            raise ValueError(f"the cache's {self.max_cache_len} slots are full")
+        self.length += 1  # slots filled once this step's token is in
+        self.cache._seer_host_length = self.length
+        if not self.graphs:
+            self._run()
+            return
+        side = self.length >= int(getattr(self.model.config, "seerattn_decode_min_context", 0))
+        graph = self._graphs.get(side)
+        if graph is None:
+            graph = self._graphs[side] = self._capture()
+        graph.replay()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        # warm-up runs (autotuning, lazy allocations) advance the cache's slot counters and the step
+        # buffers: snapshot them and put them back before the captured step replays for real
+        counters = _slot_counters(self.cache)
+        saved = [t.clone() for t in (*counters, self.tokens, self.pos)]
+        torch.cuda.synchronize()
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(2):
+                self._run()
+                for t, v in zip((*counters, self.tokens, self.pos), saved):
+                    t.copy_(v)
+        torch.cuda.current_stream().wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._run()
+        except RuntimeError as e:
+            raise RuntimeError(f"GraphedDecoder: capturing the decoding step failed (a host sync in the step?): {e}") from e
+        return graph
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation: `[B, S + max_new_tokens]` (prompt included)."""
+        S = input_ids.shape[1]
+        self.prefill(input_ids)
+        for _ in range(max_new_tokens - 1):
+            self.step()
+        return self.out[:, : S + max_new_tokens].clone()

@@ -75,7 +75,7 @@ from seer_attn.models.cuda_graphs import GraphedPrefill, graphable
 from seer_attn.models.loading import SEER_MODEL_TYPE_PREFIX, resolve_base_model, resolve_model_source
 from seer_attn.modules.gt_schedule import gt_active
 from seer_attn.modules.attn_gate import AttnGate, MultiHeadLinear
-from seer_attn.modules.decode import attach_decode_gate, decode_aware_attention
+from seer_attn.modules.decode import attach_decode_gate, decode_aware_attention, static_decode_attention
 from seer_attn.modules.decode_gate import DecodeGate
 from seer_attn.modules.seer_attention import (
     SeerAttentionSettings,
@@ -456,15 +456,25 @@ class SeerAttentionMixin:
 
         cos, sin = position_embeddings
         query_states, key_states = self.rotary_fn(q_pre, k_pre, cos, sin)
+        kv_capacity = None
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
             if getattr(past_key_values, "is_compileable", False):
+                kv_capacity = key_states.shape[2]
+                if _graph_safe_step(self.config, input_shape[1], attention_mask):
+                    # one new token: the whole preallocated buffers, the filled length on the device (no host sync)
+                    lengths = _filled_lengths(kwargs.get("position_ids"), input_shape[0])
+                    attn_output, attn_weights = static_decode_attention(
+                        self, query_states, key_states, value_states, q_pre, k_pre, lengths, self.scaling, past_key_values
+                    )
+                    return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
                 key_states, value_states = _filled_part(key_states, value_states, attention_mask, kwargs.get("position_ids"))
 
         attn_output, attn_weights = decode_aware_attention(
             self, seer_attention_forward, query_states, key_states, value_states, attention_mask, scaling=self.scaling,
-            q_pre=q_pre, k_pre=k_pre, past_key_values=past_key_values, sliding_window=self.seer_sliding_window, **kwargs,
-        )
+            q_pre=q_pre, k_pre=k_pre, past_key_values=past_key_values, kv_capacity=kv_capacity,
+            sliding_window=self.seer_sliding_window, **kwargs,
+        )  # fmt: skip
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -496,6 +506,24 @@ def _one_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+def _graph_safe_step(config, q_len: int, attention_mask) -> bool:
+    # one-token steps of an unpadded batch on a preallocated cache go through static_decode_attention;
+    # the reference selectors (evaluation) and multi-token steps slice the filled part (a host sync)
+    return (
+        q_len == 1
+        and attention_mask is None
+        and config.seerattn_mode in ("sparse", "dense")
+        and config.seerattn_decode_selector == "gate"
+    )
+
+
+def _filled_lengths(position_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+    # int64 [B] on the device: the last position + 1 (positions are the slots of an unpadded batch)
+    if position_ids is None:
+        raise ValueError("a preallocated KV cache needs position_ids to know how many slots are filled")
+    return (position_ids[..., -1].reshape(-1) + 1).long().expand(batch).contiguous()
 
 
 def _filled_part(key: torch.Tensor, value: torch.Tensor, attention_mask, position_ids):
@@ -770,6 +798,7 @@ class SeerForCausalLMMixin:
         gate_loss = self.config.seerattn_gate_loss_scale * gate_losses.sum() if losses else None
         kept = float(_count_kept(stats))  # the forward's one host sync
         avail = sum(s.causal_blocks for s in stats if s is not None)
+        avail = float(avail) if isinstance(avail, torch.Tensor) else avail  # a static-cache decode step counts on the device
         if self.config.seerattn_mode == "distill":
             loss = gate_loss
         elif gate_loss is not None and lm_loss is not None:

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from seer_attn.kernels.naive import attn_with_token_pooling_naive, sparse_decode_attn_naive
-from seer_attn.modules.decode_gate import Q_POOLINGS, CompressedKeyCache, DecodeGate, parse_decode_gate_type
+from seer_attn.modules.decode_gate import (
+    Q_POOLINGS,
+    CompressedKeyCache,
+    DecodeGate,
+    StaticCompressedKeyCache,
+    parse_decode_gate_type,
+)
 from seer_attn.modules.layer_budget import layer_token_budgets
 from seer_attn.modules.seer_attention import GATE_LOSSES, SeerAttentionStats, row_kl, dense_attention, resolve_kernel
 
@@ -48,6 +54,7 @@ __all__ = [
     "decode_aware_attention",
     "select_decode_blocks",
     "sparse_decode_step",
+    "static_decode_attention",
     "token_block_scores",
     "decode_gate_loss",
     "decode_states",
@@ -58,6 +65,9 @@ DECODE_SELECTORS = ("gate", "oracle", "quest", "static")
 # the decode gate loss covers rows from this fraction of the sequence onward (upstream's loss_slice_ratio)
 LOSS_ROW_FRACTION = 0.5
 _STATE_ATTR = "_seer_decode_states"
+# set on a cache object by a caller that knows its filled length on the host (a CUDA-graph decoding
+# loop): the min-context rule of a preallocated cache then needs no device -> host copy
+HOST_LENGTH_ATTR = "_seer_host_length"
 _logged: set[str] = set()
 
 
@@ -307,12 +317,12 @@ def _gate_select_fn(compiled: bool):
     return _compiled_gate_select
 
 
-def _attend(q, k, v, index, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
+def _attend(q, k, v, index, sm_scale: float, block_size: int, kernel: str, seqlens=None) -> torch.Tensor:
     if kernel == "naive":
-        return sparse_decode_attn_naive(q, k, v, index, sm_scale, block_size)
+        return sparse_decode_attn_naive(q, k, v, index, sm_scale, block_size, seqlens=seqlens)
     from seer_attn.kernels.sparse_decode_attn import sparse_decode_attn
 
-    return sparse_decode_attn(q, k, v, index, sm_scale, block_size)
+    return sparse_decode_attn(q, k, v, index, sm_scale, block_size, seqlens=seqlens)
 
 
 def _rope_fn(module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -388,6 +398,89 @@ def sparse_decode_step(
     return o, SeerAttentionStats(kept_blocks=kept, causal_blocks=causal, sparse=True)
 
 
+def _dense_on_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, sm_scale: float):
+    # one new token per sequence over the filled slots of a preallocated cache: the G query heads of
+    # a KV head are G rows of one SDPA call (no repeated K/V), the empty slots masked out
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    filled = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]
+    o = F.scaled_dot_product_attention(
+        q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=filled[:, None, None, :], scale=sm_scale
+    )
+    return o.reshape(B, Hq, 1, D)
+
+
+def static_decode_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pre: torch.Tensor,
+    k_pre: torch.Tensor,
+    kv_lengths: torch.Tensor,
+    scaling: float,
+    past_key_values,
+) -> tuple[torch.Tensor, None]:
+    """A one-token decoding step over a preallocated cache's whole buffers, with no host sync.
+
+    The CUDA-graph form of decoding (:func:`seer_attn.models.cuda_graphs.graphed_greedy_decode`, or
+    `generate(cache_implementation="static")` eagerly): nothing is sliced to the filled length on the
+    host; the filled length is a device tensor that steers the decode gate's state
+    (:class:`StaticCompressedKeyCache`), the selection (blocks past it are no candidates, a fixed
+    `token_budget // block_size - 1` picks per row) and the sparse kernel (`seqlens`). Layers that
+    decode densely (below `seerattn_decode_start_layer`, no decode gate, `seerattn_mode="dense"`, a
+    context below `seerattn_decode_min_context`) run SDPA over the slots with the empty ones masked.
+
+    Args:
+        module: the attention layer (as :func:`decode_aware_attention`).
+        query (torch.Tensor): post-RoPE `[B, Hq, 1, D]`; key, value: the cache's `[B, Hkv, capacity, D]`.
+        q_pre, k_pre (torch.Tensor): pre-RoPE query `[B, Hq, 1, D]` and key `[B, Hkv, 1, D]` of this token.
+        kv_lengths (torch.Tensor): int `[B]` on the device, filled slots including this token (its
+            position + 1; an unpadded batch filled from slot 0).
+        past_key_values: the cache object (the decode gate's state hangs on it).
+
+    Returns:
+        `([B, 1, Hq, D], None)`; statistics in `module.seer_stats` (device tensors).
+    """
+    config = module.config
+    s = DecodeSettings.from_config(config, module.layer_idx)
+    gate = getattr(module.attn_gate, "decode_gate", None)
+    B, Hq, n, _ = query.shape
+    if n != 1 or s.selector != "gate" or s.mode not in ("sparse", "dense"):
+        raise ValueError("static_decode_attention takes one-token steps of the gate selector in sparse or dense mode")
+    dtype = value.dtype
+    query, key = query.to(dtype), key.to(dtype)
+    sparse = s.mode == "sparse" and gate is not None and module.layer_idx >= s.start_layer
+    rope = _rope_fn(module)
+    t = kv_lengths - 1  # the token's position and slot
+    if sparse:
+        state = decode_states(past_key_values).get(module.layer_idx)
+        if not isinstance(state, StaticCompressedKeyCache):
+            raise RuntimeError(
+                f"layer {module.layer_idx}: no decode-gate state for this preallocated cache; fill the cache (prefill) "
+                "through the model with decode sparsity on first"
+            )
+        state.step(gate, k_pre, t, rope)  # also below min_context: the state must see every token
+        if s.min_context > 0:
+            host = getattr(past_key_values, HOST_LENGTH_ATTR, None)
+            sparse = (int(kv_lengths.max()) if host is None else int(host)) >= s.min_context
+    if not sparse:
+        module.seer_stats = SeerAttentionStats()
+        return _dense_on_slots(query, key, value, kv_lengths, scaling).transpose(1, 2), None
+    Hkv, bs = key.shape[1], s.block_size
+    with torch.no_grad():
+        # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes throughout
+        index = _gate_select_fn(s.compile_gate)(
+            gate, q_pre, *rope(t[:, None]), state.keys, t[:1], bs, s.token_budget, s.threshold
+        )
+    kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
+    o = _attend(query, key, value, index, scaling, bs, kernel, seqlens=kv_lengths)
+    own = (t // bs).view(B, 1, 1, 1)
+    kept = ((index >= 0) & (index < own)).sum() + B * Hkv
+    module.seer_stats = SeerAttentionStats(kept_blocks=kept, causal_blocks=Hkv * (own + 1).sum(), sparse=True)
+    return o.transpose(1, 2), None
+
+
 def _unpadded(attention_mask) -> bool:
     return attention_mask is None or bool(attention_mask.all())
 
@@ -441,6 +534,7 @@ def decode_aware_attention(
     q_pre: torch.Tensor,
     k_pre: torch.Tensor,
     past_key_values=None,
+    kv_capacity: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """A layer's attention with decode-stage sparsity (see the module docstring).
@@ -455,6 +549,8 @@ def decode_aware_attention(
         attention_mask (torch.Tensor, Optional): 2-D padding mask `[B, S_k]`.
         q_pre, k_pre (torch.Tensor): pre-RoPE queries and keys of this step.
         past_key_values: the transformers cache object, if any (decode-gate states are attached to it).
+        kv_capacity (int, Optional): the slots of a preallocated cache (`StaticCache`), whose filled part
+            `key` / `value` are; its decode-gate state is then a :class:`StaticCompressedKeyCache`.
         kwargs: passed on to `attention_fn` (`position_ids`, ...).
 
     Returns:
@@ -498,7 +594,11 @@ def decode_aware_attention(
             _log_once("seer_attn: decode sparsity needs unpadded batches; this padded batch decodes densely")
         else:
             state = None
-            if gate is not None and s.selector == "gate":
+            if gate is not None and s.selector == "gate" and kv_capacity is not None:
+                # a preallocated cache: the state later one-token steps update in place (static_decode_attention)
+                state = decode_states(past_key_values).setdefault(module.layer_idx, StaticCompressedKeyCache(kv_capacity))
+                state.append(gate, k_pre, positions, _rope_fn(module))
+            elif gate is not None and s.selector == "gate":
                 state = decode_states(past_key_values).setdefault(module.layer_idx, CompressedKeyCache())
                 if state.num_tokens != Sk - Sq:
                     raise RuntimeError(

@@ -43,6 +43,7 @@ from seer_attn.modules.attn_gate import POOL_TYPES, MultiHeadLinear, apply_rope,
 __all__ = [
     "DecodeGate",
     "CompressedKeyCache",
+    "StaticCompressedKeyCache",
     "valid_decode_gate_types",
     "parse_decode_gate_type",
     "Q_POOLINGS",
@@ -168,13 +169,18 @@ class DecodeGate(nn.Module):
         # fp32 whatever the dtype the model cast the gate to
         return nn.functional.rms_norm(x, (x.shape[-1],), norm.weight.float(), norm.eps)
 
-    def compress_keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def compress_keys(
+        self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Compressed, rotated keys of complete blocks (`k_summaries` per block, in token order).
 
         Args:
             k (torch.Tensor): pre-RoPE keys `[B, Hkv, nb * block_size, D]` (whole blocks only).
             cos, sin (torch.Tensor): RoPE tables `[B, nb * k_summaries, Dg]` at each summary's
                 first-token position (every `key_stride`-th token).
+            valid (torch.Tensor, Optional): bool `[B, nb * block_size]`: pool only these tokens (a
+                partial block being filled, in place in a preallocated buffer); a summary without any
+                valid token pools to 0. All valid gives exactly the result without it.
 
         Returns:
             `[B, Hkv, nb * k_summaries, Dg]` fp32.
@@ -183,11 +189,32 @@ class DecodeGate(nn.Module):
             raise ValueError(f"decode gate built for Hkv={self.num_kv_heads}, D={self.head_dim}; got k {tuple(k.shape)}")
         if k.shape[2] % self.block_size:
             raise ValueError(f"compress_keys takes whole blocks of {self.block_size} tokens, got {k.shape[2]} tokens")
-        kb = torch.cat([pool_blocks(k, self.key_stride, kind) for kind in self.k_pools], dim=-1)
+        if valid is None:
+            kb = torch.cat([pool_blocks(k, self.key_stride, kind) for kind in self.k_pools], dim=-1)
+        else:
+            kb = self._masked_pools(k, valid)
         kb = self._norm(self.k_norm, self.k_linear(kb))
         if cos.shape[-2] != kb.shape[2] or cos.shape[-1] != self.hidden_size:
             raise ValueError(f"key RoPE tables must be [B, {kb.shape[2]}, {self.hidden_size}], got {tuple(cos.shape)}")
         return apply_rope(kb, cos.float(), sin.float())
+
+    def _masked_pools(self, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # pool_blocks over the valid tokens only, with the same reductions (so all-valid is bitwise equal)
+        B, H, S, D = k.shape
+        m = valid[:, None, :, None]
+        count = valid.reshape(B, S // self.key_stride, self.key_stride).sum(-1)  # [B, summaries]
+        empty = (count == 0)[:, None, :, None]
+        pools = []
+        for kind in self.k_pools:
+            if kind == "avg":
+                s = k.masked_fill(~m, 0).reshape(B, H, -1, self.key_stride, D).sum(3, dtype=torch.float32)
+                pooled = s / count.clamp_min(1)[:, None, :, None].float()
+            else:
+                fill = float("-inf") if kind == "max" else float("inf")
+                x = k.masked_fill(~m, fill).reshape(B, H, -1, self.key_stride, D)
+                pooled = (x.amax(3) if kind == "max" else x.amin(3)).float()
+            pools.append(pooled.masked_fill(empty, 0.0))
+        return torch.cat(pools, dim=-1)
 
     def queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One gate query per (KV head, token), or per (query head, token) with `"heads"`.
@@ -354,3 +381,92 @@ class CompressedKeyCache:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index.to(t.device)))
+
+
+class StaticCompressedKeyCache:
+    """The decode-gate state for a preallocated KV cache (`StaticCache`), safe to replay as a CUDA graph.
+
+    :class:`CompressedKeyCache` grows its tensors and counts tokens on the host; a captured decoding
+    step can do neither (a replay runs no Python). Here every tensor is allocated once for the cache's
+    capacity and a one-token step (:meth:`step`) is a fixed sequence of kernels steered by the token's
+    position on the device:
+
+    - `keys` `[B, Hkv, ceil(capacity / block_size) * k_summaries, Dg]` fp32: slot `j` holds block `j`'s
+      compressed keys once the block is complete (the selection only ever reads complete blocks);
+    - `block` `[B, Hkv, block_size, D]`: the pre-RoPE keys of the block being filled, at their offsets.
+
+    Every step writes its key into `block` and recompresses the partial block into its slot, masked to
+    the tokens it has; the step that completes a block therefore leaves exactly what compressing the
+    whole block gives (one block of pooling and one small matmul per layer and step, instead of work
+    once per block behind a host-side branch). Positions must be the cache slots (an unpadded batch
+    filled from slot 0), which is how a `StaticCache` fills.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None
+        self.block: torch.Tensor | None = None
+
+    def _allocate(self, gate: DecodeGate, k: torch.Tensor) -> None:
+        B, H, _, D = k.shape
+        slots = math.ceil(self.capacity / gate.block_size) * gate.k_summaries
+        self.keys = torch.zeros(B, H, slots, gate.hidden_size, dtype=torch.float32, device=k.device)
+        self.block = k.new_zeros(B, H, gate.block_size, D)
+
+    @torch.no_grad()
+    def append(self, gate: DecodeGate, k: torch.Tensor, positions: torch.Tensor, rope: RopeFn) -> None:
+        """Add `n` new tokens' keys (prefill, or a multi-token step; one host sync for the start).
+
+        Args:
+            gate (DecodeGate): the layer's decode gate.
+            k (torch.Tensor): pre-RoPE keys `[B, Hkv, n, D]`.
+            positions (torch.Tensor): int `[B or 1, n]`, consecutive, equal over the batch (the slots).
+            rope: `positions [B, m] -> (cos, sin) [B, m, Dg]`.
+        """
+        B, H, n, D = k.shape
+        if self.keys is None:
+            self._allocate(gate, k)
+        if n == 1:
+            self.step(gate, k, positions.reshape(-1)[-1:].expand(B), rope)
+            return
+        bs, ks = gate.block_size, gate.k_summaries
+        p0 = int(positions.reshape(-1)[0])
+        if p0 + n > self.capacity:
+            raise ValueError(f"tokens up to position {p0 + n - 1} do not fit a cache of {self.capacity} slots")
+        b0 = p0 // bs
+        seq = torch.cat([self.block[:, :, : p0 - b0 * bs], k.to(self.block.dtype)], dim=2)  # from block b0's start
+        full = seq.shape[2] // bs
+        if full:
+            starts = torch.arange(b0 * bs, (b0 + full) * bs, gate.key_stride, device=k.device)
+            self.keys[:, :, b0 * ks : (b0 + full) * ks] = gate.compress_keys(seq[:, :, : full * bs], *rope(starts.expand(B, -1)))
+        rest = seq.shape[2] - full * bs
+        self.block[:, :, :rest] = seq[:, :, full * bs :]
+
+    @torch.no_grad()
+    def step(self, gate: DecodeGate, k: torch.Tensor, t: torch.Tensor, rope: RopeFn) -> None:
+        """One token per sequence, no host sync (CUDA-graph safe).
+
+        Args:
+            gate (DecodeGate): the layer's decode gate.
+            k (torch.Tensor): pre-RoPE keys `[B, Hkv, 1, D]`.
+            t (torch.Tensor): int `[B]` on the device, each token's position (its cache slot).
+            rope: `positions [B, m] -> (cos, sin) [B, m, Dg]`.
+        """
+        B, H, _, D = k.shape
+        if self.keys is None:
+            self._allocate(gate, k)
+        bs, ks = gate.block_size, gate.k_summaries
+        offset, blk = t % bs, t // bs
+        self.block.scatter_(2, offset.view(B, 1, 1, 1).expand(B, H, 1, D), k.to(self.block.dtype))
+        valid = torch.arange(bs, device=k.device)[None, :] <= offset[:, None]
+        sub = torch.arange(ks, device=k.device)
+        cos, sin = rope(blk[:, None] * bs + sub * gate.key_stride)
+        new = gate.compress_keys(self.block, cos, sin, valid=valid)  # [B, H, ks, Dg]
+        slot = (blk[:, None] * ks + sub).view(B, 1, ks, 1).expand(B, H, ks, gate.hidden_size)
+        self.keys.scatter_(2, slot, new)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select / reorder batch rows (beam search), in place (the buffers keep their addresses)."""
+        for t in (self.keys, self.block):
+            if t is not None:
+                t.copy_(t.index_select(0, index.to(t.device)))

@@ -101,7 +101,7 @@ class SeerAttentionStats:
 
     gate_loss: torch.Tensor | None = None  # scalar, unscaled, for this layer
     kept_blocks: int | torch.Tensor = 0  # kept causal blocks, summed over batch and heads
-    causal_blocks: int = 0  # available causal blocks, same sum
+    causal_blocks: int | torch.Tensor = 0  # available causal blocks, same sum (a device tensor on a static-cache decode step)
     sparse: bool = False  # whether the block-sparse path ran
     kept_index: torch.Tensor | None = None  # TopK path: the block indices; counted lazily (see `kept`)
     # diagnostics, filled only when `seer_attention(..., record=True)` (sparse mode), else None:

@@ -12,8 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import seer_attn.modules.decode as decode_module
 from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
+from seer_attn.models.cuda_graphs import GraphedDecoder
 from seer_attn.modules.decode import decode_states
-from seer_attn.modules.decode_gate import DecodeGate
+from seer_attn.modules.decode_gate import DecodeGate, StaticCompressedKeyCache
 
 BS = 16
 DECODE = dict(
@@ -84,12 +85,46 @@ def test_sparse_decoding_on_a_static_cache_equals_the_dynamic_cache(tiny_dir, sp
     # generate(cache_implementation="static"): the decode gate sees the filled slots only, block by block
     model = load(tiny_dir, seerattn_decode_token_budget=2 * BS)
     x = prompt(B=2)
-    seq, scores, _ = greedy(model, x)
-    sseq, sscores, cache = greedy(model, x, cache_implementation="static")
+    seq, scores, cache = greedy(model, x)
+    sseq, sscores, scache = greedy(model, x, cache_implementation="static")
     assert len(sparse_steps) == 2 * 39 * 2  # both runs decoded sparsely, every step of both layers
-    assert {i: s.num_tokens for i, s in decode_states(cache).items()} == {0: 59, 1: 59}
     assert torch.equal(sseq, seq)
     torch.testing.assert_close(sscores, scores, atol=1e-5, rtol=0)
+    # the one-token steps ran the graph-safe form: a preallocated state, updated in place, whose complete
+    # blocks hold what the growing cache compressed (59 tokens: 3 blocks of 16)
+    dynamic, static = decode_states(cache), decode_states(scache)
+    assert set(static) == {0, 1} and all(isinstance(s, StaticCompressedKeyCache) for s in static.values())
+    for i in (0, 1):
+        nc = dynamic[i].keys.shape[2]
+        assert nc == 3 and static[i].keys.shape[2] == 60 // BS + 1  # capacity 60 slots
+        torch.testing.assert_close(static[i].keys[:, :, :nc], dynamic[i].keys, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=2 * BS), dict(seerattn_decode_threshold=0.3),
+                                    dict(seerattn_decode_token_budget=2 * BS, seerattn_decode_start_layer=1),
+                                    dict(seerattn_decode_token_budget=2 * BS, seerattn_decode_min_context=40),
+                                    dict(seerattn_mode="dense")])  # fmt: skip
+def test_graph_form_decoding_equals_generate(tiny_dir, fields):
+    # GraphedDecoder's step (the one it captures on a GPU; run eagerly here): every length on the device,
+    # fixed-shape selection over the preallocated compressed keys, dense layers masked over the slots
+    model = load(tiny_dir, **fields)
+    x = prompt(B=2)
+    seq, _, _ = greedy(model, x, n=40)
+    dec = GraphedDecoder(model, max_cache_len=64, graphs=False)
+    assert torch.equal(dec.generate(x, 40), seq)
+    assert torch.equal(dec.generate(x[:, :13], 40), greedy(model, x[:, :13], n=40)[0])  # reused buffers, new prompt
+
+
+def test_graph_form_decoder_misuse(tiny_dir):
+    model = load(tiny_dir, seerattn_decode_token_budget=2 * BS)
+    dec = GraphedDecoder(model, max_cache_len=24, graphs=False)
+    with pytest.raises(RuntimeError, match="before prefill"):
+        dec.step()
+    with pytest.raises(ValueError, match="no slot"):
+        dec.prefill(prompt(S=24))
+    assert dec.generate(prompt(S=20), 4).shape == (1, 24)  # the cache holds prompt + generated tokens
+    with pytest.raises(ValueError, match="slots are full"):
+        dec.step()
 
 
 def test_compiled_decode_gate_generation_equals_eager(tiny_dir):

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from seer_attn.modules.attn_gate import apply_rope, pool_blocks
-from seer_attn.modules.decode_gate import CompressedKeyCache, DecodeGate, parse_decode_gate_type, valid_decode_gate_types
+from seer_attn.modules.decode_gate import (
+    CompressedKeyCache,
+    DecodeGate,
+    StaticCompressedKeyCache,
+    parse_decode_gate_type,
+    valid_decode_gate_types,
+)
 
 
 def rope(positions, d=16, theta=10000.0):
@@ -195,3 +201,37 @@ def test_compressed_key_cache_incremental_equals_prefix(k_summaries):
     # beam reordering follows the batch
     cache.reorder(torch.tensor([1, 1]))
     assert torch.equal(cache.keys[0], cache.keys[1]) and torch.equal(cache.pending[0], k[1, :, (total // bs) * bs :])
+
+
+@pytest.mark.parametrize("k_summaries", [1, 4])
+def test_static_compressed_key_cache_equals_prefix(k_summaries):
+    """The preallocated (CUDA-graph) state: a prompt, one-token steps through `step` (positions on the
+    device), a 3-token append and more steps, across block boundaries; after every step its complete
+    blocks equal compressing the whole prefix at once, and the masked compression of a complete block
+    is exactly the unmasked one."""
+    bs, Hkv, D = 16, 2, 16
+    gate = make_gate(bs=bs, Hkv=Hkv, D=D)
+    gate.k_summaries, gate.key_stride = k_summaries, bs // k_summaries
+    total, prompt, capacity = 75, 21, 80
+    k = torch.randn(2, Hkv, total, D)
+    pos = torch.arange(total)[None]  # a StaticCache fills slot = position
+    rope_fn = lambda p: rope(p, gate.hidden_size)  # noqa: E731
+    cache = StaticCompressedKeyCache(capacity)
+    steps = [prompt] + [1] * 20 + [3] + [1] * (total - prompt - 23)
+    t = 0
+    for n in steps:
+        if n == 1:
+            cache.step(gate, k[:, :, t : t + 1], torch.full((2,), t), rope_fn)
+        else:
+            cache.append(gate, k[:, :, t : t + n], pos[:, t : t + n], rope_fn)
+        t += n
+        full = (t // bs) * bs
+        assert cache.keys.shape == (2, Hkv, 5 * k_summaries, gate.hidden_size)
+        if full:
+            ref = gate.compress_keys(k[:, :, :full], *rope_fn(pos[:, : full : gate.key_stride].expand(2, -1)))
+            torch.testing.assert_close(cache.keys[:, :, : (t // bs) * k_summaries], ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(cache.block[:, :, : t - full], k[:, :, full:t])
+    kb, cos_sin = k[:, :, :32], rope_fn(pos[:, :32 : gate.key_stride].expand(2, -1))
+    assert torch.equal(gate.compress_keys(kb, *cos_sin, valid=torch.ones(2, 32, dtype=torch.bool)), gate.compress_keys(kb, *cos_sin))
+    with pytest.raises(ValueError, match="do not fit"):
+        StaticCompressedKeyCache(20).append(gate, k[:, :, :21], pos[:, :21], rope_fn)
