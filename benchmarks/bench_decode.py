@@ -23,7 +23,9 @@
    (untrained decode gates: timings do not
    depend on the weights), prefill excluded (a 1-token generate is subtracted).
 3. With `--graphed`: the same model decoding greedily through `seer_attn.models.cuda_graphs.GraphedDecoder`
-   (a `StaticCache`, every one-token step one CUDA graph replay), dense vs sparse decoding; only the
+   (a `StaticCache`, every one-token step one CUDA graph replay), dense vs sparse decoding; dense twice:
+   masked SDPA over every slot (as transformers with a StaticCache) and the split-K decoding kernel
+   with every filled block (`dense_splitk`, flash-decoding over the filled slots only). Only the
    replayed steps are timed (prefill and capture excluded). `--gen-config` times random weights of a
    config.json instead of the SmolLM2 GGUF (the decode rate does not depend on the weights).
 
@@ -182,17 +184,19 @@ def generate_rows(args) -> list[dict]:
 
 
 def graphed_rows(args) -> list[dict]:
+    import seer_attn.modules.decode as decode_module
     from seer_attn.models.cuda_graphs import GraphedDecoder
 
     model, name = _gen_model(args)
     n = args.gen_tokens
     rows = []
-    for B in _ints(args.gen_batches):
-        ids = torch.randint(100, model.config.vocab_size - 1, (B, args.gen_context), device="cuda")
-        r = {"model": name, "context": args.gen_context, "batch": B, "budget": args.budget, "tokens": n}
-        for mode in ("dense", "sparse"):
-            model.set_seerattn(seerattn_mode=mode)
-            dec = GraphedDecoder(model, max_cache_len=args.gen_context + n + 8)
+    for L, B in [(L, B) for L in _ints(args.gen_contexts or str(args.gen_context)) for B in _ints(args.gen_batches)]:
+        ids = torch.randint(100, model.config.vocab_size - 1, (B, L), device="cuda")
+        r = {"model": name, "context": L, "batch": B, "budget": args.budget, "tokens": n}
+        for mode in ("dense", "dense_splitk", "sparse"):
+            model.set_seerattn(seerattn_mode=mode.split("_")[0])
+            decode_module.DENSE_SLOTS_KERNEL = "splitk" if mode == "dense_splitk" else "sdpa"
+            dec = GraphedDecoder(model, max_cache_len=L + n + 8)
             dec.prefill(ids)
             dec.step()  # capture (and its warm-up runs)
             dec.prefill(ids)  # the same buffers and graph, a fresh context
@@ -204,10 +208,12 @@ def graphed_rows(args) -> list[dict]:
             dt = time.perf_counter() - t0
             r[f"{mode}_tokens_per_s"] = B * n / dt
             r[f"{mode}_ms_per_step"] = 1e3 * dt / n
-            r[f"{mode}_tokens"] = dec.out[:, args.gen_context : args.gen_context + 8].tolist()
+            r[f"{mode}_tokens"] = dec.out[:, L : L + 8].tolist()
             del dec
             torch.cuda.empty_cache()
+        decode_module.DENSE_SLOTS_KERNEL = "sdpa"
         r["speedup"] = r["sparse_tokens_per_s"] / r["dense_tokens_per_s"]
+        r["speedup_vs_splitk"] = r["sparse_tokens_per_s"] / r["dense_splitk_tokens_per_s"]
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("_tokens")}), flush=True)
     return rows
@@ -224,6 +230,7 @@ def main() -> None:
     p.add_argument("--gen-context", type=int, default=32768)
     p.add_argument("--gen-batches", default="1,8")
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--gen-contexts", default=None, help="--graphed: several contexts (comma-separated; the crossover)")
     p.add_argument("--graphed", action="store_true", help="time GraphedDecoder (StaticCache + CUDA graphs), dense vs sparse")
     p.add_argument("--gen-config", default=None, help="config.json for --generate / --graphed with random weights")
     p.add_argument("--skip-attention", action="store_true", help="only the generation parts")
@@ -266,7 +273,8 @@ def main() -> None:
     for r in graphed:
         print(f"graphed {r['model']} L={r['context']} B={r['batch']}: dense {r['dense_tokens_per_s']:.1f} tok/s "
               f"({r['dense_ms_per_step']:.2f} ms/step), sparse {r['sparse_tokens_per_s']:.1f} tok/s "
-              f"({r['sparse_ms_per_step']:.2f} ms/step): {r['speedup']:.2f}x")
+              f"({r['sparse_ms_per_step']:.2f} ms/step): {r['speedup']:.2f}x; dense through the split-K kernel "
+              f"{r['dense_splitk_tokens_per_s']:.1f} tok/s: {r['speedup_vs_splitk']:.2f}x")
     print(f"({meta['seconds']} s)")
 
 

@@ -398,11 +398,24 @@ def sparse_decode_step(
     return o, SeerAttentionStats(kept_blocks=kept, causal_blocks=causal, sparse=True)
 
 
-def _dense_on_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, sm_scale: float):
+# how layers that decode densely attend over a preallocated cache's slots: "sdpa" (masked SDPA over every
+# slot, what transformers does with a StaticCache) or "splitk" (the sparse decoding kernel with every
+# block listed: flash-decoding over the filled slots only, the stronger dense baseline); bench_decode sets it
+DENSE_SLOTS_KERNEL = "sdpa"
+
+
+def _dense_on_slots(q, k, v, lengths: torch.Tensor, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
     # one new token per sequence over the filled slots of a preallocated cache: the G query heads of
     # a KV head are G rows of one SDPA call (no repeated K/V), the empty slots masked out
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
+    if DENSE_SLOTS_KERNEL == "splitk":
+        # every block before the token's own; the kernel skips the entries past it without reading K/V
+        nb = -(-k.shape[2] // block_size)
+        every = torch.arange(nb, device=q.device).expand(B, Hkv, 1, nb)
+        return _attend(q, k, v, every, sm_scale, block_size, kernel, seqlens=lengths)
+    if DENSE_SLOTS_KERNEL != "sdpa":
+        raise ValueError(f"decode.DENSE_SLOTS_KERNEL must be 'sdpa' or 'splitk', got {DENSE_SLOTS_KERNEL!r}")
     filled = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]
     o = F.scaled_dot_product_attention(
         q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=filled[:, None, None, :], scale=sm_scale
@@ -464,16 +477,16 @@ def static_decode_attention(
         if s.min_context > 0:
             host = getattr(past_key_values, HOST_LENGTH_ATTR, None)
             sparse = (int(kv_lengths.max()) if host is None else int(host)) >= s.min_context
+    kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
     if not sparse:
         module.seer_stats = SeerAttentionStats()
-        return _dense_on_slots(query, key, value, kv_lengths, scaling).transpose(1, 2), None
+        return _dense_on_slots(query, key, value, kv_lengths, scaling, s.block_size, kernel).transpose(1, 2), None
     Hkv, bs = key.shape[1], s.block_size
     with torch.no_grad():
         # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes throughout
         index = _gate_select_fn(s.compile_gate)(
             gate, q_pre, *rope(t[:, None]), state.keys, t[:1], bs, s.token_budget, s.threshold
         )
-    kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
     o = _attend(query, key, value, index, scaling, bs, kernel, seqlens=kv_lengths)
     own = (t // bs).view(B, 1, 1, 1)
     kept = ((index >= 0) & (index < own)).sum() + B * Hkv

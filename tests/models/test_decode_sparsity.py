@@ -115,6 +115,18 @@ def test_graph_form_decoding_equals_generate(tiny_dir, fields):
     assert torch.equal(dec.generate(x[:, :13], 40), greedy(model, x[:, :13], n=40)[0])  # reused buffers, new prompt
 
 
+def test_graph_form_dense_splitk_equals_generate(tiny_dir, monkeypatch):
+    # the stronger dense baseline of bench_decode --graphed: every filled block through the split-K kernel (its twin here)
+    model = load(tiny_dir, seerattn_mode="dense")
+    x = prompt(B=2)
+    seq, _, _ = greedy(model, x, n=30)
+    monkeypatch.setattr(decode_module, "DENSE_SLOTS_KERNEL", "splitk")
+    assert torch.equal(GraphedDecoder(model, max_cache_len=64, graphs=False).generate(x, 30), seq)
+    monkeypatch.setattr(decode_module, "DENSE_SLOTS_KERNEL", "flash")
+    with pytest.raises(ValueError, match="DENSE_SLOTS_KERNEL"):
+        GraphedDecoder(model, max_cache_len=64, graphs=False).generate(x, 3)
+
+
 def test_graph_form_decoder_misuse(tiny_dir):
     model = load(tiny_dir, seerattn_decode_token_budget=2 * BS)
     dec = GraphedDecoder(model, max_cache_len=24, graphs=False)
