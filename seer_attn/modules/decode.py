@@ -42,6 +42,7 @@ from seer_attn.modules.decode_gate import (
     DecodeGate,
     StaticCompressedKeyCache,
     parse_decode_gate_type,
+    static_state_update,
 )
 from seer_attn.modules.layer_budget import layer_token_budgets
 from seer_attn.modules.seer_attention import GATE_LOSSES, SeerAttentionStats, row_kl, dense_attention, resolve_kernel
@@ -303,18 +304,34 @@ def _gate_select(gate, q_pre, q_cos, q_sin, kc, rows, block_size: int, token_bud
     return select_decode_blocks(gate.score(qg, kc, rows), block_size, token_budget, threshold)
 
 
-_compiled_gate_select = None
+def _static_gate_step(gate, keys, block, k_pre, q_pre, t, cos, sin, block_size: int, token_budget: int, threshold):
+    # a preallocated cache's one-token step: the state update (cos/sin rows 0..ks-1, the block's summary
+    # starts) then the selection over every slot (row ks, the token's own position); fixed shapes
+    ks = gate.k_summaries
+    static_state_update(gate, keys, block, k_pre, t, cos[:, :ks], sin[:, :ks])
+    return _gate_select(gate, q_pre, cos[:, ks:], sin[:, ks:], keys, t[:1], block_size, token_budget, threshold)
+
+
+_compiled: dict[str, Callable] = {}
 
 
 def _gate_select_fn(compiled: bool):
     # one compilation for every layer (the gate is an argument), the context length dynamic: eagerly
     # the step is ~60 small launches per layer (docs/RESULTS.md, "Session 9 (CPU only)")
-    global _compiled_gate_select
     if not compiled:
         return _gate_select
-    if _compiled_gate_select is None:
-        _compiled_gate_select = torch.compile(_gate_select, dynamic=True)
-    return _compiled_gate_select
+    if "select" not in _compiled:
+        _compiled["select"] = torch.compile(_gate_select, dynamic=True)
+    return _compiled["select"]
+
+
+def _static_gate_step_fn(compiled: bool):
+    # static shapes (the cache's capacity): one compilation for every layer and step
+    if not compiled:
+        return _static_gate_step
+    if "static" not in _compiled:
+        _compiled["static"] = torch.compile(_static_gate_step, dynamic=False)
+    return _compiled["static"]
 
 
 def _attend(q, k, v, index, sm_scale: float, block_size: int, kernel: str, seqlens=None) -> torch.Tensor:
@@ -464,29 +481,34 @@ def static_decode_attention(
     dtype = value.dtype
     query, key = query.to(dtype), key.to(dtype)
     sparse = s.mode == "sparse" and gate is not None and module.layer_idx >= s.start_layer
-    rope = _rope_fn(module)
     t = kv_lengths - 1  # the token's position and slot
+    kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
+    index = None
     if sparse:
         state = decode_states(past_key_values).get(module.layer_idx)
-        if not isinstance(state, StaticCompressedKeyCache):
+        if not isinstance(state, StaticCompressedKeyCache) or state.keys is None:
             raise RuntimeError(
                 f"layer {module.layer_idx}: no decode-gate state for this preallocated cache; fill the cache (prefill) "
                 "through the model with decode sparsity on first"
             )
-        state.step(gate, k_pre, t, rope)  # also below min_context: the state must see every token
         if s.min_context > 0:
             host = getattr(past_key_values, HOST_LENGTH_ATTR, None)
             sparse = (int(kv_lengths.max()) if host is None else int(host)) >= s.min_context
-    kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
+        # one RoPE call: the summaries of the token's block (the state update), then the token itself (its query)
+        cos, sin = _rope_fn(module)(torch.cat([state.summary_starts(gate, t), t[:, None]], dim=1))
+        with torch.no_grad():
+            if sparse:
+                # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes
+                index = _static_gate_step_fn(s.compile_gate)(
+                    gate, state.keys, state.block, k_pre, q_pre, t, cos, sin, s.block_size, s.token_budget, s.threshold
+                )
+            else:  # below min_context: the state must still see every token
+                ks = gate.k_summaries
+                static_state_update(gate, state.keys, state.block, k_pre, t, cos[:, :ks], sin[:, :ks])
     if not sparse:
         module.seer_stats = SeerAttentionStats()
         return _dense_on_slots(query, key, value, kv_lengths, scaling, s.block_size, kernel).transpose(1, 2), None
     Hkv, bs = key.shape[1], s.block_size
-    with torch.no_grad():
-        # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes throughout
-        index = _gate_select_fn(s.compile_gate)(
-            gate, q_pre, *rope(t[:, None]), state.keys, t[:1], bs, s.token_budget, s.threshold
-        )
     o = _attend(query, key, value, index, scaling, bs, kernel, seqlens=kv_lengths)
     own = (t // bs).view(B, 1, 1, 1)
     kept = ((index >= 0) & (index < own)).sum() + B * Hkv

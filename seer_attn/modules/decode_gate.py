@@ -44,6 +44,7 @@ __all__ = [
     "DecodeGate",
     "CompressedKeyCache",
     "StaticCompressedKeyCache",
+    "static_state_update",
     "valid_decode_gate_types",
     "parse_decode_gate_type",
     "Q_POOLINGS",
@@ -452,21 +453,40 @@ class StaticCompressedKeyCache:
             t (torch.Tensor): int `[B]` on the device, each token's position (its cache slot).
             rope: `positions [B, m] -> (cos, sin) [B, m, Dg]`.
         """
-        B, H, _, D = k.shape
         if self.keys is None:
             self._allocate(gate, k)
-        bs, ks = gate.block_size, gate.k_summaries
-        offset, blk = t % bs, t // bs
-        self.block.scatter_(2, offset.view(B, 1, 1, 1).expand(B, H, 1, D), k.to(self.block.dtype))
-        valid = torch.arange(bs, device=k.device)[None, :] <= offset[:, None]
-        sub = torch.arange(ks, device=k.device)
-        cos, sin = rope(blk[:, None] * bs + sub * gate.key_stride)
-        new = gate.compress_keys(self.block, cos, sin, valid=valid)  # [B, H, ks, Dg]
-        slot = (blk[:, None] * ks + sub).view(B, 1, ks, 1).expand(B, H, ks, gate.hidden_size)
-        self.keys.scatter_(2, slot, new)
+        cos, sin = rope(self.summary_starts(gate, t))
+        static_state_update(gate, self.keys, self.block, k, t, cos, sin)
+
+    @staticmethod
+    def summary_starts(gate: DecodeGate, t: torch.Tensor) -> torch.Tensor:
+        """int `[B, k_summaries]`: first positions of the summaries of the block holding position `t` `[B]`."""
+        sub = torch.arange(gate.k_summaries, device=t.device) * gate.key_stride
+        return (t // gate.block_size * gate.block_size)[:, None] + sub
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select / reorder batch rows (beam search), in place (the buffers keep their addresses)."""
         for t in (self.keys, self.block):
             if t is not None:
                 t.copy_(t.index_select(0, index.to(t.device)))
+
+
+def static_state_update(
+    gate: DecodeGate, keys: torch.Tensor, block: torch.Tensor, k: torch.Tensor, t: torch.Tensor, cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """:meth:`StaticCompressedKeyCache.step` as a function of tensors (in place on `keys` and `block`; compilable).
+
+    Args:
+        keys (torch.Tensor): the state's `[B, Hkv, slots, Dg]`; block: its `[B, Hkv, block_size, D]`.
+        k (torch.Tensor): pre-RoPE keys of the new tokens `[B, Hkv, 1, D]`; t: int `[B]` their positions.
+        cos, sin (torch.Tensor): `[B, k_summaries, Dg]` at :meth:`StaticCompressedKeyCache.summary_starts`.
+    """
+    B, H, _, D = k.shape
+    bs, ks = gate.block_size, gate.k_summaries
+    offset = t % bs
+    block.scatter_(2, offset.view(B, 1, 1, 1).expand(B, H, 1, D), k.to(block.dtype))
+    valid = torch.arange(bs, device=k.device)[None, :] <= offset[:, None]
+    new = gate.compress_keys(block, cos, sin, valid=valid)  # [B, H, ks, Dg]
+    slot = (t // bs)[:, None] * ks + torch.arange(ks, device=k.device)
+    keys.scatter_(2, slot.view(B, 1, ks, 1).expand(B, H, ks, gate.hidden_size), new)

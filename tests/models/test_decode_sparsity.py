@@ -141,6 +141,7 @@ def test_graph_form_decoder_misuse(tiny_dir):
 
 def test_compiled_decode_gate_generation_equals_eager(tiny_dir):
     # seerattn_compile_decode_gate: the gate's queries, scores and selection as one torch.compile'd graph
+    # (with a preallocated cache: the state update too, static shapes)
     torch._dynamo.reset()
     x = prompt(B=2)
     seq, scores, _ = greedy(load(tiny_dir, seerattn_decode_token_budget=2 * BS), x, n=24)
@@ -148,6 +149,7 @@ def test_compiled_decode_gate_generation_equals_eager(tiny_dir):
     cseq, cscores, _ = greedy(model, x, n=24)
     assert torch.equal(cseq, seq)
     torch.testing.assert_close(cscores, scores, atol=1e-5, rtol=0)
+    assert torch.equal(GraphedDecoder(model, max_cache_len=48, graphs=False).generate(x, 24), seq)
 
 
 def test_unlimited_budget_generation_equals_dense(tiny_dir, sparse_steps):
