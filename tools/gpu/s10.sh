@@ -4,8 +4,9 @@
 # $OUT/s10_<parts>.tar.gz. Carry .gpu/wheels and .gpu/scripts. No model files needed (random weights).
 # usage: bash .gpu/scripts/s10.sh PART...
 #   graphtest : tests/models/test_decode_sparsity.py -m gpu -k graphed_decoder (capture works, replays == eager == generate())
-#   graphed   : bench_decode.py --graphed: GraphedDecoder dense vs sparse, SmolLM2 config (random weights, YaRN x4),
-#               32k context, batch 1 / 8, budgets 2048 and 4096 (issue 13's end-to-end target)
+#   graphed   : bench_decode.py --graphed: GraphedDecoder dense (masked SDPA; split-K kernel) vs sparse (eager / compiled
+#               gate step), SmolLM2 config (random weights, YaRN x4), batch 1 / 8, contexts CONTEXTS (default 32768),
+#               budgets BUDGETS (default 2048) (issue 13's end-to-end target)
 #   eagergen  : bench_decode.py --generate at budget 4096 (generate(), DynamicCache, eager) for comparison
 #   attn      : bench_decode.py per-step attention rows, both shapes, 32k / 128k, batch 1 / 8 (no Flex)
 set -u
@@ -32,9 +33,10 @@ for part in "$@"; do
       TAILN=30 run graphtest "${CAP_graphtest:-150}" python -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf \
         tests/models/test_decode_sparsity.py -k graphed_decoder ;;
     graphed)
-      for b in 2048 4096; do
-        TAILN=6 run graphed_$b "${CAP_graphed:-150}" python benchmarks/bench_decode.py --skip-attention --no-flex --graphed \
-          --gen-config $CFG --gen-context 32768 --gen-batches 1,8 --gen-tokens 128 --budget $b --out "$R/bench_decode_graphed_$b.json"
+      for b in ${BUDGETS:-2048}; do
+        TAILN=6 run graphed_$b "${CAP_graphed:-200}" python benchmarks/bench_decode.py --skip-attention --no-flex --graphed \
+          --gen-config $CFG --gen-contexts ${CONTEXTS:-32768} --gen-batches 1,8 --gen-tokens 128 --budget $b \
+          --out "$R/bench_decode_graphed_$b.json"
       done ;;
     eagergen)
       TAILN=6 run eagergen "${CAP_eagergen:-200}" python benchmarks/bench_decode.py --skip-attention --no-flex --generate \
