@@ -21,11 +21,13 @@ the device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from seer_attn.modules.decode import decode_states
 
-__all__ = ["graphable", "GraphedPrefill", "GraphedDecoder"]
+__all__ = ["graphable", "GraphedPrefill", "GraphedDecoder", "DecodingRule"]
 
 
 def graphable(
@@ -99,8 +101,51 @@ def _slot_counters(cache) -> list[torch.Tensor]:
     return counters
 
 
+@dataclass(frozen=True)
+class DecodingRule:
+    """How `GraphedDecoder` picks each next token (fixed inside a captured graph; a new rule recaptures).
+
+    `do_sample=False`: greedy. Otherwise a sample from `softmax(logits / temperature)` restricted to the
+    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p` (Gumbel-max on
+    the device, no host sync). After `eos_token_id` a sequence emits `pad_token_id` (default: EOS).
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """`[B, V]` logits -> `[B]` token ids."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the tokens more likely than it already reach top_p (the most likely always stays)
+            drop = (probs.cumsum(-1) - probs) >= self.top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits)
+        u = torch.rand_like(logits).clamp_(min=1e-20, max=1.0 - 1e-7)
+        return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+
 class GraphedDecoder:
-    """Greedy decoding on a preallocated KV cache, one CUDA graph replay per generated token.
+    """Decoding on a preallocated KV cache, one CUDA graph replay per generated token.
 
     Args:
         model: a Seer causal LM (`eval()`, no grad needed); dense or sparse decoding as its config says.
@@ -111,13 +156,14 @@ class GraphedDecoder:
     Usage::
 
         dec = GraphedDecoder(model, max_cache_len=S + n)
-        tokens = dec.generate(input_ids, n)      # [B, S + n]
+        tokens = dec.generate(input_ids, n)                                  # greedy, [B, S + n]
+        tokens = dec.generate(input_ids, n, do_sample=True, top_p=0.95, eos_token_id=tok.eos_token_id)
         # or, to time decoding alone: dec.prefill(input_ids); then dec.step() n times
 
     A graph is captured on the first step after each prefill whose batch size differs from the last
-    one's, and per side of `seerattn_decode_min_context` (the rule is decided on the host, where the
-    filled length is known without a sync). Changing `seerattn_*` fields after a capture needs
-    :meth:`reset`.
+    one's, per :class:`DecodingRule`, and per side of `seerattn_decode_min_context` (the rule is
+    decided on the host, where the filled length is known without a sync). Changing `seerattn_*` fields
+    after a capture needs :meth:`reset`.
     """
 
     def __init__(self, model, max_cache_len: int, graphs: bool = True):
@@ -128,12 +174,13 @@ class GraphedDecoder:
 
     def reset(self) -> None:
         """Drop the cache, the buffers and every captured graph."""
-        self.cache = self.tokens = self.pos = self.out = None
+        self.cache = self.tokens = self.pos = self.out = self.finished = None
+        self.rule = DecodingRule()
         self.length = 0  # filled slots, on the host
-        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, rule: DecodingRule | None = None) -> torch.Tensor:
         """Fill a fresh cache with the prompt `[B, S]` (eagerly); returns the first generated token `[B, 1]`."""
         from transformers import StaticCache
 
@@ -142,13 +189,14 @@ class GraphedDecoder:
         B, S = input_ids.shape
         if S >= self.max_cache_len:
             raise ValueError(f"a prompt of {S} tokens leaves no slot of max_cache_len={self.max_cache_len} to generate into")
+        self.rule = rule or DecodingRule()
         same_batch = self.out is not None and self.out.shape[0] == B
         if not same_batch:
             self._graphs = {}
             self.tokens = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=input_ids.device)
             self.out = torch.zeros(B, self.max_cache_len, dtype=torch.long, device=input_ids.device)
-        if self.cache is None or not same_batch:
+            self.finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
         else:
             # keep the buffers (the graphs point at them): zero the slot counters and the decode-gate states
@@ -160,7 +208,10 @@ class GraphedDecoder:
         positions = torch.arange(S, device=input_ids.device)[None]
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
                          **{CACHE_NAME: self.cache})  # fmt: skip
-        first = out.logits[:, -1:].argmax(-1)
+        first = self.rule.pick(out.logits[:, -1])[:, None]
+        self.finished.zero_()
+        if self.rule.eos_token_id is not None:
+            self.finished |= first[:, 0] == self.rule.eos_token_id
         self.out[:, :S] = input_ids
         self.out[:, S : S + 1] = first
         self.tokens.copy_(first)
@@ -173,10 +224,14 @@ class GraphedDecoder:
 
         hidden = self.model.model(input_ids=self.tokens, position_ids=self.pos, use_cache=True,
                                   **{CACHE_NAME: self.cache}).last_hidden_state  # fmt: skip
-        nxt = self.model.lm_head(hidden[:, -1:]).argmax(-1)  # [B, 1]
+        nxt = self.rule.pick(self.model.lm_head(hidden[:, -1]))  # [B]
+        eos, pad = self.rule.eos_token_id, self.rule.pad_token_id
+        if eos is not None:
+            nxt = torch.where(self.finished, eos if pad is None else pad, nxt)
+            self.finished |= nxt == eos
         self.pos.add_(1)
-        self.out.scatter_(1, self.pos.expand(nxt.shape[0], 1), nxt)
-        self.tokens.copy_(nxt)
+        self.out.scatter_(1, self.pos.expand(nxt.shape[0], 1), nxt[:, None])
+        self.tokens.copy_(nxt[:, None])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -190,24 +245,25 @@ class GraphedDecoder:
         if not self.graphs:
             self._run()
             return
-        side = self.length >= int(getattr(self.model.config, "seerattn_decode_min_context", 0))
-        graph = self._graphs.get(side)
+        key = (self.length >= int(getattr(self.model.config, "seerattn_decode_min_context", 0)), self.rule)
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[side] = self._capture()
+            graph = self._graphs[key] = self._capture()
         graph.replay()
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        # warm-up runs (autotuning, lazy allocations) advance the cache's slot counters and the step
-        # buffers: snapshot them and put them back before the captured step replays for real
+        # warm-up runs (autotuning, lazy allocations, compilation) advance the cache's slot counters and
+        # the step buffers: snapshot them and put them back before the captured step replays for real
         counters = _slot_counters(self.cache)
-        saved = [t.clone() for t in (*counters, self.tokens, self.pos)]
+        live = (*counters, self.tokens, self.pos, self.finished)
+        saved = [t.clone() for t in live]
         torch.cuda.synchronize()
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):
             for _ in range(2):
                 self._run()
-                for t, v in zip((*counters, self.tokens, self.pos), saved):
+                for t, v in zip(live, saved):
                     t.copy_(v)
         torch.cuda.current_stream().wait_stream(side_stream)
         graph = torch.cuda.CUDAGraph()
@@ -219,10 +275,30 @@ class GraphedDecoder:
         return graph
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation: `[B, S + max_new_tokens]` (prompt included)."""
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        check_every: int = 32,
+    ) -> torch.Tensor:
+        """Continue `input_ids` `[B, S]` by up to `max_new_tokens`; returns `[B, S + n]`, prompt included.
+
+        With `eos_token_id`, every `check_every` steps the host asks (one sync) whether every sequence
+        has ended and stops if so; `n` is then the steps taken, and ended sequences are padded.
+        """
+        rule = DecodingRule(do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
         S = input_ids.shape[1]
-        self.prefill(input_ids)
-        for _ in range(max_new_tokens - 1):
+        self.prefill(input_ids, rule)
+        n = 1
+        while n < max_new_tokens:
+            if eos_token_id is not None and n % check_every == 1 and bool(self.finished.all()):
+                break
             self.step()
-        return self.out[:, : S + max_new_tokens].clone()
+            n += 1
+        return self.out[:, : S + n].clone()

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import seer_attn.modules.decode as decode_module
 from seer_attn import SeerLlamaConfig, SeerLlamaForCausalLM
-from seer_attn.models.cuda_graphs import GraphedDecoder
+from seer_attn.models.cuda_graphs import DecodingRule, GraphedDecoder
 from seer_attn.modules.decode import decode_states
 from seer_attn.modules.decode_gate import DecodeGate, StaticCompressedKeyCache
 
@@ -125,6 +125,45 @@ def test_graph_form_dense_splitk_equals_generate(tiny_dir, monkeypatch):
     monkeypatch.setattr(decode_module, "DENSE_SLOTS_KERNEL", "flash")
     with pytest.raises(ValueError, match="DENSE_SLOTS_KERNEL"):
         GraphedDecoder(model, max_cache_len=64, graphs=False).generate(x, 3)
+
+
+def test_decoding_rule_samples_the_restricted_softmax():
+    # Gumbel-max on the device: frequencies match softmax(logits / T), restricted by top_k / top_p
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).expand(40000, 4)
+    for rule, expect in (
+        (DecodingRule(do_sample=True), [0.5, 0.3, 0.15, 0.05]),
+        (DecodingRule(do_sample=True, temperature=2.0), torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt() / torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt().sum()),
+        (DecodingRule(do_sample=True, top_k=2), [0.625, 0.375, 0, 0]),
+        (DecodingRule(do_sample=True, top_p=0.7), [0.625, 0.375, 0, 0]),  # 0.5 + 0.3 reach 0.7
+        (DecodingRule(do_sample=True, top_k=1), [1, 0, 0, 0]),
+    ):
+        freq = torch.bincount(rule.pick(logits), minlength=4).float() / logits.shape[0]
+        torch.testing.assert_close(freq, torch.as_tensor(expect, dtype=torch.float32), atol=0.01, rtol=0)
+    assert torch.equal(DecodingRule().pick(logits), torch.zeros(40000, dtype=torch.long))
+    for bad in (dict(temperature=0.0), dict(top_k=0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            DecodingRule(do_sample=True, **bad)
+
+
+def test_graph_form_sampling_and_eos(tiny_dir):
+    model = load(tiny_dir, seerattn_decode_token_budget=2 * BS)
+    x = prompt(B=2)
+    dec = GraphedDecoder(model, max_cache_len=64, graphs=False)
+    greedy_seq = dec.generate(x, 40)
+    assert torch.equal(dec.generate(x, 40, do_sample=True, top_k=1), greedy_seq)
+    torch.manual_seed(1)
+    a = dec.generate(x, 40, do_sample=True, temperature=1.5)
+    torch.manual_seed(1)
+    assert torch.equal(dec.generate(x, 40, do_sample=True, temperature=1.5), a) and not torch.equal(a, greedy_seq)
+    # EOS: row 0's 6th greedy token; row 0 then pads, row 1 runs on (unless it meets the same token)
+    S, eos = x.shape[1], int(greedy_seq[0, x.shape[1] + 5])
+    out = dec.generate(x, 40, eos_token_id=eos, pad_token_id=0)
+    first = int((greedy_seq[0, S:] == eos).nonzero()[0])
+    assert torch.equal(out[0, : S + first + 1], greedy_seq[0, : S + first + 1]) and (out[0, S + first + 1 :] == 0).all()
+    # one sequence: generation stops at the first check after its EOS
+    out1 = dec.generate(x[:1], 40, eos_token_id=eos, check_every=4)
+    assert out1.shape[1] <= S + first + 1 + 4 and (out1[0, S + first :] == eos).all()
 
 
 def test_graph_form_decoder_misuse(tiny_dir):
@@ -376,3 +415,7 @@ def test_graphed_decoder_gpu(tmp_path, fields):
     assert torch.equal(eager, greedy(model, x, n=40)[0])
     assert torch.equal(dec.generate(x[:, :13], 40), GraphedDecoder(model, 64, graphs=False).generate(x[:, :13], 40))
     assert len(dec._graphs) == (2 if "seerattn_decode_min_context" in fields else 1)
+    # sampling inside the graph: top_k=1 is greedy; replays draw fresh noise (the generator advances per replay)
+    assert torch.equal(dec.generate(x, 40, do_sample=True, top_k=1), eager)
+    a, b = dec.generate(x, 40, do_sample=True, temperature=2.0), dec.generate(x, 40, do_sample=True, temperature=2.0)
+    assert not torch.equal(a, b) and not torch.equal(a[:, x.shape[1] + 1 :, None], a[:, x.shape[1] + 1 :, None].roll(1, 1))
