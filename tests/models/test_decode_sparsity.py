@@ -418,4 +418,4 @@ def test_graphed_decoder_gpu(tmp_path, fields):
     # sampling inside the graph: top_k=1 is greedy; replays draw fresh noise (the generator advances per replay)
     assert torch.equal(dec.generate(x, 40, do_sample=True, top_k=1), eager)
     a, b = dec.generate(x, 40, do_sample=True, temperature=2.0), dec.generate(x, 40, do_sample=True, temperature=2.0)
-    assert not torch.equal(a, b) and not torch.equal(a[:, x.shape[1] + 1 :, None], a[:, x.shape[1] + 1 :, None].roll(1, 1))
+    assert not torch.equal(a, b)
