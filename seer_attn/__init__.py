@@ -6,6 +6,7 @@ Public API:
   `SeerLlamaForCausalLM` and the other families' `Seer<Family>ForCausalLM`, `load_tokenizer`
   (HF integration, registered with the Auto classes);
 - `AttnGate` (the gate module);
+- `GraphedDecoder` (decoding on a `StaticCache`, one CUDA graph replay per token);
 - kernels and their PyTorch twins under `seer_attn.kernels`.
 """
 
@@ -22,10 +23,12 @@ from seer_attn.models import (  # noqa: E402
     SeerQwen3ForCausalLM,
     load_tokenizer,
 )
+from seer_attn.models.cuda_graphs import GraphedDecoder  # noqa: E402
 
 __all__ = [
     "AttnGate",
     "AutoSeerForCausalLM",
+    "GraphedDecoder",
     "SeerLlamaConfig",
     "SeerLlamaForCausalLM",
     "SeerQwen2ForCausalLM",

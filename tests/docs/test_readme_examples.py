@@ -27,11 +27,19 @@ def _run(code: str, name: str) -> None:
     exec(compile(code, f"README.md ({name})", "exec"), {"__name__": "__readme__"})
 
 
-def test_readme_has_three_python_examples():
+def test_readme_has_four_python_examples():
     examples = _examples()
-    assert len(examples) == 3, "a new README example needs a test here"
+    assert len(examples) == 4, "a new README example needs a test here"
     assert "SeerLlamaForCausalLM" in examples[0] and "block_sparse_attn_csr" in examples[1]
-    assert "AutoSeerForCausalLM" in examples[2]
+    assert "AutoSeerForCausalLM" in examples[2] and "GraphedDecoder" in examples[3]
+
+
+def test_readme_decode_example_runs(tiny_llama_dir, capsys):
+    code = _examples()[3].replace('"smollm2-135m"', repr(tiny_llama_dir))
+    assert repr(tiny_llama_dir) in code, "README decode example no longer loads smollm2-135m: update this test"
+    _run(code, "decode-stage sparsity")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) >= 2
 
 
 def test_readme_families_example_compiles():
