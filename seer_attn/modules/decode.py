@@ -10,6 +10,8 @@ A layer's attention goes through :func:`decode_aware_attention`, which wraps the
   (or those above `threshold`) plus the token's own block, and runs the block-sparse decoding kernel.
   Layers below `start_layer`, contexts shorter than `min_context` and padded batches decode densely;
   prefill steps go to the wrapped attention.
+  On a preallocated cache (`StaticCache`) the model sends one-token steps to :func:`static_decode_attention`
+  instead, which keeps every length on the device so that the step can be replayed as a CUDA graph.
 - `decode_eval`: teacher-forced decode mode over a whole sequence: *every* token attends only to its
   selected blocks and its own block, exactly as if it were decoded (the decode-mode PPL protocol).
 - `distill`: the wrapped attention runs (training the prefill gate) and the decode gate's loss is
@@ -453,13 +455,13 @@ def static_decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """A one-token decoding step over a preallocated cache's whole buffers, with no host sync.
 
-    The CUDA-graph form of decoding (:func:`seer_attn.models.cuda_graphs.graphed_greedy_decode`, or
+    The CUDA-graph form of decoding (:class:`seer_attn.models.cuda_graphs.GraphedDecoder`, or
     `generate(cache_implementation="static")` eagerly): nothing is sliced to the filled length on the
     host; the filled length is a device tensor that steers the decode gate's state
     (:class:`StaticCompressedKeyCache`), the selection (blocks past it are no candidates, a fixed
     `token_budget // block_size - 1` picks per row) and the sparse kernel (`seqlens`). Layers that
     decode densely (below `seerattn_decode_start_layer`, no decode gate, `seerattn_mode="dense"`, a
-    context below `seerattn_decode_min_context`) run SDPA over the slots with the empty ones masked.
+    context below `seerattn_decode_min_context`) attend over the filled slots as `DENSE_SLOTS_KERNEL` says.
 
     Args:
         module: the attention layer (as :func:`decode_aware_attention`).
