@@ -68,25 +68,34 @@ class GraphedPrefill:
 
     def _capture(self, key, input_ids, run) -> None:
         self.key = self.graph = self.static_out = None
-        torch.cuda.synchronize()
         self.static_ids = input_ids.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # warm-up outside the graph: autotuning, lazy inits and cached tables happen here
-            for _ in range(2):
-                run(self.static_ids)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                out = run(self.static_ids)
-        except RuntimeError as e:
-            raise RuntimeError(
-                "seerattn_cuda_graphs: capturing the forward failed; the sparse path must not sync with the host "
-                f"(use the fused gate / TopK with nz_ratio or threshold, or turn the switch off): {e}"
-            ) from e
+        hint = ("seerattn_cuda_graphs: capturing the forward failed; the sparse path must not sync with the host "
+                "(use the fused gate / TopK with nz_ratio or threshold, or turn the switch off)")  # fmt: skip
+        graph, out = capture(lambda: run(self.static_ids), hint)
         self.graph, self.static_out, self.key = graph, out, key
+
+
+def capture(fn, hint: str, after_warmup=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture `fn()` as a CUDA graph: two warm-up calls on a side stream first (autotuning, lazy
+    allocations, compilation happen there), `after_warmup()` after each (to undo their side effects),
+    then the capture. Returns the graph and `fn`'s output of the captured call (its static buffers).
+    A failed capture raises RuntimeError starting with `hint`."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+            if after_warmup is not None:
+                after_warmup()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except RuntimeError as e:
+        raise RuntimeError(f"{hint}: {e}") from e
+    return graph, out
 
 
 def _slot_counters(cache) -> list[torch.Tensor]:
@@ -252,27 +261,17 @@ class GraphedDecoder:
         graph.replay()
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        # warm-up runs (autotuning, lazy allocations, compilation) advance the cache's slot counters and
-        # the step buffers: snapshot them and put them back before the captured step replays for real
-        counters = _slot_counters(self.cache)
-        live = (*counters, self.tokens, self.pos, self.finished)
+        # warm-up runs advance the cache's slot counters and the step buffers: snapshot them and put them
+        # back before the captured step replays for real
+        live = (*_slot_counters(self.cache), self.tokens, self.pos, self.finished)
         saved = [t.clone() for t in live]
-        torch.cuda.synchronize()
-        side_stream = torch.cuda.Stream()
-        side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side_stream):
-            for _ in range(2):
-                self._run()
-                for t, v in zip(live, saved):
-                    t.copy_(v)
-        torch.cuda.current_stream().wait_stream(side_stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._run()
-        except RuntimeError as e:
-            raise RuntimeError(f"GraphedDecoder: capturing the decoding step failed (a host sync in the step?): {e}") from e
-        return graph
+
+        def restore():
+            for t, v in zip(live, saved):
+                t.copy_(v)
+
+        hint = "GraphedDecoder: capturing the decoding step failed (a host sync in the step?)"
+        return capture(self._run, hint, after_warmup=restore)[0]
 
     @torch.no_grad()
     def generate(

@@ -314,26 +314,17 @@ def _static_gate_step(gate, keys, block, k_pre, q_pre, t, cos, sin, block_size: 
     return _gate_select(gate, q_pre, cos[:, ks:], sin[:, ks:], keys, t[:1], block_size, token_budget, threshold)
 
 
-_compiled: dict[str, Callable] = {}
+_compiled: dict[Callable, Callable] = {}
 
 
-def _gate_select_fn(compiled: bool):
-    # one compilation for every layer (the gate is an argument), the context length dynamic: eagerly
-    # the step is ~60 small launches per layer (docs/RESULTS.md, "Session 9 (CPU only)")
+def _maybe_compiled(fn: Callable, compiled: bool, dynamic: bool) -> Callable:
+    # one compilation per function for every layer (the gate is an argument); eagerly a gate step is
+    # ~60 small launches per layer (docs/RESULTS.md, "Session 9 (CPU only)")
     if not compiled:
-        return _gate_select
-    if "select" not in _compiled:
-        _compiled["select"] = torch.compile(_gate_select, dynamic=True)
-    return _compiled["select"]
-
-
-def _static_gate_step_fn(compiled: bool):
-    # static shapes (the cache's capacity): one compilation for every layer and step
-    if not compiled:
-        return _static_gate_step
-    if "static" not in _compiled:
-        _compiled["static"] = torch.compile(_static_gate_step, dynamic=False)
-    return _compiled["static"]
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=dynamic)
+    return _compiled[fn]
 
 
 def _attend(q, k, v, index, sm_scale: float, block_size: int, kernel: str, seqlens=None) -> torch.Tensor:
@@ -403,7 +394,7 @@ def sparse_decode_step(
                 index = torch.empty(B, Hkv, n, 0, dtype=torch.long, device=q.device)
             else:
                 # the gate's queries, scores and selection in one function (compiled on request)
-                index = _gate_select_fn(s.compile_gate)(
+                index = _maybe_compiled(_gate_select, s.compile_gate, dynamic=True)(
                     gate, q_pre, *rope(positions[:, -n:].expand(B, n)), kc[:, :, : nc * gate.k_summaries], rows, bs,
                     s.token_budget, s.threshold,
                 )  # fmt: skip
@@ -501,7 +492,7 @@ def static_decode_attention(
         with torch.no_grad():
             if sparse:
                 # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes
-                index = _static_gate_step_fn(s.compile_gate)(
+                index = _maybe_compiled(_static_gate_step, s.compile_gate, dynamic=False)(
                     gate, state.keys, state.block, k_pre, q_pre, t, cos, sin, s.block_size, s.token_budget, s.threshold
                 )
             else:  # below min_context: the state must still see every token

@@ -10,23 +10,8 @@
 #   eagergen  : bench_decode.py --generate at budget 4096 (generate(), DynamicCache, eager) for comparison
 #   attn      : bench_decode.py per-step attention rows, both shapes, 32k / 128k, batch 1 / 8 (no Flex)
 set -u
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-mkdir -p /tmp/site "$OUT/r"
-if [ ! -f /tmp/site/.ok ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl && touch /tmp/site/.ok
-fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-R=$OUT/r
+source "$(dirname "$0")/lib.sh"
 CFG=configs/smollm2_135m_llama_config.json
-run() {  # run NAME CAP cmd...
-  local name=$1 cap=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$cap" "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "== $name rc=$rc $(( $(date +%s) - t0 ))s"
-  grep -v "it/s\]\|s/it\]" "$R/$name.log" | tail -n "${TAILN:-25}"
-}
 for part in "$@"; do
   case $part in
     graphtest)
