@@ -5,13 +5,16 @@
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/bench_padded.py --smoke   # CPU self-test
 
 Times `model(ids, logits_to_keep=1, use_cache=False)` (sparse mode, `seerattn_min_sparse_length=0`):
-- padded: `[n, max_len]` with right padding and an attention mask: the packed (varlen) path, one
-  `seer_attention_varlen` call per layer, with the TopK kernel (`auto` for inference) and with CSR;
+- padded, padding-free (the default, `seerattn_padding_free=True`): `[n, max_len]` with right padding
+  and an attention mask; the model packs the real tokens into one row before the embeddings, so
+  nothing runs on padding; TopK (`auto` for inference) and CSR;
+- padded layout (`seerattn_padding_free=False`): projections and MLPs run on the padding too
+  (`n * max_len / total` of their work), the attention on the real tokens only (the packed
+  (varlen) path, one `seer_attention_varlen` call per layer);
 - packed: the same tokens as one row, position ids restarting per sequence, `seerattn_cross_document
   =False` (identical results: every sequence attends to itself only), TopK;
 - alone: every sequence in its own forward (TopK), summed: what a loop over the batch costs.
-Projections and MLPs run on padding tokens in the padded batch, so padded/packed also carries
-`n * max_len / total` of that work. Medians of CUDA-event timings.
+Medians of CUDA-event timings.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def main() -> None:
     p.add_argument("--yarn-factor", type=float, default=4.0)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 4096, 16384, 8192, 24576, 6144, 12288, 20480])
     p.add_argument("--nz-ratio", type=float, default=0.1)
+    p.add_argument("--design", choices=("classic", "default"), default="classic",
+                   help="classic: one summary per block, per-row top-k (the packed varlen path); default: the "
+                        "library's default gate (4 / 2 summaries, adaptive), whose CUDA inference runs each "
+                        "sequence through the fused gate kernel")
     p.add_argument("--out", default="benchmarks/results/bench_padded.json")
     p.add_argument("--smoke", action="store_true", help="CPU self-test: tiny model and lengths, kernels interpreted")
     args = p.parse_args()
@@ -70,9 +77,8 @@ def main() -> None:
     if args.yarn_factor:
         apply_yarn(config, args.yarn_factor)
     config.seerattn_min_sparse_length = 0
-    # the packed (varlen) path supports one summary per block only (seer_attention_varlen); the default
-    # gate (4 query / 2 key summaries) runs padded batches sequence by sequence instead
-    config.seerattn_gate_q_summaries = config.seerattn_gate_k_summaries = 1
+    if args.design == "classic":
+        config.seerattn_gate_q_summaries = config.seerattn_gate_k_summaries = 1
     torch.manual_seed(0)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     model = SeerLlamaForCausalLM(config).to(device, dtype).eval()
@@ -82,15 +88,19 @@ def main() -> None:
     mask = (torch.arange(S, device=device)[None] < torch.tensor(lens, device=device)[:, None]).long()
     packed_ids = ids[mask.bool()][None]
     packed_pos = torch.cat([torch.arange(m, device=device) for m in lens])[None]
-    # per-row top-k: the packed (varlen) path supports nz_ratio and threshold, not the adaptive default
-    sparse = dict(seerattn_mode="sparse", seerattn_nz_ratio=args.nz_ratio, seerattn_sparsity_method="nz_ratio")
+    sparse = dict(seerattn_mode="sparse", seerattn_nz_ratio=args.nz_ratio,
+                  seerattn_sparsity_method="nz_ratio" if args.design == "classic" else "adaptive")
 
     rows = {}
     model.set_seerattn(**sparse, seerattn_cross_document=True)
-    for kernel in ("TopK", "CSR"):
-        model.set_seerattn(seerattn_kernel_implementation=kernel)
-        rows[f"padded (packed path, {kernel})"] = timed(
-            lambda: model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False), device)
+    for free, kernels in ((True, ("TopK", "CSR")), (False, ("TopK", "CSR"))):
+        model.set_seerattn(seerattn_padding_free=free)
+        for kernel in kernels:
+            model.set_seerattn(seerattn_kernel_implementation=kernel)
+            name = "padded, padding-free" if free else "padded layout (padding_free off), packed attention"
+            rows[f"{name}, {kernel}"] = timed(
+                lambda: model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False), device)
+    model.set_seerattn(seerattn_padding_free=True, seerattn_kernel_implementation="TopK")
     with torch.no_grad():
         density = model(ids, attention_mask=mask, logits_to_keep=1, use_cache=False).density
     model.set_seerattn(seerattn_cross_document=False, seerattn_kernel_implementation="TopK")
@@ -102,10 +112,10 @@ def main() -> None:
 
     base = rows["packed (one row, cross-document off, TopK)"]
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "config": args.config_json, "lengths": lens, "nz_ratio": args.nz_ratio, "density": density,
+            "config": args.config_json, "lengths": lens, "nz_ratio": args.nz_ratio, "design": args.design, "density": density,
             "padding_overhead_tokens": n * S / total}
     print(f"{meta['device']}, torch {meta['torch']}, lengths {lens} (padded/real tokens {n * S / total:.2f}), "
-          f"nz_ratio {args.nz_ratio}, realised density {density:.3f}")
+          f"design {args.design}, nz_ratio {args.nz_ratio}, realised density {density:.3f}")
     print("| run | ms | / packed |")
     print("|---|---|---|")
     for name, ms in rows.items():

@@ -53,6 +53,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_compile_decode_gate` | bool | False | decoding: run the decode gate's query, scores and block selection as one `torch.compile`d graph (dynamic context length) instead of ~60 eager ops per layer and step. Not yet measured on a GPU. |
 | `seerattn_decode_min_context` | int >= 0 | 8192 | decoding steps with a shorter context run dense (provisional; `benchmarks/bench_decode.py` measures the crossover); 0 forces sparse decoding. |
 | `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
+| `seerattn_padding_free` | bool | True | a padded batch in a cache-free forward (`use_cache=False`, training) runs padding-free: its real tokens are packed into one row before the embeddings (as transformers' `DataCollatorWithFlattening` does by hand), so projections and MLPs skip the padding too, and the last hidden states are scattered back (zeros at padding). Same results on every real token; `False` runs the padded layout (only the attention skips padding). |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
 """
 
@@ -92,7 +93,7 @@ GATE_SHAPE_FIELDS = (
     "seerattn_decode_q_pooling", "seerattn_decode_k_summaries", "seerattn_decode_gate_norm",
 )
 _BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_share_gqa_blocks", "seerattn_cuda_graphs",
-          "seerattn_cross_document",
+          "seerattn_cross_document", "seerattn_padding_free",
           "seerattn_decode_gate_norm", "seerattn_compile_gate", "seerattn_compile_decode_gate")
 _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
              "seerattn_decode_start_layer", "seerattn_decode_min_context")
@@ -221,6 +222,7 @@ class SeerAttnConfigMixin:
     seerattn_decode_min_context: int = 8192
     seerattn_compile_decode_gate: bool = False
     seerattn_cross_document: bool = True
+    seerattn_padding_free: bool = True
     base_model: str | None = None
 
     def __post_init__(self, **kwargs):

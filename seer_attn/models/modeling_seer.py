@@ -36,9 +36,14 @@ padding arrives as a 2-D `[B, S_k]` mask (or `None` when nothing is padded).
 - Padding: each sequence of a padded batch runs on its real tokens only (gate blocks start at the
   first real token), so a padded row gives the same result as that sequence alone. The real tokens
   run packed, one `seer_attention_varlen` call per layer, where it supports the settings (else one
-  call per sequence; also CUDA inference with the fused gate, see below).
+  call per sequence; also CUDA inference with the fused gate, see below). A cache-free forward
+  (`use_cache=False`, training) goes further under `seerattn_padding_free` (the default): the model
+  packs the real tokens into one row before the embeddings, so the projections and MLPs skip the
+  padding too, and passes the rows' boundaries to the attention as `cu_seq_lens_q`.
 - `seerattn_cross_document=False`: the documents of a row (a token with position id 0 starts one)
-  run packed in the same way, each attending only within itself with its own gate blocks.
+  run packed in the same way, each attending only within itself with its own gate blocks; so do
+  the sequences of a packed row given as `cu_seq_lens_q` / `cu_seq_lens_k` (transformers'
+  `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`).
 - Decoding with a KV cache (fewer queries than keys) is dense: the gate only scores prefill.
 - Sliding windows (Mistral, Qwen2 with `use_sliding_window`, Phi-3-mini-4k): `dense` mode applies
   the window exactly as transformers does (a key is visible when `q_idx - kv_idx < window`).
@@ -228,8 +233,17 @@ def seer_attention_forward(
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
+    # sequence boundaries of a packed row, as transformers' padding-free collator and the model's own
+    # padding-free forward pass them (flash-attention's varlen keyword)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None and (kwargs.get("cu_seq_lens_k") is not None
+                                   and kwargs["cu_seq_lens_k"] is not cu_seqlens
+                                   and not torch.equal(kwargs["cu_seq_lens_k"], cu_seqlens)):
+        raise ValueError("seer_attn takes packed sequences with cu_seq_lens_q == cu_seq_lens_k only")
+    if cu_seqlens is not None and (B != 1 or Sq != Sk):
+        raise ValueError(f"cu_seq_lens_q describes one packed row of a cache-free forward, got B={B}, S_q={Sq}, S_k={Sk}")
     # documents of a row kept apart (cache-free forwards only: a decode step has no documents)
-    split = not module.config.seerattn_cross_document and Sq == Sk
+    split = (cu_seqlens is not None or not module.config.seerattn_cross_document) and Sq == Sk
     if (settings.mode == "dense" and not split) or Sq != Sk:
         if settings.mode == "dense":
             module.seer_stats = SeerAttentionStats()
@@ -277,40 +291,35 @@ def seer_attention_forward(
         and ((getattr(gate, "q_summaries", 1), getattr(gate, "k_summaries", 1)) != (1, 1)
              or settings.sparsity_method in ("adaptive", "top_p"))
     )
-    packed = (
-        (padded or split) and varlen_unsupported(settings, gate) is None
-        and (split or not fused_better)
-    )
-    if split and not packed:
-        raise NotImplementedError(
-            "seerattn_cross_document=False runs the documents packed: it needs settings seer_attention_varlen supports "
-            f"({varlen_unsupported(settings, module.attn_gate)})"
-        )
+    packed = varlen_unsupported(settings, gate) is None and not fused_better
+    at_zero = not module.config.seerattn_cross_document  # a position id 0 starts a document
     if not padded and not split:
         o, stats = run(query, key, value, q_pre, k_pre, position_ids)
     elif packed:
         o, stats = _seer_attention_packed(
             module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings, train_gate,
-            cache, split,
+            cache, at_zero, cu_seqlens,
         )
     else:
-        # one call per sequence: settings with no packed implementation (see varlen_unsupported), and
-        # CUDA inference with the fused gate (above)
-        o = query.new_zeros(query.shape)
+        # one call per sequence (a padded row's real tokens, or a document of a row): settings with no
+        # packed implementation (see varlen_unsupported), and CUDA inference with the fused gate (above)
+        index, cu, seqlens, _ = _packing_plan(attention_mask, position_ids, settings.block_size, at_zero, cu_seqlens=cu_seqlens)
+        flat = lambda t: t.transpose(1, 2).reshape(B * Sq, t.shape[1], t.shape[-1])  # noqa: E731
+        o_flat = query.new_zeros(B * Sq, Hq, query.shape[-1])
         stats, losses = SeerAttentionStats(), []
-        for b in range(B):
-            idx = attention_mask[b].nonzero().squeeze(-1)
-            if idx.numel() == 0:
-                continue
-            pick = lambda t: t[b : b + 1, :, idx]  # noqa: E731
-            ob, sb = run(pick(query), pick(key), pick(value), pick(q_pre), pick(k_pre), position_ids[b : b + 1, idx])
-            o[b, :, idx] = ob[0]
+        a = 0
+        for n in seqlens:
+            idx, a = index[a : a + n], a + n
+            pick = lambda t: flat(t)[idx].transpose(0, 1)[None]  # noqa: E731
+            ob, sb = run(pick(query), pick(key), pick(value), pick(q_pre), pick(k_pre), position_ids.reshape(-1)[idx][None])
+            o_flat[idx] = ob[0].transpose(0, 1).to(o_flat.dtype)
             stats.kept_blocks += sb.kept
             stats.causal_blocks += sb.causal_blocks
             stats.sparse = stats.sparse or sb.sparse
             if sb.gate_loss is not None:
                 losses.append(sb.gate_loss)
         stats.gate_loss = torch.stack(losses).mean() if losses else None
+        o = o_flat.view(B, Sq, Hq, -1).transpose(1, 2)
     module.seer_stats = stats
     if settings.mode == "sparse" and not stats.sparse:
         _warn_ran_dense(module.config, settings, Sq, Sk)
@@ -321,11 +330,12 @@ _pack_cache: dict = {}
 
 
 def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, block_size: int, split_documents: bool,
-                  rope_stride: int | None = None):
+                  rope_stride: int | None = None, cu_seqlens: torch.Tensor | None = None):
     """Where the real tokens of a batch go when packed, shared by every layer of one forward.
 
-    A sequence is a batch row's real tokens, or with `split_documents` each document of a row (a
-    token with position id 0 starts one). Returns `(token_index [total], cu_seqlens [n + 1] int32,
+    A sequence is a batch row's real tokens, split further where `split_documents` (a token with
+    position id 0 starts a document) and at the given boundaries `cu_seqlens` (int `[n + 1]`, offsets
+    into the one row of a packed batch, as flash-attention's varlen API). Returns `(token_index [total], cu_seqlens [n + 1] int32,
     seqlens (host), block_pos [n, nb * block_size / rope_stride])`: the flat `b * S + t` index of every
     packed token in order, and the position id of the first token of every gate summary of each
     sequence (every `rope_stride` tokens, default `block_size`: the gate's RoPE positions).
@@ -335,7 +345,8 @@ def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tenso
     key = (None if attention_mask is None else (attention_mask.data_ptr(), tuple(attention_mask.shape),
                                                 attention_mask._version),
            position_ids.data_ptr(), tuple(position_ids.shape), position_ids.stride(), position_ids._version,
-           block_size, split_documents, rope_stride)
+           block_size, split_documents, rope_stride,
+           None if cu_seqlens is None else (cu_seqlens.data_ptr(), tuple(cu_seqlens.shape), cu_seqlens._version))
     hit = _pack_cache.get("entry")
     if hit is not None and hit[0] == key:
         return hit[2]
@@ -350,25 +361,33 @@ def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tenso
     start[1:] = row[1:] != row[:-1]
     if split_documents:
         start |= pos == 0
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or attention_mask is not None or B != 1:
+            raise ValueError("cu_seq_lens_q must be int [n + 1] offsets into one unpadded packed row")
+        bounds = cu_seqlens.to(device=device, dtype=torch.long)
+        if not bool((bounds[0] == 0) & (bounds[-1] == S) & (bounds[1:] >= bounds[:-1]).all()):
+            raise ValueError(f"cu_seq_lens_q must rise from 0 to the row's {S} tokens, got {cu_seqlens.tolist()}")
+        start[bounds[:-1][bounds[:-1] < S]] = True
     cu = torch.cat([start.nonzero().squeeze(-1), index.new_tensor([index.numel()])]).to(torch.int32)
     seqlens = (cu[1:] - cu[:-1]).tolist()  # the one host sync of the packed path
     nb = -(-max(seqlens) // block_size)
     block_pos = pos[varlen_block_starts(cu, nb * (block_size // rope_stride), rope_stride)]
     plan = (index, cu, seqlens, block_pos)
     # the cache holds the tensors, so no other tensor can take their addresses while the entry lives
-    _pack_cache["entry"] = (key, (attention_mask, position_ids), plan)
+    _pack_cache["entry"] = (key, (attention_mask, position_ids, cu_seqlens), plan)
     return plan
 
 
 def _seer_attention_packed(module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings,
-                           train_gate, cache, split_documents=False):
+                           train_gate, cache, split_documents=False, cu_seqlens=None):
     """`seer_attention` of every sequence of a batch (see `_packing_plan`) as one `seer_attention_varlen` call.
 
     `[B, H, S, D]` inputs, 2-D padding mask or None; returns `([B, H, S, D] output (0 at padding), stats)`.
     """
     B, Hq, S, D = query.shape
     index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size, split_documents,
-                                                  getattr(module.attn_gate, "rope_stride", settings.block_size))
+                                                  getattr(module.attn_gate, "rope_stride", settings.block_size),
+                                                  cu_seqlens)
     pack = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)[index]  # noqa: E731
     cos, sin = module.gate_rotary_emb(torch.zeros((), device=query.device, dtype=torch.float32), block_pos)
     o, stats = seer_attention_varlen(
@@ -775,15 +794,19 @@ class SeerForCausalLMMixin:
             layer.self_attn.seer_stats = None
         if self.training and torch.is_grad_enabled() and self.config.seerattn_mode == "sparse":
             self._set_gt_layers()
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **{CACHE_NAME: past_key_values},
-            **kwargs,
-        )
+        keep = self._padding_free_rows(attention_mask, past_key_values, use_cache, kwargs)
+        if keep is not None:
+            outputs = self._padding_free_model(keep, input_ids, position_ids, inputs_embeds, kwargs)
+        else:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **{CACHE_NAME: past_key_values},
+                **kwargs,
+            )
         hidden = outputs.last_hidden_state
         lm_loss = None
         if labels is not None:
@@ -816,6 +839,53 @@ class SeerForCausalLMMixin:
             gate_losses=gate_losses,
             density=kept / avail if avail else None,
         )
+
+    def _padding_free_rows(self, attention_mask, past_key_values, use_cache, kwargs) -> torch.Tensor | None:
+        """The `[B, S]` bool mask of real tokens when this forward runs padding-free, else None.
+
+        A padded, cache-free forward (`use_cache=False`, or a training forward) runs padding-free under
+        `seerattn_padding_free`: the projections and MLPs then skip the padding too, not only the attention.
+        """
+        if not self.config.seerattn_padding_free or attention_mask is None or attention_mask.dim() != 2:
+            return None
+        no_cache = past_key_values is None and (
+            not (use_cache if use_cache is not None else self.config.use_cache)
+            or (self.training and torch.is_grad_enabled())
+        )
+        if (
+            not no_cache
+            or self.config.seerattn_mode == "decode_eval"  # refuses padding with its own message
+            or kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or "cu_seq_lens_q" in kwargs
+            or any(layer.self_attn.seer_sliding_window is not None for layer in self.model.layers)
+        ):
+            return None
+        keep = attention_mask.bool()
+        return None if bool(keep.all()) else keep
+
+    def _padding_free_model(self, keep, input_ids, position_ids, inputs_embeds, kwargs) -> BaseModelOutputWithPast:
+        """`self.model` on the real tokens of a padded batch packed into one row (each row one sequence,
+        its position ids as in the padded batch), the last hidden states scattered back to `[B, S, hidden]`
+        (zeros at the padding). Equal to the padded forward on every real token: the Seer attention runs
+        a padded batch on its real tokens only either way."""
+        B, S = keep.shape
+        lengths = keep.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        cu = torch.cat([cu[:1], cu[1:][lengths > 0]])  # rows of padding only hold no sequence
+        if position_ids is None:
+            position_ids = torch.arange(S, device=keep.device)[None]
+        outputs = self.model(
+            input_ids=None if input_ids is None else input_ids[keep][None],
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds[keep][None],
+            position_ids=position_ids.expand(B, S)[keep][None],
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            **kwargs,
+        )
+        packed = outputs.last_hidden_state
+        hidden = packed.new_zeros(B, S, packed.shape[-1])
+        hidden[keep] = packed[0]
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
 
     def _set_gt_layers(self) -> None:
         # which layers compute the dense ground truth in this training forward (seer_attn.modules.gt_schedule)

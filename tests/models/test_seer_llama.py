@@ -402,6 +402,107 @@ def test_cross_document_off_equals_documents_alone(tiny_dir, mode):
         model.set_seerattn(seerattn_cross_document="no")
 
 
+def _embedded_shapes(model):
+    shapes = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape)))
+    return shapes, hook
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "distill"])
+def test_padding_free_equals_padded_layout(tiny_dir, mode):
+    # a padded cache-free batch runs its real tokens packed into one row (projections and MLPs skip
+    # the padding): the same logits on real tokens, loss, density and gradients as the padded layout
+    model = load(tiny_dir, seerattn_mode=mode, seerattn_nz_ratio=0.5)
+    if mode == "sparse":
+        model.train()  # sparse fine-tuning: LM loss + gate loss through the sparse path
+    x = ids(B=3, S=200)
+    mask = torch.ones_like(x)
+    mask[0, 135:] = 0  # right padding
+    mask[1, :70] = 0  # left padding
+    labels = x.masked_fill(mask == 0, -100)
+    labels[1, 70] = -100  # predicted from a padding position (garbage either way: zeros when padding-free)
+    results = {}
+    for free in (True, False):
+        model.set_seerattn(seerattn_padding_free=free)
+        model.zero_grad()
+        shapes, hook = _embedded_shapes(model)
+        out = model(x, attention_mask=mask, labels=labels, use_cache=False)
+        hook.remove()
+        assert shapes == ([(1, int(mask.sum()))] if free else [tuple(x.shape)])
+        grads = None
+        if out.loss.requires_grad:
+            out.loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[free] = (out, grads)
+    (free, g_free), (padded, g_padded) = results[True], results[False]
+    keep = mask.bool()
+    torch.testing.assert_close(free.logits[keep], padded.logits[keep], atol=1e-5, rtol=1e-5)
+    assert (free.logits[~keep] == 0).all()  # padding gets zero hidden states, so zero logits
+    torch.testing.assert_close(free.loss, padded.loss, atol=1e-5, rtol=1e-5)
+    if mode != "dense":
+        assert free.density == pytest.approx(padded.density)
+    if g_padded is not None:
+        assert len(g_free) == len(g_padded) > 0
+        for a, b in zip(g_free, g_padded):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_only_where_no_cache_is_kept(tiny_dir):
+    model = load(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5)
+    x = ids(B=2, S=150)
+    mask = torch.ones_like(x)
+    mask[0, 100:] = 0
+    shapes, hook = _embedded_shapes(model)
+    with torch.no_grad():
+        model(x, attention_mask=mask, use_cache=False)  # padding-free
+        cached = model(x, attention_mask=mask, use_cache=True)  # a cache in the padded layout is kept
+        model(x, use_cache=False)  # nothing padded
+        model(x, attention_mask=mask, use_cache=False, output_hidden_states=True)  # per-layer states asked for
+    hook.remove()
+    assert shapes == [(1, 250), (2, 150), (2, 150), (2, 150)]
+    assert getattr(cached, "cache", None) is not None or getattr(cached, "past_key_values", None) is not None
+
+
+@pytest.mark.parametrize("mode", ["sparse", "distill"])
+def test_cu_seq_lens_keep_packed_sequences_apart(tiny_dir, mode):
+    # transformers' padding-free collator (DataCollatorWithFlattening) passes cu_seq_lens_q/k with a
+    # packed row: every sequence then attends within itself, whatever seerattn_cross_document says
+    from transformers import DataCollatorWithFlattening
+
+    docs = [70, 100, 130]
+    x = ids(B=1, S=sum(docs))
+    pos = torch.cat([torch.arange(n) for n in docs])[None]
+    cu = torch.tensor([0, 70, 170, 300], dtype=torch.int32)
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": x[0, a : a + n].tolist()} for a, n in zip((0, 70, 170), docs)])
+    assert torch.equal(batch["cu_seq_lens_q"], cu) and torch.equal(batch["position_ids"], pos)
+    batch.pop("labels")
+    model = load(tiny_dir, seerattn_mode=mode, seerattn_nz_ratio=0.5)
+    with torch.no_grad():
+        packed = model(**batch)
+        alone = [model(x[:, a : a + n]) for a, n in zip((0, 70, 170), docs)]
+        with pytest.raises(ValueError, match="cu_seq_lens_q must rise"):
+            model(x, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 70, 290], dtype=torch.int32))
+        with pytest.raises(ValueError, match="one packed row"):
+            model(x.expand(2, -1), cu_seq_lens_q=cu)
+    torch.testing.assert_close(packed.logits, torch.cat([o.logits for o in alone], 1), atol=1e-5, rtol=0)
+    if mode == "distill":
+        torch.testing.assert_close(packed.loss, torch.stack([o.loss for o in alone]).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_documents_without_a_packed_implementation_run_one_by_one(tiny_dir):
+    # the pooled selector has no packed (varlen) path: documents kept apart run one call each
+    model = load(tiny_dir, seerattn_mode="sparse", seerattn_nz_ratio=0.5, seerattn_selector="pooled",
+                 seerattn_cross_document=False)
+    docs = [70, 130]
+    x = ids(B=1, S=sum(docs))
+    pos = torch.cat([torch.arange(n) for n in docs])[None]
+    with torch.no_grad():
+        packed = model(x, position_ids=pos).logits
+        alone = torch.cat([model(x[:, :70]).logits, model(x[:, 70:]).logits], 1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
 def test_default_recipe_runs_sparse_with_adaptive_budget(tiny_dir):
     """The library defaults (4 query / 2 key summaries, pooled init, adaptive selection with a row
     floor) as a user gets them: a fresh gate already ranks like pooled attention, and the realised
