@@ -19,7 +19,7 @@ for part in "$@"; do
       TAILN=40 run sweep_gqa "${CAP_gqa:-240}" python benchmarks/sweep_topk.py --variants '^row_tma_w4s3$|^headpair_tma_w8s3$' \
         --full --seqlens 32768,131072 --budget-s 200 --out "$R/sweep_gqa.json" ;;
     gate)
-      run bench_gate "${CAP_gate:-240}" python benchmarks/bench_gate.py --designs default,default_tf32,default_bf16 \
+      run bench_gate "${CAP_gate:-240}" python benchmarks/bench_gate.py --designs default,default_tf32,default_bf16 --seqlens 32768,131072 \
         --compile-seqlens "" --out "$R/bench_gate.json" ;;
     *) echo "unknown part $part" ;;
   esac
