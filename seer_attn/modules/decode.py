@@ -31,6 +31,8 @@ optional `decode_gate` child, see :func:`attach_decode_gate`), `gate_rotary_emb`
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -306,6 +308,35 @@ def _gate_select(gate, q_pre, q_cos, q_sin, kc, rows, block_size: int, token_bud
     return select_decode_blocks(gate.score(qg, kc, rows), block_size, token_budget, threshold)
 
 
+# rope types whose tables depend only on the position (not on the call's length): the fused step computes them
+_STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+_fused_decode_gate = {"enabled": os.environ.get("SEER_ATTN_FUSED_DECODE_GATE", "1") not in ("0", "false", "False")}
+
+
+def set_fused_decode_gate(enabled: bool) -> None:
+    """Turn the one-kernel decode-gate step on (default) or off (`SEER_ATTN_FUSED_DECODE_GATE=0`): off,
+    preallocated-cache steps run the PyTorch step (:func:`_static_gate_step`, its twin) instead."""
+    _fused_decode_gate["enabled"] = bool(enabled)
+
+
+def _fused_gate_args(module, gate, kernel: str) -> dict | None:
+    """The decode gate's tensors for `decode_gate_step`, or None where it does not apply (the PyTorch
+    step, the same computation, runs): the PyTorch kernels chosen (`naive`, e.g. on CPU), a query pooling
+    other than `heads`, a rope type whose tables depend on the length, widths that are not powers of 2."""
+    if kernel == "naive" or not _fused_decode_gate["enabled"] or gate.q_pooling != "heads":
+        return None
+    rope = module.gate_rotary_emb
+    pow2 = lambda x: x >= 4 and x & (x - 1) == 0  # noqa: E731
+    if getattr(rope, "rope_type", None) not in _STATIC_ROPE_TYPES or not (pow2(gate.hidden_size) and pow2(gate.head_dim)):
+        return None
+    norm = lambda n: None if n is None else n.weight  # noqa: E731
+    return dict(
+        w_k=gate.k_linear.weight, w_q=gate.q_linear.weight, q_norm=norm(gate.q_norm), k_norm=norm(gate.k_norm),
+        inv_freq=rope.inv_freq.float(), attention_scaling=float(rope.attention_scaling), k_pools=gate.k_pools,
+        k_summaries=gate.k_summaries, eps=gate.q_norm.eps if gate.q_norm is not None else 1e-6,
+    )
+
+
 def _static_gate_step(gate, keys, block, k_pre, q_pre, t, cos, sin, block_size: int, token_budget: int, threshold):
     # a preallocated cache's one-token step: the state update (cos/sin rows 0..ks-1, the block's summary
     # starts) then the selection over every slot (row ks, the token's own position); fixed shapes
@@ -476,7 +507,7 @@ def static_decode_attention(
     sparse = s.mode == "sparse" and gate is not None and module.layer_idx >= s.start_layer
     t = kv_lengths - 1  # the token's position and slot
     kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
-    index = None
+    index = fused = None
     if sparse:
         state = decode_states(past_key_values).get(module.layer_idx)
         if not isinstance(state, StaticCompressedKeyCache) or state.keys is None:
@@ -487,24 +518,34 @@ def static_decode_attention(
         if s.min_context > 0:
             host = getattr(past_key_values, HOST_LENGTH_ATTR, None)
             sparse = (int(kv_lengths.max()) if host is None else int(host)) >= s.min_context
-        # one RoPE call: the summaries of the token's block (the state update), then the token itself (its query)
-        cos, sin = _rope_fn(module)(torch.cat([state.summary_starts(gate, t), t[:, None]], dim=1))
+        fused = _fused_gate_args(module, gate, kernel)
         with torch.no_grad():
-            if sparse:
-                # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes
-                index = _maybe_compiled(_static_gate_step, s.compile_gate, dynamic=False)(
-                    gate, state.keys, state.block, k_pre, q_pre, t, cos, sin, s.block_size, s.token_budget, s.threshold
-                )
-            else:  # below min_context: the state must still see every token
-                ks = gate.k_summaries
-                static_state_update(gate, state.keys, state.block, k_pre, t, cos[:, :ks], sin[:, :ks])
+            if fused is not None:
+                # the whole gate step as one kernel per layer (seer_attn.kernels.decode_gate_kernel)
+                from seer_attn.kernels.decode_gate_kernel import decode_gate_step
+
+                out = decode_gate_step(q_pre, k_pre.to(state.block.dtype), t, state.block, state.keys, **fused,
+                                       token_budget=s.token_budget, threshold=s.threshold, select=sparse)  # fmt: skip
+                if sparse:
+                    index, count = out
+            else:
+                # one RoPE call: the summaries of the token's block (the state update), then the token itself (its query)
+                cos, sin = _rope_fn(module)(torch.cat([state.summary_starts(gate, t), t[:, None]], dim=1))
+                if sparse:
+                    # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes
+                    index = _maybe_compiled(_static_gate_step, s.compile_gate, dynamic=False)(
+                        gate, state.keys, state.block, k_pre, q_pre, t, cos, sin, s.block_size, s.token_budget, s.threshold
+                    )
+                else:  # below min_context: the state must still see every token
+                    ks = gate.k_summaries
+                    static_state_update(gate, state.keys, state.block, k_pre, t, cos[:, :ks], sin[:, :ks])
     if not sparse:
         module.seer_stats = SeerAttentionStats()
         return _dense_on_slots(query, key, value, kv_lengths, scaling, s.block_size, kernel).transpose(1, 2), None
     Hkv, bs = key.shape[1], s.block_size
     o = _attend(query, key, value, index, scaling, bs, kernel, seqlens=kv_lengths)
     own = (t // bs).view(B, 1, 1, 1)
-    kept = ((index >= 0) & (index < own)).sum() + B * Hkv
+    kept = (count.sum() if fused is not None else ((index >= 0) & (index < own)).sum()) + B * Hkv
     module.seer_stats = SeerAttentionStats(kept_blocks=kept, causal_blocks=Hkv * (own + 1).sum(), sparse=True)
     return o.transpose(1, 2), None
 

@@ -5,6 +5,7 @@ compressed-K cache and the selection match the whole-sequence path), distillatio
 gate, gate-only checkpoints carry it, and the dense rules (start layer, min context, padding)."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -125,6 +126,38 @@ def test_graph_form_dense_splitk_equals_generate(tiny_dir, monkeypatch):
     monkeypatch.setattr(decode_module, "DENSE_SLOTS_KERNEL", "flash")
     with pytest.raises(ValueError, match="DENSE_SLOTS_KERNEL"):
         GraphedDecoder(model, max_cache_len=64, graphs=False).generate(x, 3)
+
+
+@pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=2 * BS), dict(seerattn_decode_threshold=0.3),
+                                    dict(seerattn_decode_token_budget=2 * BS, seerattn_decode_min_context=40)])  # fmt: skip
+def test_fused_decode_gate_step_decodes_as_the_pytorch_step(tmp_path, fields, monkeypatch):
+    # the Triton kernels (interpreted here): the gate's one-kernel step against its twin, the PyTorch step,
+    # token for token; head dim 64 (the decoding kernel's), the gate's RoPE from the model's YaRN
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    import seer_attn.kernels.decode_gate_kernel as kernel_module
+
+    torch.manual_seed(42)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=2048, rope_parameters={"rope_type": "yarn", "factor": 2.0,
+        "original_max_position_embeddings": 1024, "rope_theta": 10000.0},
+    )).save_pretrained(tmp_path)  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load(str(tmp_path), seerattn_kernel_implementation="TopK", **fields).to(device)
+    calls = []
+    real = kernel_module.decode_gate_step
+    monkeypatch.setattr(kernel_module, "decode_gate_step", lambda *a, **k: calls.append(k["select"]) or real(*a, **k))
+    x = prompt(B=2).to(device)
+    fused = GraphedDecoder(model, max_cache_len=64, graphs=False).generate(x, 30)
+    assert len(calls) == 2 * 29 and (all(calls) or "seerattn_decode_min_context" in fields)
+    decode_module.set_fused_decode_gate(False)
+    try:
+        twin = GraphedDecoder(model, max_cache_len=64, graphs=False).generate(x, 30)
+    finally:
+        decode_module.set_fused_decode_gate(True)
+    assert len(calls) == 2 * 29
+    assert torch.equal(fused, twin)
 
 
 def test_decoding_rule_samples_the_restricted_softmax():
