@@ -26,8 +26,9 @@
    (a `StaticCache`, every one-token step one CUDA graph replay), dense vs sparse decoding; dense twice:
    masked SDPA over every slot (as transformers with a StaticCache) and the split-K decoding kernel
    with every filled block (`dense_splitk`, flash-decoding over the filled slots only); sparse twice:
-   eager gate step and `seerattn_compile_decode_gate` (state update, queries, scores and selection
-   as one compiled function, fewer kernels in the graph). Only the
+   the decode gate's step as one Triton kernel per layer (`seer_attn.kernels.decode_gate_kernel`, the
+   default on CUDA) and its PyTorch twin under `seerattn_compile_decode_gate` (state update, queries,
+   scores and selection as one compiled function; `sparse_compiled`). Only the
    replayed steps are timed (prefill and capture excluded). `--gen-config` times random weights of a
    config.json instead of the SmolLM2 GGUF (the decode rate does not depend on the weights).
 
@@ -195,8 +196,11 @@ def graphed_rows(args) -> list[dict]:
     for L, B in [(L, B) for L in _ints(args.gen_contexts or str(args.gen_context)) for B in _ints(args.gen_batches)]:
         ids = torch.randint(100, model.config.vocab_size - 1, (B, L), device="cuda")
         r = {"model": name, "context": L, "batch": B, "budget": args.budget, "tokens": n}
+        # sparse: the gate step as one kernel per layer (decode_gate_kernel); sparse_compiled: its PyTorch twin,
+        # torch.compile'd (the fused kernel off)
         for mode in ("dense", "dense_splitk", "sparse", "sparse_compiled"):
             model.set_seerattn(seerattn_mode=mode.split("_")[0], seerattn_compile_decode_gate=mode == "sparse_compiled")
+            decode_module.set_fused_decode_gate(mode != "sparse_compiled")
             decode_module.DENSE_SLOTS_KERNEL = "splitk" if mode == "dense_splitk" else "sdpa"
             dec = GraphedDecoder(model, max_cache_len=L + n + 8)
             dec.prefill(ids)
@@ -214,6 +218,7 @@ def graphed_rows(args) -> list[dict]:
             del dec
             torch.cuda.empty_cache()
         decode_module.DENSE_SLOTS_KERNEL = "sdpa"
+        decode_module.set_fused_decode_gate(True)
         r["speedup"] = r["sparse_tokens_per_s"] / r["dense_tokens_per_s"]
         r["speedup_vs_splitk"] = r["sparse_tokens_per_s"] / r["dense_splitk_tokens_per_s"]
         r["speedup_compiled"] = r["sparse_compiled_tokens_per_s"] / r["dense_tokens_per_s"]
@@ -277,8 +282,8 @@ def main() -> None:
     for r in graphed:
         print(f"graphed {r['model']} L={r['context']} B={r['batch']}: dense {r['dense_tokens_per_s']:.1f} tok/s "
               f"({r['dense_ms_per_step']:.2f} ms/step), sparse {r['sparse_tokens_per_s']:.1f} tok/s "
-              f"({r['sparse_ms_per_step']:.2f} ms/step): {r['speedup']:.2f}x; dense through the split-K kernel "
-              f"{r['dense_splitk_tokens_per_s']:.1f} tok/s: {r['speedup_vs_splitk']:.2f}x; sparse with the compiled gate step "
+              f"({r['sparse_ms_per_step']:.2f} ms/step, gate step fused): {r['speedup']:.2f}x; dense through the split-K kernel "
+              f"{r['dense_splitk_tokens_per_s']:.1f} tok/s: {r['speedup_vs_splitk']:.2f}x; sparse with the compiled PyTorch gate step "
               f"{r['sparse_compiled_tokens_per_s']:.1f} tok/s: {r['speedup_compiled']:.2f}x / {r['speedup_compiled_vs_splitk']:.2f}x")
     print(f"({meta['seconds']} s)")
 
