@@ -314,7 +314,7 @@ def seer_attention_forward(
             ob, sb = run(pick(query), pick(key), pick(value), pick(q_pre), pick(k_pre), position_ids.reshape(-1)[idx][None])
             o_flat[idx] = ob[0].transpose(0, 1).to(o_flat.dtype)
             stats.kept_blocks += sb.kept
-            stats.causal_blocks += sb.causal_blocks
+            stats.causal_blocks += sb.causal
             stats.sparse = stats.sparse or sb.sparse
             if sb.gate_loss is not None:
                 losses.append(sb.gate_loss)
@@ -620,7 +620,7 @@ def _count_kept(stats: list[SeerAttentionStats | None]):
     """Kept blocks of all layers; TopK layers' indices are counted in one batched pass."""
     stats = [s for s in stats if s is not None]
     indexed = [s.kept_index for s in stats if s.kept_index is not None]
-    kept = sum(s.kept_blocks for s in stats if s.kept_index is None)
+    kept = sum(s.kept for s in stats if s.kept_index is None)
     if indexed and all(t.shape == indexed[0].shape for t in indexed):
         kept = kept + indices_to_mask(torch.stack(indexed), indexed[0].shape[-2]).sum()
     else:
@@ -820,7 +820,7 @@ class SeerForCausalLMMixin:
         gate_losses = torch.stack(losses) if losses else None
         gate_loss = self.config.seerattn_gate_loss_scale * gate_losses.sum() if losses else None
         kept = float(_count_kept(stats))  # the forward's one host sync
-        avail = sum(s.causal_blocks for s in stats if s is not None)
+        avail = sum(s.causal for s in stats if s is not None)
         avail = float(avail) if isinstance(avail, torch.Tensor) else avail  # a static-cache decode step counts on the device
         if self.config.seerattn_mode == "distill":
             loss = gate_loss
@@ -907,7 +907,7 @@ class SeerForCausalLMMixin:
                 layer.self_attn.seer_stats = None
             hidden = self.model(input_ids=ids, use_cache=False).last_hidden_state
             stats = [layer.self_attn.seer_stats for layer in self.model.layers]
-            avail[:] = [sum(s.causal_blocks for s in stats if s is not None)]
+            avail[:] = [sum(s.causal for s in stats if s is not None)]
             kept = _count_kept(stats)
             if not isinstance(kept, torch.Tensor):
                 # every layer ran dense: still a device tensor (a fill kernel, so it can live in the graph)

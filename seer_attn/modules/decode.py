@@ -544,9 +544,12 @@ def static_decode_attention(
         return _dense_on_slots(query, key, value, kv_lengths, scaling, s.block_size, kernel).transpose(1, 2), None
     Hkv, bs = key.shape[1], s.block_size
     o = _attend(query, key, value, index, scaling, bs, kernel, seqlens=kv_lengths)
-    own = (t // bs).view(B, 1, 1, 1)
-    kept = (count.sum() if fused is not None else ((index >= 0) & (index < own)).sum()) + B * Hkv
-    module.seer_stats = SeerAttentionStats(kept_blocks=kept, causal_blocks=Hkv * (own + 1).sum(), sparse=True)
+    # counted when read (a captured step's replays rewrite these tensors; no reduction runs in the graph)
+    if fused is not None:
+        kept = lambda: count.sum() + count.numel()  # noqa: E731  (+ each row's own block)
+    else:
+        kept = lambda: ((index >= 0) & (index < (t // bs).view(B, 1, 1, 1))).sum() + B * Hkv  # noqa: E731
+    module.seer_stats = SeerAttentionStats(kept_blocks=kept, causal_blocks=lambda: Hkv * (t // bs + 1).sum(), sparse=True)
     return o.transpose(1, 2), None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,11 @@ class SeerAttentionStats:
     """What one layer reports about its last forward."""
 
     gate_loss: torch.Tensor | None = None  # scalar, unscaled, for this layer
-    kept_blocks: int | torch.Tensor = 0  # kept causal blocks, summed over batch and heads
-    causal_blocks: int | torch.Tensor = 0  # available causal blocks, same sum (a device tensor on a static-cache decode step)
+    # kept causal blocks, summed over batch and heads; and the available causal blocks, same sum. Read them
+    # through `kept` / `causal`: a static-cache decode step leaves zero-argument functions of its device
+    # tensors instead (nothing is reduced inside a replayed CUDA graph unless someone asks)
+    kept_blocks: int | torch.Tensor | Callable[[], torch.Tensor] = 0
+    causal_blocks: int | torch.Tensor | Callable[[], torch.Tensor] = 0
     sparse: bool = False  # whether the block-sparse path ran
     kept_index: torch.Tensor | None = None  # TopK path: the block indices; counted lazily (see `kept`)
     # diagnostics, filled only when `seer_attention(..., record=True)` (sparse mode), else None:
@@ -114,11 +118,17 @@ class SeerAttentionStats:
         """Kept causal blocks (a device tensor on the sparse path; reading it as a number syncs)."""
         if self.kept_index is not None:
             return indices_to_mask(self.kept_index, self.kept_index.shape[-2]).sum()
-        return self.kept_blocks
+        return self.kept_blocks() if callable(self.kept_blocks) else self.kept_blocks
+
+    @property
+    def causal(self) -> int | torch.Tensor:
+        """Available causal blocks."""
+        return self.causal_blocks() if callable(self.causal_blocks) else self.causal_blocks
 
     @property
     def density(self) -> float:
-        return float(self.kept) / self.causal_blocks if self.causal_blocks else 1.0
+        causal = self.causal
+        return float(self.kept) / float(causal) if causal else 1.0
 
 
 def in_backward() -> bool:
