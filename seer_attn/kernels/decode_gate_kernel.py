@@ -12,9 +12,9 @@ dense decoding through the split-K kernel (benchmarks/RESULTS.md, session 11). H
    in the block's slot of the compressed-key state (`StaticCompressedKeyCache.step`);
 2. builds the gate query of each of the `G` query heads of the KV head (`q_pooling="heads"`:
    projection, RMSNorm, RoPE at the token's position);
-3. scores every complete block (slots before the token's own block) and forms the mixture of the
-   heads' softmaxes (two passes over the compressed keys: the heads' normalisers, then the block
-   probabilities, parked in a scratch row);
+3. scores every complete block (slots before the token's own block) in one pass over the compressed
+   keys, parking each head's logits in a scratch row while it accumulates the heads' softmax
+   normalisers, then forms the mixture of the heads' softmaxes (the block probabilities, parked too);
 4. selects the top `K` blocks (a bisection on the probabilities' int32 images, ties to the lowest
    block) or those above a threshold, and writes them ascending, `-1` after, with their count.
 
@@ -72,7 +72,8 @@ def _project(feat, w, row0, D: tl.constexpr, DG: tl.constexpr, HALF: tl.constexp
 
 @triton.jit
 def _block_logits(keys_bh, qg1, qg2, o_c, m_c, scale, stride_ks, KS: tl.constexpr, HALF: tl.constexpr):
-    # [GP, CH] logits of the gate queries against blocks o_c (log-sum-exp over each block's KS summaries)
+    # [QP, CH] logits of the gate queries against blocks o_c (log-sum-exp over each block's KS summaries);
+    # fp32 products as the twin's matmul (no tf32)
     o_j = tl.arange(0, HALF)
     m_run = tl.full([qg1.shape[0], o_c.shape[0]], -1e30, tl.float32)
     acc = tl.zeros([qg1.shape[0], o_c.shape[0]], tl.float32)
@@ -80,7 +81,8 @@ def _block_logits(keys_bh, qg1, qg2, o_c, m_c, scale, stride_ks, KS: tl.constexp
         p_k = keys_bh + (o_c * KS + s)[:, None] * stride_ks + o_j[None, :]
         k1 = tl.load(p_k, mask=m_c[:, None], other=0.0)
         k2 = tl.load(p_k + HALF, mask=m_c[:, None], other=0.0)
-        lg = (tl.sum(qg1[:, None, :] * k1[None, :, :], 2) + tl.sum(qg2[:, None, :] * k2[None, :, :], 2)) * scale
+        lg = tl.dot(qg1, tl.trans(k1), input_precision="ieee")
+        lg = tl.dot(qg2, tl.trans(k2), acc=lg, input_precision="ieee") * scale
         m_new = tl.maximum(m_run, lg)
         acc = acc * tl.exp(m_run - m_new) + tl.exp(lg - m_new)
         m_run = m_new
@@ -89,14 +91,14 @@ def _block_logits(keys_bh, qg1, qg2, o_c, m_c, scale, stride_ks, KS: tl.constexp
 
 @triton.jit
 def decode_gate_step_kernel(
-    q, k_new, t_ptr, block, keys, w_k, w_q, qn_w, kn_w, inv_freq, probs, idx, cnt,
+    q, k_new, t_ptr, block, keys, w_k, w_q, qn_w, kn_w, inv_freq, logits, probs, idx, cnt,
     stride_qb, stride_qh, stride_nb, stride_nh, stride_bb, stride_bh, stride_bt, stride_kb, stride_kh, stride_ks,
-    stride_ib, stride_ih, stride_pr,
+    stride_ib, stride_ih, stride_lb, stride_lg, stride_pr,
     attn_scale, eps, score_scale, threshold, W,
-    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QP: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
     BS: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, NP: tl.constexpr,
     P_MAX: tl.constexpr, P_MIN: tl.constexpr, P_AVG: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
-    SELECT: tl.constexpr, TOPK: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr,
+    SELECT: tl.constexpr, TOPK: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     i_b, i_h = pid // HKV, pid % HKV
@@ -139,10 +141,10 @@ def decode_gate_step_kernel(
     tl.store(p_out, a1)
     tl.store(p_out + HALF, a2)
     if SELECT:
-        # 2. one gate query per query head of the group
-        o_g = tl.arange(0, GP)
-        qg1 = tl.zeros([GP, HALF], tl.float32)
-        qg2 = tl.zeros([GP, HALF], tl.float32)
+        # 2. one gate query per query head of the group (rows of a QP-row tile: tl.dot wants >= 16)
+        o_g = tl.arange(0, QP)
+        qg1 = tl.zeros([QP, HALF], tl.float32)
+        qg2 = tl.zeros([QP, HALF], tl.float32)
         for g in tl.static_range(G):
             i_hq = i_h * G + g
             b_q = tl.load(q + i_b * stride_qb + i_hq * stride_qh + o_d).to(tl.float32)
@@ -151,24 +153,32 @@ def decode_gate_step_kernel(
             r1, r2 = _rope_halves(r1, r2, tl.zeros([1], tl.int64) + t, inv_freq, attn_scale, HALF)
             qg1 = tl.where(o_g[:, None] == g, r1, qg1)
             qg2 = tl.where(o_g[:, None] == g, r2, qg2)
-        # 3. the heads' softmax normalisers over the candidates (blocks before the token's own)
-        m_g = tl.full([GP], -1e30, tl.float32)
-        z_g = tl.zeros([GP], tl.float32)
+        # 3. every candidate block's logits per head (parked in a scratch row) and the heads' softmax
+        # normalisers (online), in one pass over the compressed keys; candidates: blocks before the token's own
+        m_g = tl.full([QP], -1e30, tl.float32)
+        z_g = tl.zeros([QP], tl.float32)
+        p_lg = logits + pid * stride_lb + o_g[:, None] * stride_lg
         for c0 in range(0, blk, CH):
             o_c = c0 + tl.arange(0, CH)
             lg = _block_logits(keys_bh, qg1, qg2, o_c, o_c < blk, score_scale, stride_ks, KS, HALF)
+            tl.store(p_lg + o_c[None, :], lg, mask=(o_g[:, None] < G) & (o_c[None, :] < blk))
             m_new = tl.maximum(m_g, tl.max(lg, 1))
             z_g = z_g * tl.exp(m_g - m_new) + tl.sum(tl.exp(lg - m_new[:, None]), 1)
             m_g = m_new
-        # then the mixture probability of every candidate: the mean of the heads' softmaxes
-        inv_z = tl.where(o_g < G, 1.0 / tl.maximum(z_g * G, 1e-30), 0.0)  # (z_g is 0 without candidates)
+        tl.debug_barrier()  # the scratch rows are read back by other threads of this program
+        # the mixture probability of every candidate: the mean of the heads' softmaxes
+        o_h = tl.arange(0, GP)
+        m_h = tl.sum(tl.where(o_g[None, :] == o_h[:, None], m_g[None, :], 0.0), 1)  # the first GP rows of m_g
+        z_h = tl.sum(tl.where(o_g[None, :] == o_h[:, None], z_g[None, :], 0.0), 1)
+        inv_z = tl.where(o_h < G, 1.0 / tl.maximum(z_h * G, 1e-30), 0.0)  # (z is 0 without candidates)
         p_row = probs + pid * stride_pr
-        for c0 in range(0, blk, CH):
-            o_c = c0 + tl.arange(0, CH)
-            lg = _block_logits(keys_bh, qg1, qg2, o_c, o_c < blk, score_scale, stride_ks, KS, HALF)
-            p = tl.sum(tl.exp(lg - m_g[:, None]) * inv_z[:, None], 0)
-            tl.store(p_row + o_c, p, mask=o_c < blk)
-        tl.debug_barrier()  # the row is read back by other threads of this program
+        p_lh = logits + pid * stride_lb + o_h[:, None] * stride_lg
+        for c0 in range(0, blk, CHP):
+            o_c = c0 + tl.arange(0, CHP)
+            m_c = o_c < blk
+            lg = tl.load(p_lh + o_c[None, :], mask=(o_h[:, None] < G) & m_c[None, :], other=float("-inf"))
+            tl.store(p_row + o_c, tl.sum(tl.exp(lg - m_h[:, None]) * inv_z[:, None], 0), mask=m_c)
+        tl.debug_barrier()
         # 4. selection over the candidates, ascending, -1 after
         o_n = tl.arange(0, NCP)
         cand = o_n < blk
@@ -247,8 +257,10 @@ def decode_gate_step(
     if any(p not in _POOLS for p in k_pools) or len(set(k_pools)) != len(k_pools):
         raise ValueError(f"decode_gate_step: key pools must be distinct ones of {_POOLS}, got {k_pools}")
     pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
-    if not (pow2(D) and pow2(Dg) and Dg >= 4 and pow2(bs) and ks in (1, 2, 4, 8) and bs % ks == 0):
-        raise ValueError(f"decode_gate_step: D ({D}), Dg ({Dg}) and block_size ({bs}) must be powers of 2, k_summaries 1/2/4/8")
+    if not (pow2(D) and pow2(Dg) and Dg >= 32 and pow2(bs) and ks in (1, 2, 4, 8) and bs % ks == 0):
+        raise ValueError(f"decode_gate_step: D ({D}), Dg (>= 32: {Dg}) and block_size ({bs}) must be powers of 2, k_summaries 1/2/4/8")
+    if Hq % Hkv or Hq // Hkv > 16:
+        raise ValueError(f"decode_gate_step: GQA groups of at most 16 query heads, got Hq={Hq}, Hkv={Hkv}")
     if keys.dtype != torch.float32 or keys.shape[:2] != (B, Hkv) or keys.shape[2] % ks or keys.stride(-1) != 1:
         raise ValueError(f"decode_gate_step: keys must be fp32 [B, Hkv, slots, Dg] with unit last stride, got {tuple(keys.shape)}")
     if w_k.shape != (Hkv, len(k_pools) * D, Dg) or w_q.shape != (Hq, D, Dg) or not (w_k.is_contiguous() and w_q.is_contiguous()):
@@ -264,18 +276,20 @@ def decode_gate_step(
     dev = q_pre.device
     idx = torch.empty(B, Hkv, 1, max(width, 1), dtype=torch.int32, device=dev)[..., :width]
     cnt = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    # scratch: each row's per-head block logits, then its block probabilities
+    logits = torch.empty(B * Hkv, G, nc, dtype=torch.float32, device=dev) if select else keys
     probs = torch.empty(B * Hkv, ncp, dtype=torch.float32, device=dev) if select else keys
     dummy = keys
     pools = {p: k_pools.index(p) if p in k_pools else -1 for p in _POOLS}
     decode_gate_step_kernel[(B * Hkv,)](
         q_pre, k_pre, t, block, keys, w_k, w_q, q_norm if q_norm is not None else dummy,
-        k_norm if k_norm is not None else dummy, inv_freq, probs, idx, cnt,
+        k_norm if k_norm is not None else dummy, inv_freq, logits, probs, idx, cnt,
         q_pre.stride(0), q_pre.stride(1), k_pre.stride(0), k_pre.stride(1), *block.stride()[:3], *keys.stride()[:3],
-        idx.stride(0), idx.stride(1), probs.stride(0),
+        idx.stride(0), idx.stride(1), logits.stride(0), logits.stride(1), probs.stride(0),
         float(attention_scaling), float(eps), 1.0 / math.sqrt(Dg), float(threshold or 0.0), width,
-        HKV=Hkv, G=G, GP=triton.next_power_of_2(G), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
+        HKV=Hkv, G=G, GP=triton.next_power_of_2(G), QP=max(16, triton.next_power_of_2(G)), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
         NP=len(k_pools), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
         QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None,
-        NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=32, num_warps=4,
+        NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=128, CHP=min(ncp, 1024), num_warps=4,
     )  # fmt: skip
     return (idx, cnt) if select else None

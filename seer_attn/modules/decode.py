@@ -322,12 +322,14 @@ def set_fused_decode_gate(enabled: bool) -> None:
 def _fused_gate_args(module, gate, kernel: str) -> dict | None:
     """The decode gate's tensors for `decode_gate_step`, or None where it does not apply (the PyTorch
     step, the same computation, runs): the PyTorch kernels chosen (`naive`, e.g. on CPU), a query pooling
-    other than `heads`, a rope type whose tables depend on the length, widths that are not powers of 2."""
+    other than `heads`, a rope type whose tables depend on the length, head or gate widths that are not
+    powers of 2 from 32, GQA groups above 16 heads."""
     if kernel == "naive" or not _fused_decode_gate["enabled"] or gate.q_pooling != "heads":
         return None
     rope = module.gate_rotary_emb
-    pow2 = lambda x: x >= 4 and x & (x - 1) == 0  # noqa: E731
-    if getattr(rope, "rope_type", None) not in _STATIC_ROPE_TYPES or not (pow2(gate.hidden_size) and pow2(gate.head_dim)):
+    pow2 = lambda x: x >= 32 and x & (x - 1) == 0  # noqa: E731
+    if (getattr(rope, "rope_type", None) not in _STATIC_ROPE_TYPES or not (pow2(gate.hidden_size) and pow2(gate.head_dim))
+            or gate.group > 16):
         return None
     norm = lambda n: None if n is None else n.weight  # noqa: E731
     return dict(
