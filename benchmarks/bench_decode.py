@@ -217,7 +217,7 @@ def graphed_rows(args) -> list[dict]:
             r[f"{mode}_tokens"] = dec.out[:, L : L + 8].tolist()
             del dec
             torch.cuda.empty_cache()
-        decode_module.DENSE_SLOTS_KERNEL = "sdpa"
+        decode_module.DENSE_SLOTS_KERNEL = "auto"
         decode_module.set_fused_decode_gate(True)
         r["speedup"] = r["sparse_tokens_per_s"] / r["dense_tokens_per_s"]
         r["speedup_vs_splitk"] = r["sparse_tokens_per_s"] / r["dense_splitk_tokens_per_s"]

@@ -443,8 +443,10 @@ def sparse_decode_step(
 
 # how layers that decode densely attend over a preallocated cache's slots: "sdpa" (masked SDPA over every
 # slot, what transformers does with a StaticCache) or "splitk" (the sparse decoding kernel with every
-# block listed: flash-decoding over the filled slots only, the stronger dense baseline); bench_decode sets it
-DENSE_SLOTS_KERNEL = "sdpa"
+# block listed: flash-decoding over the filled slots only; 2.9x the tokens/s of "sdpa" for SmolLM2 at
+# 32k, batch 8, graphed on an H100, benchmarks/RESULTS.md session 11); "auto": "splitk" where the Triton
+# kernels run (CUDA, head dim 64 / 128), else "sdpa". bench_decode sets it to time both.
+DENSE_SLOTS_KERNEL = "auto"
 
 
 def _dense_on_slots(q, k, v, lengths: torch.Tensor, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
@@ -452,13 +454,16 @@ def _dense_on_slots(q, k, v, lengths: torch.Tensor, sm_scale: float, block_size:
     # a KV head are G rows of one SDPA call (no repeated K/V), the empty slots masked out
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
-    if DENSE_SLOTS_KERNEL == "splitk":
+    how = DENSE_SLOTS_KERNEL
+    if how == "auto":
+        how = "splitk" if kernel != "naive" and D in (64, 128) else "sdpa"
+    if how == "splitk":
         # every block before the token's own; the kernel skips the entries past it without reading K/V
         nb = -(-k.shape[2] // block_size)
         every = torch.arange(nb, device=q.device).expand(B, Hkv, 1, nb)
         return _attend(q, k, v, every, sm_scale, block_size, kernel, seqlens=lengths)
-    if DENSE_SLOTS_KERNEL != "sdpa":
-        raise ValueError(f"decode.DENSE_SLOTS_KERNEL must be 'sdpa' or 'splitk', got {DENSE_SLOTS_KERNEL!r}")
+    if how != "sdpa":
+        raise ValueError(f"decode.DENSE_SLOTS_KERNEL must be 'auto', 'sdpa' or 'splitk', got {DENSE_SLOTS_KERNEL!r}")
     filled = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]
     o = F.scaled_dot_product_attention(
         q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=filled[:, None, None, :], scale=sm_scale
