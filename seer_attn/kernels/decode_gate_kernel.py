@@ -96,7 +96,7 @@ def decode_gate_step_kernel(
     stride_ib, stride_ih, stride_lb, stride_lg, stride_pr,
     attn_scale, eps, score_scale, threshold, W,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QP: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
-    BS: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, NP: tl.constexpr,
+    BS: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr,
     P_MAX: tl.constexpr, P_MIN: tl.constexpr, P_AVG: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
     SELECT: tl.constexpr, TOPK: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
 ):  # fmt: skip
@@ -108,32 +108,36 @@ def decode_gate_step_kernel(
     o_d = tl.arange(0, D)
     o_j = tl.arange(0, HALF)
 
-    # 1. the state update: the new key into the partial block, the block's summaries recompressed
-    b_new = tl.load(k_new + i_b * stride_nb + i_h * stride_nh + o_d)
+    # 1. the state update: the new key into the partial block, the block's summaries recompressed;
+    # DC channels at a time (the pools' projection is a [KS, DC, HALF] product: bounded registers)
+    p_new = k_new + i_b * stride_nb + i_h * stride_nh
     p_blk = block + i_b * stride_bb + i_h * stride_bh
-    tl.store(p_blk + off * stride_bt + o_d, b_new)
+    tl.store(p_blk + off * stride_bt + o_d, tl.load(p_new + o_d))
     o_s = tl.arange(0, KS)
     tok = o_s[:, None, None] * STRIDE + tl.arange(0, STRIDE)[None, :, None]  # [KS, STRIDE, 1]
-    x = tl.load(p_blk + tok * stride_bt + o_d[None, None, :])
-    x = tl.where(tok == off, b_new[None, None, :], x)  # (the row stored above, without a barrier)
     valid = tok <= off
     n_s = tl.minimum(tl.maximum(off + 1 - o_s * STRIDE, 0), STRIDE)  # valid tokens per summary
     full = n_s[:, None] > 0
     w_k_h = w_k + i_h * (NP * D * DG)
     a1 = tl.zeros([KS, HALF], tl.float32)
     a2 = tl.zeros([KS, HALF], tl.float32)
-    if P_MAX >= 0:
-        f = tl.where(full, tl.max(tl.where(valid, x, float("-inf")), 1).to(tl.float32), 0.0)
-        c1, c2 = _project(f, w_k_h, P_MAX * D, D, DG, HALF)
-        a1, a2 = a1 + c1, a2 + c2
-    if P_MIN >= 0:
-        f = tl.where(full, tl.min(tl.where(valid, x, float("inf")), 1).to(tl.float32), 0.0)
-        c1, c2 = _project(f, w_k_h, P_MIN * D, D, DG, HALF)
-        a1, a2 = a1 + c1, a2 + c2
-    if P_AVG >= 0:
-        f = tl.sum(tl.where(valid, x.to(tl.float32), 0.0), 1) / tl.maximum(n_s, 1).to(tl.float32)[:, None]
-        c1, c2 = _project(f, w_k_h, P_AVG * D, D, DG, HALF)
-        a1, a2 = a1 + c1, a2 + c2
+    for d0 in tl.static_range(0, D, DC):
+        o_dc = d0 + tl.arange(0, DC)
+        b_new = tl.load(p_new + o_dc)
+        x = tl.load(p_blk + tok * stride_bt + o_dc[None, None, :])
+        x = tl.where(tok == off, b_new[None, None, :], x)  # (the row stored above, without a barrier)
+        if P_MAX >= 0:
+            f = tl.where(full, tl.max(tl.where(valid, x, float("-inf")), 1).to(tl.float32), 0.0)
+            c1, c2 = _project(f, w_k_h, P_MAX * D + d0, DC, DG, HALF)
+            a1, a2 = a1 + c1, a2 + c2
+        if P_MIN >= 0:
+            f = tl.where(full, tl.min(tl.where(valid, x, float("inf")), 1).to(tl.float32), 0.0)
+            c1, c2 = _project(f, w_k_h, P_MIN * D + d0, DC, DG, HALF)
+            a1, a2 = a1 + c1, a2 + c2
+        if P_AVG >= 0:
+            f = tl.sum(tl.where(valid, x.to(tl.float32), 0.0), 1) / tl.maximum(n_s, 1).to(tl.float32)[:, None]
+            c1, c2 = _project(f, w_k_h, P_AVG * D + d0, DC, DG, HALF)
+            a1, a2 = a1 + c1, a2 + c2
     a1, a2 = _rms_halves(a1, a2, kn_w, eps, DG, HALF, KNORM)
     a1, a2 = _rope_halves(a1, a2, blk * BS + o_s * STRIDE, inv_freq, attn_scale, HALF)
     keys_bh = keys + i_b * stride_kb + i_h * stride_kh
@@ -288,7 +292,7 @@ def decode_gate_step(
         idx.stride(0), idx.stride(1), logits.stride(0), logits.stride(1), probs.stride(0),
         float(attention_scaling), float(eps), 1.0 / math.sqrt(Dg), float(threshold or 0.0), width,
         HKV=Hkv, G=G, GP=triton.next_power_of_2(G), QP=max(16, triton.next_power_of_2(G)), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
-        NP=len(k_pools), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
+        NP=len(k_pools), DC=max(16, min(D, 4096 // (ks * (Dg // 2)))), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
         QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None,
         NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=128, CHP=min(ncp, 1024), num_warps=4,
     )  # fmt: skip

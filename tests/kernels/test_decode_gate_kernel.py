@@ -139,10 +139,11 @@ def test_decode_gate_step_state_only_and_bad_inputs():
 
 
 @pytest.mark.gpu
-def test_decode_gate_step_gpu_bf16():
-    # the model's case on the GPU: bf16 block buffer and queries, SmolLM2's shape, a long state
+@pytest.mark.parametrize("Hq,Hkv,D", [(9, 3, 64), (32, 8, 128)])  # SmolLM2's and Llama-3-8B's shapes
+def test_decode_gate_step_gpu_bf16(Hq, Hkv, D):
+    # the model's case on the GPU: bf16 block buffer and queries, a long state (128k tokens)
     for pos in (64 * 500 + 11, 64 * 511 + 63, 64 * 2047 + 1, 64 * 7):
-        gate, t, keys, block, q_pre, k_pre = case(4, 9, 3, 64, 64, 1, ("max", "min", "avg"), True, [pos] * 4,
+        gate, t, keys, block, q_pre, k_pre = case(4, Hq, Hkv, D, D, 1, ("max", "min", "avg"), True, [pos] * 4,
                                                   slots_blocks=2100, dtype=torch.bfloat16)
         idx, cnt, ref = run_both(gate, gate_rope(64, True), t, keys, block, q_pre, k_pre, budget=2048)
         same_sets(idx, cnt, ref, t, 64)
