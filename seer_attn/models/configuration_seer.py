@@ -51,7 +51,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
 | `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
 | `seerattn_compile_decode_gate` | bool | False | decoding: run the decode gate's query, scores and block selection as one `torch.compile`d graph (dynamic context length) instead of ~60 eager ops per layer and step (H100, SmolLM2 32k batch 8, graphed: 1140 vs 705 tokens/s eagerly). On a preallocated cache with CUDA kernels the one-kernel gate step (`seer_attn.kernels.decode_gate_kernel`) replaces both where it applies (`q_pooling="heads"`). |
-| `seerattn_decode_min_context` | int >= 0 | 8192 | decoding steps with a shorter context run dense (provisional; `benchmarks/bench_decode.py` measures the crossover); 0 forces sparse decoding. |
+| `seerattn_decode_min_context` | int >= 0 | 16384 | decoding steps with a shorter context run dense; 0 forces sparse decoding. The measured crossover (`benchmarks/bench_decode.py --graphed`, H100, SmolLM2, graphed, the one-kernel gate step against split-K dense): batch 8 between 8k and 16k (1.08x at 16k, 1.28x at 32k); at batch 1 sparse decoding stays slower through 32k (0.76x). |
 | `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
 | `seerattn_padding_free` | bool | True | a padded batch in a cache-free forward (`use_cache=False`, training) runs padding-free: its real tokens are packed into one row before the embeddings (as transformers' `DataCollatorWithFlattening` does by hand), so projections and MLPs skip the padding too, and the last hidden states are scattered back (zeros at padding). Same results on every real token; `False` runs the padded layout (only the attention skips padding). |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
@@ -219,7 +219,7 @@ class SeerAttnConfigMixin:
     seerattn_decode_layer_budget_curves: list[list[list[float]]] | None = None
     seerattn_decode_threshold: float | None = None
     seerattn_decode_start_layer: int = 0
-    seerattn_decode_min_context: int = 8192
+    seerattn_decode_min_context: int = 16384
     seerattn_compile_decode_gate: bool = False
     seerattn_cross_document: bool = True
     seerattn_padding_free: bool = True
