@@ -150,6 +150,50 @@ def variants():
         yield topk("row", False, False, D, ws=True)
         yield topk("pair", True, False, D, ws=True, w=8)
 
+    yield from decode_gate_variants()
+
+
+def decode_gate_variants():
+    """`decode_gate_step_kernel` launched exactly as `decode_gate_step` launches it (its arguments captured
+    from a call of the wrapper on small CPU tensors): the model shapes and the tests' odd designs."""
+    import torch
+    from seer_attn.kernels import decode_gate_kernel as dg
+
+    captured = []
+
+    class Capture:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: captured.append((args, kw))
+
+    real, dg.decode_gate_step_kernel = dg.decode_gate_step_kernel, Capture()
+    os.environ["TRITON_INTERPRET"] = "1"  # (the wrapper's device check; nothing is launched)
+    try:
+        for hq, hkv, D, dg_w, ks, pools, norm, select, thr in (
+            (9, 3, 64, 64, 1, ("max", "min", "avg"), True, True, None),  # SmolLM2, the default decode gate
+            (9, 3, 64, 64, 1, ("max", "min", "avg"), True, False, None),  # a state-only step (below min_context)
+            (32, 8, 128, 128, 1, ("max", "min", "avg"), True, True, None),  # Llama-3-8B
+            (32, 8, 128, 128, 1, ("max", "min", "avg"), True, True, 0.01),  # threshold
+            (4, 1, 128, 64, 4, ("max", "avg"), True, True, None),  # needed 264 KB before channel chunks
+            (4, 2, 64, 32, 2, ("max", "min", "avg"), False, True, None),
+            (8, 1, 128, 128, 8, ("max", "min", "avg"), True, True, None),  # the largest pooled product
+        ):
+            B, bs = 2, 64
+            e = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, dtype=dt)  # noqa: E731
+            w = torch.empty(dg_w)
+            dg.decode_gate_step(
+                e(B, hq, 1, D), e(B, hkv, 1, D), torch.zeros(B, dtype=torch.long), e(B, hkv, bs, D),
+                e(B, hkv, 2100 * ks, dg_w, dt=torch.float32), e(hkv, len(pools) * D, dg_w), e(hq, D, dg_w),
+                w if norm else None, w if norm else None, torch.empty(dg_w // 2), 1.0, pools, ks,
+                token_budget=2048, threshold=thr, select=select,
+            )  # fmt: skip
+            args, kw = captured.pop()
+            name = (f"decode_gate_step_kernel Hq={hq} Hkv={hkv} D={D} Dg={dg_w} ks={ks} pools={'+'.join(pools)} "
+                    f"select={select:d} {'threshold' if thr else 'topk'}")
+            yield name, real, args, kw
+    finally:
+        dg.decode_gate_step_kernel = real
+        os.environ.pop("TRITON_INTERPRET", None)
+
 
 def source_map():
     """JIT function source -> (file, line of its `def`), to turn a CompilationError's node into a file line."""

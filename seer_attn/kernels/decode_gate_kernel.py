@@ -280,6 +280,8 @@ def decode_gate_step(
     dev = q_pre.device
     idx = torch.empty(B, Hkv, 1, max(width, 1), dtype=torch.int32, device=dev)[..., :width]
     cnt = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    # blocks per step of the scoring loop: its KS pairs of [CH, Dg / 2] key tiles are staged in shared memory
+    # (compiled for sm_90: 141 KB at Dg 128, KS 1 with CH 128; CH shrinks as KS * Dg grows; tools/compile_sm90.py)
     # scratch: each row's per-head block logits, then its block probabilities
     logits = torch.empty(B * Hkv, G, nc, dtype=torch.float32, device=dev) if select else keys
     probs = torch.empty(B * Hkv, ncp, dtype=torch.float32, device=dev) if select else keys
@@ -294,6 +296,6 @@ def decode_gate_step(
         HKV=Hkv, G=G, GP=triton.next_power_of_2(G), QP=max(16, triton.next_power_of_2(G)), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
         NP=len(k_pools), DC=max(16, min(D, 4096 // (ks * (Dg // 2)))), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
         QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None,
-        NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=128, CHP=min(ncp, 1024), num_warps=4,
+        NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=max(16, min(128, 8192 // (ks * (Dg // 2)))), CHP=min(ncp, 1024), num_warps=4,
     )  # fmt: skip
     return (idx, cnt) if select else None
