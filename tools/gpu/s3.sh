@@ -9,22 +9,7 @@
 # time cap (CAP_<part> seconds) so one hang cannot eat the call; logs and JSON land in $OUT/r and
 # are tarred at the end into $OUT/s3_<parts>.tar.gz (the device returns at most 8 files).
 set -u
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRITON_INTERPRET=0
-mkdir -p /tmp/site "$OUT/r"
-if [ ! -f /tmp/site/.ok ] && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl && touch /tmp/site/.ok
-fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-R=$OUT/r
-run() {  # run NAME CAP cmd...
-  local name=$1 cap=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$cap" "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "== $name rc=$rc $(( $(date +%s) - t0 ))s"
-  grep -v "it/s\]\|s/it\]" "$R/$name.log" | tail -n "${TAILN:-25}"
-}
+source "$(dirname "$0")/lib.sh"
 for part in "$@"; do
   case $part in
     tests)
