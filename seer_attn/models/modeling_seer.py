@@ -235,10 +235,8 @@ def seer_attention_forward(
     Sk = key.shape[2]
     # sequence boundaries of a packed row, as transformers' padding-free collator and the model's own
     # padding-free forward pass them (flash-attention's varlen keyword)
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None and (kwargs.get("cu_seq_lens_k") is not None
-                                   and kwargs["cu_seq_lens_k"] is not cu_seqlens
-                                   and not torch.equal(kwargs["cu_seq_lens_k"], cu_seqlens)):
+    cu_seqlens, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_seqlens is not None and cu_k is not None and cu_k is not cu_seqlens and cu_k.shape != cu_seqlens.shape:
         raise ValueError("seer_attn takes packed sequences with cu_seq_lens_q == cu_seq_lens_k only")
     if cu_seqlens is not None and (B != 1 or Sq != Sk):
         raise ValueError(f"cu_seq_lens_q describes one packed row of a cache-free forward, got B={B}, S_q={Sq}, S_k={Sk}")
@@ -298,20 +296,22 @@ def seer_attention_forward(
     elif packed:
         o, stats = _seer_attention_packed(
             module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings, train_gate,
-            cache, at_zero, cu_seqlens,
+            cache, at_zero, cu_seqlens, cu_k,
         )
     else:
         # one call per sequence (a padded row's real tokens, or a document of a row): settings with no
         # packed implementation (see varlen_unsupported), and CUDA inference with the fused gate (above)
-        index, cu, seqlens, _ = _packing_plan(attention_mask, position_ids, settings.block_size, at_zero, cu_seqlens=cu_seqlens)
-        flat = lambda t: t.transpose(1, 2).reshape(B * Sq, t.shape[1], t.shape[-1])  # noqa: E731
+        index, cu, seqlens, _ = _packing_plan(attention_mask, position_ids, settings.block_size, at_zero,
+                                              cu_seqlens=cu_seqlens, cu_seqlens_k=cu_k)
+        # token-major once ([B * S, H, D]), then each sequence is a gather
+        flat = [t.transpose(1, 2).reshape(B * Sq, t.shape[1], t.shape[-1]) for t in (query, key, value, q_pre, k_pre)]
+        pos_flat = position_ids.reshape(-1)
         o_flat = query.new_zeros(B * Sq, Hq, query.shape[-1])
         stats, losses = SeerAttentionStats(), []
         a = 0
         for n in seqlens:
             idx, a = index[a : a + n], a + n
-            pick = lambda t: flat(t)[idx].transpose(0, 1)[None]  # noqa: E731
-            ob, sb = run(pick(query), pick(key), pick(value), pick(q_pre), pick(k_pre), position_ids.reshape(-1)[idx][None])
+            ob, sb = run(*(t[idx].transpose(0, 1)[None] for t in flat), pos_flat[idx][None])
             o_flat[idx] = ob[0].transpose(0, 1).to(o_flat.dtype)
             stats.kept_blocks += sb.kept
             stats.causal_blocks += sb.causal
@@ -330,12 +330,14 @@ _pack_cache: dict = {}
 
 
 def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, block_size: int, split_documents: bool,
-                  rope_stride: int | None = None, cu_seqlens: torch.Tensor | None = None):
+                  rope_stride: int | None = None, cu_seqlens: torch.Tensor | None = None,
+                  cu_seqlens_k: torch.Tensor | None = None):
     """Where the real tokens of a batch go when packed, shared by every layer of one forward.
 
     A sequence is a batch row's real tokens, split further where `split_documents` (a token with
     position id 0 starts a document) and at the given boundaries `cu_seqlens` (int `[n + 1]`, offsets
-    into the one row of a packed batch, as flash-attention's varlen API). Returns `(token_index [total], cu_seqlens [n + 1] int32,
+    into the one row of a packed batch, as flash-attention's varlen API; `cu_seqlens_k`, if given, must
+    equal it: self-attention). Returns `(token_index [total], cu_seqlens [n + 1] int32,
     seqlens (host), block_pos [n, nb * block_size / rope_stride])`: the flat `b * S + t` index of every
     packed token in order, and the position id of the first token of every gate summary of each
     sequence (every `rope_stride` tokens, default `block_size`: the gate's RoPE positions).
@@ -367,6 +369,8 @@ def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tenso
         bounds = cu_seqlens.to(device=device, dtype=torch.long)
         if not bool((bounds[0] == 0) & (bounds[-1] == S) & (bounds[1:] >= bounds[:-1]).all()):
             raise ValueError(f"cu_seq_lens_q must rise from 0 to the row's {S} tokens, got {cu_seqlens.tolist()}")
+        if cu_seqlens_k is not None and not torch.equal(cu_seqlens_k.to(bounds), bounds):
+            raise ValueError("seer_attn takes packed sequences with cu_seq_lens_q == cu_seq_lens_k only")
         start[bounds[:-1][bounds[:-1] < S]] = True
     cu = torch.cat([start.nonzero().squeeze(-1), index.new_tensor([index.numel()])]).to(torch.int32)
     seqlens = (cu[1:] - cu[:-1]).tolist()  # the one host sync of the packed path
@@ -379,7 +383,7 @@ def _packing_plan(attention_mask: torch.Tensor | None, position_ids: torch.Tenso
 
 
 def _seer_attention_packed(module, query, key, value, q_pre, k_pre, attention_mask, position_ids, scaling, settings,
-                           train_gate, cache, split_documents=False, cu_seqlens=None):
+                           train_gate, cache, split_documents=False, cu_seqlens=None, cu_seqlens_k=None):
     """`seer_attention` of every sequence of a batch (see `_packing_plan`) as one `seer_attention_varlen` call.
 
     `[B, H, S, D]` inputs, 2-D padding mask or None; returns `([B, H, S, D] output (0 at padding), stats)`.
@@ -387,7 +391,7 @@ def _seer_attention_packed(module, query, key, value, q_pre, k_pre, attention_ma
     B, Hq, S, D = query.shape
     index, cu, seqlens, block_pos = _packing_plan(attention_mask, position_ids, settings.block_size, split_documents,
                                                   getattr(module.attn_gate, "rope_stride", settings.block_size),
-                                                  cu_seqlens)
+                                                  cu_seqlens, cu_seqlens_k)
     pack = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)[index]  # noqa: E731
     cos, sin = module.gate_rotary_emb(torch.zeros((), device=query.device, dtype=torch.float32), block_pos)
     o, stats = seer_attention_varlen(

@@ -31,7 +31,6 @@ optional `decode_gate` child, see :func:`attach_decode_gate`), `gate_rotary_emb`
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable

@@ -483,6 +483,8 @@ def test_cu_seq_lens_keep_packed_sequences_apart(tiny_dir, mode):
         alone = [model(x[:, a : a + n]) for a, n in zip((0, 70, 170), docs)]
         with pytest.raises(ValueError, match="cu_seq_lens_q must rise"):
             model(x, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 70, 290], dtype=torch.int32))
+        with pytest.raises(ValueError, match="cu_seq_lens_k only"):
+            model(x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 100, 170, 300], dtype=torch.int32))
         with pytest.raises(ValueError, match="one packed row"):
             model(x.expand(2, -1), cu_seq_lens_q=cu)
     torch.testing.assert_close(packed.logits, torch.cat([o.logits for o in alone], 1), atol=1e-5, rtol=0)
