@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Session 12's H100 calls, one per argument, run back to back on one warm machine (a machine is released
+# ~30 s after a call, and /tmp with the staged model goes with it). Carry per call:
+#   call1: .gpu/m1 .gpu/wheels .gpu/data1 .gpu/scripts   stage1 (model's first half, wheels, eval data), then the
+#          decode-gate kernel's GPU tests after session 11's shared-memory fix and bench_gate's default designs
+#          with the graphed rows (issue 11; no model needed)
+#   call2: .gpu/m2 .gpu/scripts                          stage2 (model assembled), test_smollm2_triton_decoding_gpu
+#   call3: .gpu/cl0h .gpu/scripts                        issue 13's k2 arm: distil prefill + decode gates (2 key
+#          summaries per decode block), 500 steps at 8k on calib-large's first ~30 MB
+#   call4: .gpu/scripts                                  the k2 arm's decode-mode PPL (8 + 8 documents, the oracle's
+#          layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
+#          the gate's products in tf32x3 / tf32 / bf16 (16 + 16 documents)
+set -u
+part=$1
+case $part in
+  call1)
+    bash .gpu/scripts/stage1.sh
+    CAP_decodetests=${CAP_decodetests:-110} CAP_gate=${CAP_gate:-220} bash .gpu/scripts/s11.sh decodetests gate ;;
+  call2)
+    source .gpu/scripts/stage2.sh
+    CAP_decodetest=${CAP_decodetest:-150} bash .gpu/scripts/s8.sh decodetest ;;
+  call3)
+    export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
+      TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    mkdir -p /tmp/data/calib-large
+    [ -f /tmp/data/calib-large/train-00000.jsonl ] || gunzip -c .gpu/cl0h/*.gz > /tmp/data/calib-large/train-00000.jsonl
+    PHASE=train TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2" bash .gpu/scripts/s6_13.sh 8 ;;
+  call4)
+    export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
+      TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    PHASE=eval TAG=_k2 CURVES=docs/results/s7_decode13/decode_layer_budgets.json bash .gpu/scripts/s6_13.sh 8
+    GATES=/tmp/runs/gates_dec_k2 CAP_tf32ppl=${CAP_tf32ppl:-150} bash .gpu/scripts/s8.sh tf32ppl ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac
