@@ -9,7 +9,9 @@
 #          summaries per decode block), 500 steps at 8k on calib-large's first ~30 MB
 #   call4: .gpu/scripts                                  the k2 arm's decode-mode PPL (8 + 8 documents, the oracle's
 #          layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
-#          the gate's products in tf32x3 / tf32 / bf16 (16 + 16 documents)
+#          the gate's products in tf32x3 / bf16 (16 + 16 documents); then, if at least 300 s of the call are left,
+#          issue 11's cheaper ground truth: YaRN x4 fine-tuning at 32k (30 steps) from the k2 gates with the full
+#          ground truth and with 8 of 30 layers per step, PPL at 32k after each (4 + 4 documents)
 set -u
 part=$1
 case $part in
@@ -28,7 +30,16 @@ case $part in
   call4)
     export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    t0=$(date +%s)
     PHASE=eval TAG=_k2 CURVES=docs/results/s7_decode13/decode_layer_budgets.json bash .gpu/scripts/s6_13.sh 8
-    GATES=/tmp/runs/gates_dec_k2 CAP_tf32ppl=${CAP_tf32ppl:-150} bash .gpu/scripts/s8.sh tf32ppl ;;
+    PRECS="tf32x3 bf16" GATES=/tmp/runs/gates_dec_k2 CAP_tf32ppl=${CAP_tf32ppl:-130} bash .gpu/scripts/s8.sh tf32ppl
+    left=$(( 590 - ($(date +%s) - t0) ))
+    if [ $left -ge 300 ]; then
+      for arm in "_gtfull:" "_gtl8:--gt_layers_per_step 8"; do
+        left=$(( 590 - ($(date +%s) - t0) )); [ $left -lt 60 ] && break
+        PART=sparse TAG=${arm%%:*} FLAGS="${arm#*:}" GATES=/tmp/runs/gates_dec_k2 BM=nz_ratio,adaptive \
+          timeout $left bash .gpu/scripts/s5_yarn.sh 4
+      done
+    else echo "cheaper ground truth skipped: $left s left"; fi ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
