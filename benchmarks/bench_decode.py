@@ -31,6 +31,10 @@
    scores and selection as one compiled function; `sparse_compiled`). Only the
    replayed steps are timed (prefill and capture excluded). `--gen-config` times random weights of a
    config.json instead of the SmolLM2 GGUF (the decode rate does not depend on the weights).
+4. With `--gate-step`: the one-kernel decode-gate step (`decode_gate_step`) alone, per launch, 30 launches
+   (one per layer of SmolLM2) replayed as one CUDA graph: the state update only (a dense step), threshold
+   selection, and top-k selection with the multi-way threshold search (`TOPK_WAYS` thresholds per step) and
+   with 2 thresholds per step (about the bisection it replaced): where the gate step's latency goes.
 
     python benchmarks/bench_decode.py --out benchmarks/results/bench_decode.json --generate
 
@@ -49,11 +53,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from seer_attn.kernels import decode_gate_kernel as dgk
 from seer_attn.kernels.sparse_decode_attn import sparse_decode_attn
 from seer_attn.modules.decode import DecodeSettings, sparse_decode_step
 from seer_attn.modules.decode_gate import CompressedKeyCache, DecodeGate
 
 SHAPES = {"llama8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+GATE_STEP_DEVICE = "cuda"  # (a CPU smoke test of --gate-step sets "cpu" under TRITON_INTERPRET=1)
 BS = 64
 
 
@@ -228,6 +234,46 @@ def graphed_rows(args) -> list[dict]:
     return rows
 
 
+def gate_step_rows(args) -> list[dict]:
+    """The decode gate's one-kernel step alone, per launch (30 launches per graph replay)."""
+    rows, dev = [], GATE_STEP_DEVICE
+    for shape in args.shapes.split(","):
+        hq, hkv, d = SHAPES[shape]
+        dg = d
+        for ctx in _ints(args.contexts):
+            for b in _ints(args.batches):
+                slots = (ctx + 1024) // BS + 1
+                t = torch.full((b,), ctx, dtype=torch.long, device=dev)
+                keys = torch.randn(b, hkv, slots, dg, device=dev)
+                block = torch.randn(b, hkv, BS, d, device=dev, dtype=torch.bfloat16)
+                q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
+                k = torch.randn(b, hkv, 1, d, device=dev, dtype=torch.bfloat16)
+                w_k = torch.randn(hkv, 3 * d, dg, device=dev) / math.sqrt(3 * d)
+                w_q = torch.randn(hq, d, dg, device=dev) / math.sqrt(d)
+                nw = torch.ones(dg, device=dev)
+                inv = 1.0 / 10000.0 ** (torch.arange(0, dg, 2, device=dev, dtype=torch.float32) / dg)
+
+                def step(select=True, threshold=None):
+                    return lambda: [dgk.decode_gate_step(q, k, t, block, keys, w_k, w_q, nw, nw, inv, 1.0, ("max", "min", "avg"),
+                                                         token_budget=args.budget, threshold=threshold, select=select)
+                                    for _ in range(30)]  # fmt: skip
+
+                r = {"shape": shape, "context": ctx, "batch": b, "budget": args.budget}
+                ways = dgk.TOPK_WAYS
+                try:
+                    for name, fn in (("state_only", step(False)), ("threshold", step(True, 1e-3)), ("topk", step())):
+                        ms = bench(fn, graph=True)
+                        r[f"{name}_us"] = None if ms is None else ms / 30 * 1e3
+                    dgk.TOPK_WAYS = 2
+                    ms = bench(step(), graph=True)
+                    r["topk_2way_us"] = None if ms is None else ms / 30 * 1e3
+                finally:
+                    dgk.TOPK_WAYS = ways
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="llama8b,smollm2")
@@ -243,6 +289,7 @@ def main() -> None:
     p.add_argument("--graphed", action="store_true", help="time GraphedDecoder (StaticCache + CUDA graphs), dense vs sparse")
     p.add_argument("--gen-config", default=None, help="config.json for --generate / --graphed with random weights")
     p.add_argument("--skip-attention", action="store_true", help="only the generation parts")
+    p.add_argument("--gate-step", action="store_true", help="time the one-kernel decode-gate step alone (see 4.)")
     p.add_argument("--out", default="benchmarks/results/bench_decode.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -258,12 +305,13 @@ def main() -> None:
     rows = [] if args.skip_attention else attention_rows(args, flex)
     gen = generate_rows(args) if args.generate else []
     graphed = graphed_rows(args) if args.graphed else []
+    gate_step = gate_step_rows(args) if args.gate_step else []
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "budget": args.budget, "seconds": round(time.perf_counter() - t0, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "attention": rows, "generate": gen, "graphed": graphed}, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "attention": rows, "generate": gen, "graphed": graphed, "gate_step": gate_step}, indent=2))
 
     fmt = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
     ratio = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
@@ -285,6 +333,13 @@ def main() -> None:
               f"({r['sparse_ms_per_step']:.2f} ms/step, gate step fused): {r['speedup']:.2f}x; dense through the split-K kernel "
               f"{r['dense_splitk_tokens_per_s']:.1f} tok/s: {r['speedup_vs_splitk']:.2f}x; sparse with the compiled PyTorch gate step "
               f"{r['sparse_compiled_tokens_per_s']:.1f} tok/s: {r['speedup_compiled']:.2f}x / {r['speedup_compiled_vs_splitk']:.2f}x")
+    if gate_step:
+        print(f"\ndecode gate step alone, us per launch (graph of 30), budget {args.budget}, top-k ways {dgk.TOPK_WAYS}")
+        print("| shape | L | B | state only | threshold | top-k | top-k, 2 ways |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in gate_step:
+            print(f"| {r['shape']} | {r['context']} | {r['batch']} | {fmt(r['state_only_us'])} | {fmt(r['threshold_us'])} "
+                  f"| {fmt(r['topk_us'])} | {fmt(r['topk_2way_us'])} |")
     print(f"({meta['seconds']} s)")
 
 

@@ -38,6 +38,10 @@ __all__ = ["decode_gate_step"]
 
 _POOLS = ("max", "min", "avg")
 
+# thresholds tried per step of the top-k search (a power of 2): 16 narrow [lo, hi] ~17-fold per step,
+# so the 2^30 range of probability images takes at most 8 steps (a bisection: up to 31)
+TOPK_WAYS = 16
+
 
 @triton.jit
 def _rope_halves(x1, x2, pos, inv_freq, attn_scale, HALF: tl.constexpr):
@@ -98,7 +102,7 @@ def decode_gate_step_kernel(
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QP: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
     BS: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr,
     P_MAX: tl.constexpr, P_MIN: tl.constexpr, P_AVG: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
-    SELECT: tl.constexpr, TOPK: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
+    SELECT: tl.constexpr, TOPK: tl.constexpr, NT: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     i_b, i_h = pid // HKV, pid % HKV
@@ -188,14 +192,25 @@ def decode_gate_step_kernel(
         cand = o_n < blk
         pr = tl.load(p_row + o_n, mask=cand, other=0.0)
         if TOPK:
+            # the W-th largest image by a multi-way search: each step counts the keys at or above NT
+            # thresholds spread over [lo, hi] at once (one [NT, NCP] reduction, where a bisection does one
+            # per threshold: a reduction is a barrier, and 31 of them were most of the step's latency), and
+            # stops once some threshold has exactly W keys at or above it ({img >= t} is then the top W)
             img = tl.where(cand, pr.to(tl.int32, bitcast=True), -1)  # non-negative floats order as their images
-            lo = tl.zeros([], tl.int32)
-            hi = tl.full([], 1 << 30, tl.int32)  # above 1.0's image
-            for _ in tl.static_range(31):
-                mid = lo + (hi - lo + 1) // 2
-                ok = tl.sum((img >= mid).to(tl.int32), 0) >= W
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
+            o_t = tl.arange(0, NT).to(tl.int64)
+            lo = tl.zeros([], tl.int64)
+            hi = tl.full([], 1 << 30, tl.int64)  # above 1.0's image
+            while hi > lo:
+                # thresholds lo < m_1 < ... <= hi (distinct once hi - lo >= NT; repeats are harmless)
+                mid = lo + ((hi - lo) * (o_t + 1) + NT - 1) // NT
+                n_ge = tl.sum((img[None, :] >= mid[:, None].to(tl.int32)).to(tl.int32), 1)
+                ok = n_ge >= W
+                exact = tl.max((n_ge == W).to(tl.int32), 0) > 0
+                # lo: the largest threshold still holding W keys; hi: just below the smallest that does not
+                lo = tl.maximum(lo, tl.max(tl.where(ok, mid, lo), 0))
+                hi = tl.minimum(hi, tl.min(tl.where(ok, hi + 1, mid), 0) - 1)
+                hi = tl.where(exact, lo, hi)
+            lo = lo.to(tl.int32)
             gt = img > lo
             tie = cand & (img == lo)
             need = W - tl.sum(gt.to(tl.int32), 0)
@@ -295,7 +310,7 @@ def decode_gate_step(
         float(attention_scaling), float(eps), 1.0 / math.sqrt(Dg), float(threshold or 0.0), width,
         HKV=Hkv, G=G, GP=triton.next_power_of_2(G), QP=max(16, triton.next_power_of_2(G)), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
         NP=len(k_pools), DC=max(16, min(D, 4096 // (ks * (Dg // 2)))), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
-        QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None,
+        QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None, NT=TOPK_WAYS,
         NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=max(16, min(128, 8192 // (ks * (Dg // 2)))), CHP=min(ncp, 1024), num_warps=4,
     )  # fmt: skip
     return (idx, cnt) if select else None

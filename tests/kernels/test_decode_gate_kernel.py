@@ -86,6 +86,21 @@ def test_decode_gate_step_matches_twin(Hq, Hkv, D, dg, ks, pools, norm, yarn):
         assert cnt.flatten().tolist() == [min(9, pos // 64)] * 2 * Hkv
 
 
+def test_decode_gate_step_ties_go_to_the_lowest_blocks():
+    # equal compressed keys: every candidate has the same probability, the top-k search must still keep
+    # exactly the budget, the lowest blocks (the twin's order among ties is torch.topk's, so not compared)
+    pos = 64 * 30 + 7
+    gate, t, keys, block, q_pre, k_pre = case(2, 6, 2, 64, 64, 1, ("max", "min", "avg"), True, [pos, pos])
+    keys[:, :, :30] = keys[:, :, :1].clone()
+    rope = gate_rope(64, True)
+    idx, cnt = decode_gate_step(
+        q_pre, k_pre, t, block, keys, gate.k_linear.weight.detach(), gate.q_linear.weight.detach(), gate.q_norm.weight,
+        gate.k_norm.weight, rope.inv_freq, rope.attention_scaling, gate.k_pools, token_budget=640,
+    )  # fmt: skip
+    assert cnt.flatten().tolist() == [9] * 4
+    assert (idx[..., 0, :] == torch.arange(9, device=idx.device, dtype=torch.int32)).all()
+
+
 def test_decode_gate_step_positions_per_sequence():
     # the kernel reads each sequence's own position (the twin takes one for the batch): row by row equal
     positions = [64 * 20 + 5, 64 * 9 + 63, 40]
