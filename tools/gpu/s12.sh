@@ -6,9 +6,9 @@
 #          with the graphed rows (issue 11; no model needed)
 #   call2: .gpu/m2 .gpu/scripts                          stage2 (model assembled); the decode-gate kernel's GPU tests
 #          again (its top-k became a multi-way search after call 1 was packed), the gate step alone per variant
-#          (bench_decode.py --gate-step), graphed decoding at 32k (issue 13's point), test_smollm2_triton_decoding_gpu
+#          (bench_decode.py --gate-step), graphed decoding at 32k (issue 13's point)
 #   call3: .gpu/cl0h .gpu/scripts                        issue 13's k2 arm: distil prefill + decode gates (2 key
-#          summaries per decode block), 500 steps at 8k on calib-large's first ~30 MB
+#          summaries per decode block), 500 steps at 8k on calib-large's first ~30 MB; test_smollm2_triton_decoding_gpu
 #   call4: .gpu/scripts                                  the k2 arm's decode-mode PPL (8 + 8 documents, the oracle's
 #          layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
 #          the gate's products in tf32x3 / bf16 (16 + 16 documents); then, if at least 300 s of the call are left,
@@ -23,21 +23,20 @@ case $part in
   call2)
     source .gpu/scripts/stage2.sh
     source .gpu/scripts/lib.sh
-    TAILN=12 run gatekernel 80 python -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_decode_gate_kernel.py
-    TAILN=14 run gatestep 100 python benchmarks/bench_decode.py --skip-attention --no-flex --gate-step --contexts 32768,131072 \
+    TAILN=12 run gatekernel 55 python -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_decode_gate_kernel.py
+    TAILN=14 run gatestep 80 python benchmarks/bench_decode.py --skip-attention --no-flex --gate-step --contexts 32768,131072 \
       --batches 1,8 --budget 2048 --out "$R/bench_decode_gate_step.json"
-    TAILN=8 run graphed 150 python benchmarks/bench_decode.py --skip-attention --no-flex --graphed \
+    TAILN=8 run graphed 125 python benchmarks/bench_decode.py --skip-attention --no-flex --graphed \
       --gen-config configs/smollm2_135m_llama_config.json --gen-contexts 32768 --gen-batches 1,8 \
       --gen-tokens 128 --budget 2048 --out "$R/bench_decode_graphed.json"
-    TAILN=30 run decodetest 100 python -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf \
-      "tests/models/test_decode_sparsity.py::test_smollm2_triton_decoding_gpu"
     (cd "$OUT" && tar czf s12_call2.tar.gz r && rm -rf r) ;;
   call3)
     export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     mkdir -p /tmp/data/calib-large
     [ -f /tmp/data/calib-large/train-00000.jsonl ] || gunzip -c .gpu/cl0h/*.gz > /tmp/data/calib-large/train-00000.jsonl
-    PHASE=train TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2" bash .gpu/scripts/s6_13.sh 8 ;;
+    PHASE=train TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2" bash .gpu/scripts/s6_13.sh 8
+    CAP_decodetest=${CAP_decodetest:-150} bash .gpu/scripts/s8.sh decodetest ;;
   call4)
     export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
