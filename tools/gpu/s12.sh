@@ -36,7 +36,7 @@ case $part in
     mkdir -p /tmp/data/calib-large
     [ -f /tmp/data/calib-large/train-00000.jsonl ] || gunzip -c .gpu/cl0h/*.gz > /tmp/data/calib-large/train-00000.jsonl
     PHASE=train TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2" bash .gpu/scripts/s6_13.sh 8
-    CAP_decodetest=${CAP_decodetest:-150} bash .gpu/scripts/s8.sh decodetest ;;
+    CAP_decodetest=${CAP_decodetest:-110} bash .gpu/scripts/s8.sh decodetest ;;
   call4)
     export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
