@@ -15,8 +15,9 @@ dense decoding through the split-K kernel (benchmarks/RESULTS.md, session 11). H
 3. scores every complete block (slots before the token's own block) in one pass over the compressed
    keys, parking each head's logits in a scratch row while it accumulates the heads' softmax
    normalisers, then forms the mixture of the heads' softmaxes (the block probabilities, parked too);
-4. selects the top `K` blocks (a bisection on the probabilities' int32 images, ties to the lowest
-   block) or those above a threshold, and writes them ascending, `-1` after, with their count.
+4. selects the top `K` blocks (the K-th largest probability's int32 image found by a multi-way search,
+   `TOPK_WAYS` thresholds counted per step; ties to the lowest block) or those above a threshold, and
+   writes them ascending, `-1` after, with their count.
 
 RoPE tables are computed in the kernel from the rotary module's `inv_freq` and attention scaling
 (the rope types whose tables do not depend on the call's length: default, linear, YaRN, Llama-3).
