@@ -51,7 +51,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
 | `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
 | `seerattn_compile_decode_gate` | bool | False | decoding: run the decode gate's query, scores and block selection as one `torch.compile`d graph (dynamic context length) instead of ~60 eager ops per layer and step (H100, SmolLM2 32k batch 8, graphed: 1140 vs 705 tokens/s eagerly). On a preallocated cache with CUDA kernels the one-kernel gate step (`seer_attn.kernels.decode_gate_kernel`) replaces both where it applies (`q_pooling="heads"`). |
-| `seerattn_decode_min_context` | int >= 0 | 16384 | decoding steps with a shorter context run dense; 0 forces sparse decoding. The measured crossover (`benchmarks/bench_decode.py --graphed`, H100, SmolLM2, graphed, the one-kernel gate step against split-K dense): batch 8 between 8k and 16k (1.08x at 16k, 1.28x at 32k); at batch 1 sparse decoding stays slower through 32k (0.76x). |
+| `seerattn_decode_min_context` | int >= 0 or `auto` | `auto` | decoding steps with a shorter context run dense; 0 forces sparse decoding. `auto`: `max(16384, 131072 / batch)` (`seer_attn.modules.decode.decode_min_context`): sparse decoding pays a gate cost per step that hardly grows with the batch (its programs run side by side) and saves KV reads in proportion to batch x context, so its crossover context falls as the batch grows. Measured (`benchmarks/bench_decode.py --graphed`, H100, SmolLM2, graphed, the one-kernel gate step against split-K dense): batch 8 between 8k and 16k (1.08x at 16k, 1.28x at 32k); batch 1 still slower at 32k (0.76x; 131072 is extrapolated from the per-step times, not measured). |
 | `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
 | `seerattn_padding_free` | bool | True | a padded batch in a cache-free forward (`use_cache=False`, training) runs padding-free: its real tokens are packed into one row before the embeddings (as transformers' `DataCollatorWithFlattening` does by hand), so projections and MLPs skip the padding too, and the last hidden states are scattered back (zeros at padding). Same results on every real token; `False` runs the padded layout (only the attention skips padding). |
 | `base_model` | str or None | None | where the base weights of a gate-only checkpoint come from (hub id, local dir, `.gguf`, or `smollm2-135m`). |
@@ -96,7 +96,7 @@ _BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_share_gqa_bl
           "seerattn_cross_document", "seerattn_padding_free",
           "seerattn_decode_gate_norm", "seerattn_compile_gate", "seerattn_compile_decode_gate")
 _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
-             "seerattn_decode_start_layer", "seerattn_decode_min_context")
+             "seerattn_decode_start_layer")
 # name -> (low, high, low inclusive, high inclusive)
 _RANGES = {
     "seerattn_nz_ratio": (0.0, 1.0, False, True),
@@ -145,9 +145,9 @@ def check_seerattn_field(name: str, value) -> None:
     elif name in ("seerattn_gate_q_summaries", "seerattn_gate_k_summaries", "seerattn_decode_k_summaries"):
         if value not in SUMMARY_COUNTS:
             raise ValueError(f"{name} must be one of {SUMMARY_COUNTS} and divide the block size, got {value!r}")
-    elif name == "seerattn_min_sparse_length":
+    elif name in ("seerattn_min_sparse_length", "seerattn_decode_min_context"):
         if value != "auto" and (not _is_int(value) or value < 0):
-            raise ValueError(f"seerattn_min_sparse_length must be an int >= 0 or 'auto', got {value!r}")
+            raise ValueError(f"{name} must be an int >= 0 or 'auto', got {value!r}")
     elif name == "seerattn_gt_every_n_steps":
         if not _is_int(value) or value < 1:
             raise ValueError(f"seerattn_gt_every_n_steps must be an int >= 1, got {value!r}")
@@ -219,7 +219,7 @@ class SeerAttnConfigMixin:
     seerattn_decode_layer_budget_curves: list[list[list[float]]] | None = None
     seerattn_decode_threshold: float | None = None
     seerattn_decode_start_layer: int = 0
-    seerattn_decode_min_context: int = 16384
+    seerattn_decode_min_context: int | str = "auto"
     seerattn_compile_decode_gate: bool = False
     seerattn_cross_document: bool = True
     seerattn_padding_free: bool = True

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seer_attn.modules.decode import decode_states
+from seer_attn.modules.decode import decode_min_context, decode_states
 
 __all__ = ["graphable", "GraphedPrefill", "GraphedDecoder", "DecodingRule"]
 
@@ -254,7 +254,8 @@ class GraphedDecoder:
         if not self.graphs:
             self._run()
             return
-        key = (self.length >= int(getattr(self.model.config, "seerattn_decode_min_context", 0)), self.rule)
+        min_context = decode_min_context(getattr(self.model.config, "seerattn_decode_min_context", 0), self.out.shape[0])
+        key = (self.length >= min_context, self.rule)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture()

@@ -116,7 +116,7 @@ def _warn_ran_dense(config, settings: SeerAttentionSettings, Sq: int, Sk: int) -
         reason, why = "decode", (
             f"steps with a KV cache ({Sq} new tokens against {Sk} keys) ran dense attention: decode sparsity needs a "
             "decode gate (seerattn_decode_gate_type) or a reference seerattn_decode_selector, a context of at least "
-            f"seerattn_decode_min_context={config.seerattn_decode_min_context} tokens, layers from "
+            f"seerattn_decode_min_context={config.seerattn_decode_min_context!r} tokens ('auto': max(16384, 131072 / batch)), layers from "
             f"seerattn_decode_start_layer={config.seerattn_decode_start_layer} on, and an unpadded batch"
         )
     elif settings.sparsity_method in ("nz_ratio", "adaptive") and settings.nz_ratio >= 1.0:

@@ -91,7 +91,7 @@ class DecodeSettings:
     token_budget: int = 2048
     threshold: float | None = None
     start_layer: int = 0
-    min_context: int = 0
+    min_context: int | str = 0
     kernel: str = "auto"
     loss: str = "kl"
     distill_target: str = "max"
@@ -116,12 +116,28 @@ class DecodeSettings:
             token_budget=budget,
             threshold=None if config.seerattn_decode_threshold is None else float(config.seerattn_decode_threshold),
             start_layer=int(config.seerattn_decode_start_layer),
-            min_context=int(config.seerattn_decode_min_context),
+            min_context=config.seerattn_decode_min_context,
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
             compile_gate=bool(getattr(config, "seerattn_compile_decode_gate", False)),
         )
+
+
+# `seerattn_decode_min_context="auto"`: the context from which a step decodes sparsely is
+# max(AUTO_MIN_CONTEXT, AUTO_MIN_STEP_TOKENS / batch). The gate step costs about the same at any batch (one
+# program per sequence and KV head, side by side) while the KV reads it saves grow with batch x context.
+# H100, SmolLM2, graphed (benchmarks/RESULTS.md, session 11): batch 8 crosses between 8k and 16k (1.08x at
+# 16k); batch 1 is 0.76x at 32k, and its per-step times put the crossover near 112k (extrapolated).
+AUTO_MIN_CONTEXT = 16384
+AUTO_MIN_STEP_TOKENS = 131072
+
+
+def decode_min_context(value: int | str, batch: int) -> int:
+    """`seerattn_decode_min_context` for a batch of `batch` sequences: an int as it is, `"auto"` by the rule above."""
+    if value == "auto":
+        return max(AUTO_MIN_CONTEXT, -(-AUTO_MIN_STEP_TOKENS // max(int(batch), 1)))
+    return int(value)
 
 
 def validate_decode_config(config) -> None:
@@ -136,8 +152,10 @@ def validate_decode_config(config) -> None:
         )
     for name in ("seerattn_decode_token_budget", "seerattn_decode_start_layer", "seerattn_decode_min_context"):
         value = getattr(config, name)
+        if name == "seerattn_decode_min_context" and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            raise ValueError(f"{name} must be an int >= 0{' or auto' if name.endswith('min_context') else ''}, got {value!r}")
     threshold = config.seerattn_decode_threshold
     if threshold is not None:
         if float(threshold) < 0:
@@ -521,9 +539,10 @@ def static_decode_attention(
                 f"layer {module.layer_idx}: no decode-gate state for this preallocated cache; fill the cache (prefill) "
                 "through the model with decode sparsity on first"
             )
-        if s.min_context > 0:
+        min_context = decode_min_context(s.min_context, B)
+        if min_context > 0:
             host = getattr(past_key_values, HOST_LENGTH_ATTR, None)
-            sparse = (int(kv_lengths.max()) if host is None else int(host)) >= s.min_context
+            sparse = (int(kv_lengths.max()) if host is None else int(host)) >= min_context
         fused = _fused_gate_args(module, gate, kernel)
         with torch.no_grad():
             if fused is not None:
@@ -685,7 +704,7 @@ def decode_aware_attention(
                         "assisted decoding is not supported)"
                     )
                 state.append(gate, k_pre, positions, _rope_fn(module))
-            if Sq < Sk and Sk >= s.min_context:
+            if Sq < Sk and Sk >= decode_min_context(s.min_context, query.shape[0]):
                 dtype = value.dtype
                 o, module.seer_stats = sparse_decode_step(
                     gate, s, query.to(dtype), key.to(dtype), value, q_pre, k_pre, positions, scaling, _rope_fn(module), state

@@ -83,7 +83,8 @@ def test_rejected_set_seerattn_leaves_config_unchanged(tiny_dir):
         model.set_seerattn(seerattn_nz_ratio=0.2, seerattn_nz=0.1)
     # direct assignment is checked too
     for name, bad in [("seerattn_nz_ratio", 1.5), ("seerattn_nz_ratio", 0), ("seerattn_mode", "fast"),
-                      ("seerattn_threshold", -1.0), ("seerattn_keep_sink", "yes"), ("seerattn_gate_hidden_size", 7)]:
+                      ("seerattn_threshold", -1.0), ("seerattn_keep_sink", "yes"), ("seerattn_gate_hidden_size", 7),
+                      ("seerattn_decode_min_context", "fast"), ("seerattn_decode_min_context", -1)]:
         with pytest.raises(ValueError, match=name):
             setattr(model.config, name, bad)
     assert model.config.to_dict() == before

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from seer_attn.modules.decode import _causal_blocks_before, select_decode_blocks, token_block_scores
+from seer_attn.modules.decode import _causal_blocks_before, decode_min_context, select_decode_blocks, token_block_scores
 
 NEG = float("-inf")
 
@@ -29,6 +29,12 @@ def test_select_decode_blocks_threshold():
     assert idx[0, 0, 0].tolist() == [-1, 1, -1] and idx[0, 0, 1].tolist() == [-1, -1, -1]
     masses = torch.tensor([[[[0.1, 0.3, NEG]]]])  # renormalised: [0.25, 0.75]
     assert select_decode_blocks(masses, 16, threshold=0.2, probs=True)[0, 0, 0].tolist() == [0, 1, -1]
+
+
+def test_decode_min_context_auto_follows_the_batch():
+    # auto: max(16384, 131072 / batch), rounded up; an int is the same for every batch
+    assert [decode_min_context("auto", b) for b in (1, 2, 3, 8, 32)] == [131072, 65536, 43691, 16384, 16384]
+    assert decode_min_context(0, 1) == 0 and decode_min_context(4096, 8) == 4096
 
 
 def test_causal_block_count():
