@@ -6,10 +6,11 @@ queries, scores, selection: ~10 kernels per layer even `torch.compile`d, ~60 eag
 dense decoding through the split-K kernel (benchmarks/RESULTS.md, session 11). Here one program per
 (batch, KV head) does all of it:
 
-1. writes the new token's pre-RoPE key into the partial block buffer, pools the partial block over
-   the tokens it has (per summary: max / min / avg, as the decode gate's `k_pools`), projects the
+1. writes the new token's pre-RoPE key into the partial block buffer and, when the token completes its
+   block, pools the block (per summary: max / min / avg, as the decode gate's `k_pools`), projects the
    pools (`w_k`), RMS-normalises and rotates them at each summary's first position, and stores them
-   in the block's slot of the compressed-key state (`StaticCompressedKeyCache.step`);
+   in the block's slot of the compressed-key state (`StaticCompressedKeyCache.step` recompresses the
+   partial block at every step instead; the two agree on every complete block, the only ones read);
 2. builds the gate query of each of the `G` query heads of the KV head (`q_pooling="heads"`:
    projection, RMSNorm, RoPE at the token's position);
 3. scores every complete block (slots before the token's own block) in one pass over the compressed
@@ -118,37 +119,34 @@ def decode_gate_step_kernel(
     p_new = k_new + i_b * stride_nb + i_h * stride_nh
     p_blk = block + i_b * stride_bb + i_h * stride_bh
     tl.store(p_blk + off * stride_bt + o_d, tl.load(p_new + o_d))
-    o_s = tl.arange(0, KS)
-    tok = o_s[:, None, None] * STRIDE + tl.arange(0, STRIDE)[None, :, None]  # [KS, STRIDE, 1]
-    valid = tok <= off
-    n_s = tl.minimum(tl.maximum(off + 1 - o_s * STRIDE, 0), STRIDE)  # valid tokens per summary
-    full = n_s[:, None] > 0
-    w_k_h = w_k + i_h * (NP * D * DG)
-    a1 = tl.zeros([KS, HALF], tl.float32)
-    a2 = tl.zeros([KS, HALF], tl.float32)
-    for d0 in tl.static_range(0, D, DC):
-        o_dc = d0 + tl.arange(0, DC)
-        b_new = tl.load(p_new + o_dc)
-        x = tl.load(p_blk + tok * stride_bt + o_dc[None, None, :])
-        x = tl.where(tok == off, b_new[None, None, :], x)  # (the row stored above, without a barrier)
-        if P_MAX >= 0:
-            f = tl.where(full, tl.max(tl.where(valid, x, float("-inf")), 1).to(tl.float32), 0.0)
-            c1, c2 = _project(f, w_k_h, P_MAX * D + d0, DC, DG, HALF)
-            a1, a2 = a1 + c1, a2 + c2
-        if P_MIN >= 0:
-            f = tl.where(full, tl.min(tl.where(valid, x, float("inf")), 1).to(tl.float32), 0.0)
-            c1, c2 = _project(f, w_k_h, P_MIN * D + d0, DC, DG, HALF)
-            a1, a2 = a1 + c1, a2 + c2
-        if P_AVG >= 0:
-            f = tl.sum(tl.where(valid, x.to(tl.float32), 0.0), 1) / tl.maximum(n_s, 1).to(tl.float32)[:, None]
-            c1, c2 = _project(f, w_k_h, P_AVG * D + d0, DC, DG, HALF)
-            a1, a2 = a1 + c1, a2 + c2
-    a1, a2 = _rms_halves(a1, a2, kn_w, eps, DG, HALF, KNORM)
-    a1, a2 = _rope_halves(a1, a2, blk * BS + o_s * STRIDE, inv_freq, attn_scale, HALF)
     keys_bh = keys + i_b * stride_kb + i_h * stride_kh
-    p_out = keys_bh + (blk * KS + o_s)[:, None] * stride_ks + o_j[None, :]
-    tl.store(p_out, a1)
-    tl.store(p_out + HALF, a2)
+    # the block's summaries are computed once, by the step that completes it: the selection reads complete
+    # blocks only (a device-side branch; the PyTorch twin recompresses the partial block every step instead)
+    if off == BS - 1:
+        o_s = tl.arange(0, KS)
+        tok = o_s[:, None, None] * STRIDE + tl.arange(0, STRIDE)[None, :, None]  # [KS, STRIDE, 1]: the whole block
+        w_k_h = w_k + i_h * (NP * D * DG)
+        a1 = tl.zeros([KS, HALF], tl.float32)
+        a2 = tl.zeros([KS, HALF], tl.float32)
+        for d0 in tl.static_range(0, D, DC):
+            o_dc = d0 + tl.arange(0, DC)
+            b_new = tl.load(p_new + o_dc)
+            x = tl.load(p_blk + tok * stride_bt + o_dc[None, None, :])
+            x = tl.where(tok == off, b_new[None, None, :], x)  # (the row stored above, without a barrier)
+            if P_MAX >= 0:
+                c1, c2 = _project(tl.max(x, 1).to(tl.float32), w_k_h, P_MAX * D + d0, DC, DG, HALF)
+                a1, a2 = a1 + c1, a2 + c2
+            if P_MIN >= 0:
+                c1, c2 = _project(tl.min(x, 1).to(tl.float32), w_k_h, P_MIN * D + d0, DC, DG, HALF)
+                a1, a2 = a1 + c1, a2 + c2
+            if P_AVG >= 0:
+                c1, c2 = _project(tl.sum(x.to(tl.float32), 1) / STRIDE, w_k_h, P_AVG * D + d0, DC, DG, HALF)
+                a1, a2 = a1 + c1, a2 + c2
+        a1, a2 = _rms_halves(a1, a2, kn_w, eps, DG, HALF, KNORM)
+        a1, a2 = _rope_halves(a1, a2, blk * BS + o_s * STRIDE, inv_freq, attn_scale, HALF)
+        p_out = keys_bh + (blk * KS + o_s)[:, None] * stride_ks + o_j[None, :]
+        tl.store(p_out, a1)
+        tl.store(p_out + HALF, a2)
     if SELECT:
         # 2. one gate query per query head of the group (rows of a QP-row tile: tl.dot wants >= 16)
         o_g = tl.arange(0, QP)
@@ -310,7 +308,7 @@ def decode_gate_step(
         idx.stride(0), idx.stride(1), logits.stride(0), logits.stride(1), probs.stride(0),
         float(attention_scaling), float(eps), 1.0 / math.sqrt(Dg), float(threshold or 0.0), width,
         HKV=Hkv, G=G, GP=triton.next_power_of_2(G), QP=max(16, triton.next_power_of_2(G)), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
-        NP=len(k_pools), DC=max(16, min(D, 4096 // (ks * (Dg // 2)))), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
+        NP=len(k_pools), DC=max(16, min(D, 2048 // (ks * (Dg // 2)))), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
         QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None, NT=TOPK_WAYS,
         NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=max(16, min(128, 8192 // (ks * (Dg // 2)))), CHP=min(ncp, 1024), num_warps=4,
     )  # fmt: skip
