@@ -486,9 +486,10 @@ class SeerAttentionMixin:
                 kv_capacity = key_states.shape[2]
                 if _graph_safe_step(self.config, input_shape[1], attention_mask):
                     # one new token: the whole preallocated buffers, the filled length on the device (no host sync)
-                    lengths = _filled_lengths(kwargs.get("position_ids"), input_shape[0])
+                    lengths, t = _step_lengths(self.layer_idx, past_key_values, kwargs.get("position_ids"), input_shape[0])
                     attn_output, attn_weights = static_decode_attention(
-                        self, query_states, key_states, value_states, q_pre, k_pre, lengths, self.scaling, past_key_values
+                        self, query_states, key_states, value_states, q_pre, k_pre, lengths, self.scaling, past_key_values,
+                        token_positions=t,
                     )
                     return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
                 key_states, value_states = _filled_part(key_states, value_states, attention_mask, kwargs.get("position_ids"))
@@ -540,6 +541,22 @@ def _graph_safe_step(config, q_len: int, attention_mask) -> bool:
         and config.seerattn_mode in ("sparse", "dense")
         and config.seerattn_decode_selector == "gate"
     )
+
+
+_STEP_LENGTHS_ATTR = "_seer_step_lengths"
+
+
+def _step_lengths(layer_idx: int, cache, position_ids: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-token step's filled lengths and token positions (int64 `[B]` each), computed once per forward.
+
+    Layer 0 (the first layer of every forward) computes them and leaves them on the cache object; the
+    other layers read the same tensors. Under CUDA-graph capture the replayed step then recomputes them
+    once per step rather than once per layer (two small launches per layer fewer).
+    """
+    if layer_idx == 0 or getattr(cache, _STEP_LENGTHS_ATTR, None) is None:
+        lengths = _filled_lengths(position_ids, batch)
+        setattr(cache, _STEP_LENGTHS_ATTR, (lengths, lengths - 1))
+    return getattr(cache, _STEP_LENGTHS_ATTR)
 
 
 def _filled_lengths(position_ids: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -466,6 +466,18 @@ def sparse_decode_step(
 DENSE_SLOTS_KERNEL = "auto"
 
 
+_BLOCK_RANGES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _block_range(nb: int, device: torch.device) -> torch.Tensor:
+    # arange(nb), kept per size and device: a dense step of every layer (and every graph replay) reuses it
+    # instead of launching an arange per layer (a tensor made during a capture stays valid after it)
+    r = _BLOCK_RANGES.get((nb, device))
+    if r is None:
+        r = _BLOCK_RANGES[(nb, device)] = torch.arange(nb, device=device)
+    return r
+
+
 def _dense_on_slots(q, k, v, lengths: torch.Tensor, sm_scale: float, block_size: int, kernel: str) -> torch.Tensor:
     # one new token per sequence over the filled slots of a preallocated cache: the G query heads of
     # a KV head are G rows of one SDPA call (no repeated K/V), the empty slots masked out
@@ -477,7 +489,7 @@ def _dense_on_slots(q, k, v, lengths: torch.Tensor, sm_scale: float, block_size:
     if how == "splitk":
         # every block before the token's own; the kernel skips the entries past it without reading K/V
         nb = -(-k.shape[2] // block_size)
-        every = torch.arange(nb, device=q.device).expand(B, Hkv, 1, nb)
+        every = _block_range(nb, q.device).expand(B, Hkv, 1, nb)
         return _attend(q, k, v, every, sm_scale, block_size, kernel, seqlens=lengths)
     if how != "sdpa":
         raise ValueError(f"decode.DENSE_SLOTS_KERNEL must be 'auto', 'sdpa' or 'splitk', got {DENSE_SLOTS_KERNEL!r}")
@@ -498,6 +510,7 @@ def static_decode_attention(
     kv_lengths: torch.Tensor,
     scaling: float,
     past_key_values,
+    token_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, None]:
     """A one-token decoding step over a preallocated cache's whole buffers, with no host sync.
 
@@ -516,6 +529,8 @@ def static_decode_attention(
         kv_lengths (torch.Tensor): int `[B]` on the device, filled slots including this token (its
             position + 1; an unpadded batch filled from slot 0).
         past_key_values: the cache object (the decode gate's state hangs on it).
+        token_positions (torch.Tensor, Optional): int `[B]`, `kv_lengths - 1` when the caller has it (the
+            model computes it once per step for every layer).
 
     Returns:
         `([B, 1, Hq, D], None)`; statistics in `module.seer_stats` (device tensors).
@@ -529,7 +544,7 @@ def static_decode_attention(
     dtype = value.dtype
     query, key = query.to(dtype), key.to(dtype)
     sparse = s.mode == "sparse" and gate is not None and module.layer_idx >= s.start_layer
-    t = kv_lengths - 1  # the token's position and slot
+    t = kv_lengths - 1 if token_positions is None else token_positions  # the token's position and slot
     kernel = resolve_kernel(s.kernel, query.device, needs_grad=False)
     index = fused = None
     if sparse:
