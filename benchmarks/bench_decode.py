@@ -32,7 +32,8 @@
    replayed steps are timed (prefill and capture excluded). `--gen-config` times random weights of a
    config.json instead of the SmolLM2 GGUF (the decode rate does not depend on the weights).
 4. With `--gate-step`: the one-kernel decode-gate step (`decode_gate_step`) alone, per launch, 30 launches
-   (one per layer of SmolLM2) replayed as one CUDA graph: the state update only (a dense step), threshold
+   (one per layer of SmolLM2) replayed as one CUDA graph, at a token that does not complete its block (1 step
+   in 64 also compresses the completed block): the state update only (a dense step), threshold
    selection, and top-k selection with the multi-way threshold search (`TOPK_WAYS` thresholds per step) and
    with 2 thresholds per step (about the bisection it replaced): where the gate step's latency goes.
 
