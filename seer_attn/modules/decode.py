@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ __all__ = [
     "DecodeSettings",
     "validate_decode_config",
     "attach_decode_gate",
+    "build_decode_gate",
     "decode_aware_attention",
     "select_decode_blocks",
     "sparse_decode_step",
@@ -62,6 +63,7 @@ __all__ = [
     "token_block_scores",
     "decode_gate_loss",
     "decode_states",
+    "decode_min_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,21 @@ def validate_decode_config(config) -> None:
             )
 
 
+def build_decode_gate(config, hidden_size: int, head_dim: int) -> DecodeGate:
+    """A fresh decode gate as `config`'s `seerattn_decode_*` fields describe it (`hidden_size`: the gate width)."""
+    return DecodeGate(
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        gate_type=config.seerattn_decode_gate_type,
+        hidden_size=hidden_size,
+        block_size=config.seerattn_gate_block_size,
+        q_pooling=config.seerattn_decode_q_pooling,
+        use_norm=config.seerattn_decode_gate_norm,
+        k_summaries=getattr(config, "seerattn_decode_k_summaries", 1),
+    )
+
+
 def attach_decode_gate(attn_gate: torch.nn.Module, config, head_dim: int) -> DecodeGate | None:
     """Give a layer's `attn_gate` a `decode_gate` child when `seerattn_decode_gate_type` is set.
 
@@ -175,17 +192,7 @@ def attach_decode_gate(attn_gate: torch.nn.Module, config, head_dim: int) -> Dec
     """
     if config.seerattn_decode_gate_type is None:
         return None
-    gate = DecodeGate(
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
-        gate_type=config.seerattn_decode_gate_type,
-        hidden_size=attn_gate.hidden_size,
-        block_size=config.seerattn_gate_block_size,
-        q_pooling=config.seerattn_decode_q_pooling,
-        use_norm=config.seerattn_decode_gate_norm,
-        k_summaries=getattr(config, "seerattn_decode_k_summaries", 1),
-    )
+    gate = build_decode_gate(config, attn_gate.hidden_size, head_dim)
     attn_gate.decode_gate = gate
     return gate
 
@@ -598,13 +605,15 @@ def _unpadded(attention_mask) -> bool:
 
 
 def decode_gate_loss(
-    module, gate: DecodeGate, s: DecodeSettings, q, k, v, q_pre, k_pre, positions, sm_scale
+    module, gate: DecodeGate | Sequence[DecodeGate], s: DecodeSettings, q, k, v, q_pre, k_pre, positions, sm_scale
 ) -> torch.Tensor | None:
     """The decode gate's distillation loss on one unpadded batch (None when no row has a candidate block).
 
     Rows from `LOSS_ROW_FRACTION` of the sequence onward (and past the first block); the target is
     the per-token block map (`seerattn_distill_target`: max or mass) restricted to the completed
     blocks and renormalised; the loss (`seerattn_loss`) compares it with the gate's softmax.
+    Several gates (the layer's decode gate and its study arms, `seer_attn.training.decode_arms`) share
+    one target: the sum of their losses (disjoint weights: each gate's gradient is its own loss's).
     """
     B, _, S, _ = q.shape
     bs = s.block_size
@@ -625,14 +634,19 @@ def decode_gate_loss(
         target = target / (target.sum(-1, keepdim=True) + 1e-9)
     rope = _rope_fn(module)
     positions = positions.expand(B, S)
-    key_starts = positions[:, : (S // bs) * bs : gate.key_stride]  # every compressed key's first token
-    logits = gate(q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(key_starts), rows)
-    logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
-    if s.loss in ("kl", "kl_top"):
-        return row_kl(logp, target, cand.expand_as(logp), s.loss == "kl_top").mean()
-    if s.loss == "mse":
-        return F.mse_loss(logp.exp() * cand, target)
-    raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {s.loss!r}")
+    total = None
+    for g in gate if isinstance(gate, (list, tuple)) else (gate,):
+        key_starts = positions[:, : (S // bs) * bs : g.key_stride]  # every compressed key's first token
+        logits = g(q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(key_starts), rows)
+        logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
+        if s.loss in ("kl", "kl_top"):
+            loss = row_kl(logp, target, cand.expand_as(logp), s.loss == "kl_top").mean()
+        elif s.loss == "mse":
+            loss = F.mse_loss(logp.exp() * cand, target)
+        else:
+            raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {s.loss!r}")
+        total = loss if total is None else total + loss
+    return total
 
 
 def decode_aware_attention(
@@ -728,7 +742,9 @@ def decode_aware_attention(
 
     out = attention_fn(module, query, key, value, attention_mask, scaling=scaling, q_pre=q_pre, k_pre=k_pre, **kwargs)
     if s.mode == "distill" and gate is not None:
-        loss = _distill_loss(module, gate, s, query, key, value, q_pre, k_pre, attention_mask, positions, scaling)
+        arms = getattr(module, "decode_arms", None)  # study arms trained beside the decode gate (training.decode_arms)
+        gates = [gate, *arms.values()] if arms else gate
+        loss = _distill_loss(module, gates, s, query, key, value, q_pre, k_pre, attention_mask, positions, scaling)
         if loss is not None:
             stats = module.seer_stats
             stats.gate_loss = loss if stats.gate_loss is None else stats.gate_loss + loss

@@ -85,6 +85,12 @@ class ModelArguments:
     )
     seerattn_decode_gate_init: str | None = field(default=None, metadata={"help": "fresh decode gates: random or pooled (default: the config's)"})
     seerattn_decode_k_summaries: int | None = field(default=None, metadata={"help": "decode gate: compressed keys per block (default: the config's)"})
+    decode_arms: str | None = field(
+        default=None,
+        metadata={"help": "decode-gate designs trained beside the decode gate, on the same batches and target "
+                  "(seer_attn.training.decode_arms): 'name:field=value,...;name2:...' with fields gate_type, q_pooling, "
+                  "k_summaries, gate_norm, gate_init; each is written to <output_dir>/arms/<name> as a gate-only checkpoint"},
+    )
     seerattn_gate_loss_row_start: float | None = field(
         default=None, metadata={"help": "gate loss over query-block rows from this fraction of the sequence on (default: the config's)"}
     )
@@ -406,6 +412,15 @@ def main(argv: list[str] | None = None) -> str:
         resume = get_last_checkpoint(targs.output_dir)
         if resume is None:
             logger.info("no checkpoint in %s: starting from scratch", targs.output_dir)
+    arms = None
+    if margs.decode_arms:
+        from seer_attn.training.decode_arms import attach_decode_arms, parse_decode_arms
+
+        if resume:
+            raise ValueError("--decode_arms cannot resume a run: the run's checkpoints hold the main gates only")
+        arms = parse_decode_arms(margs.decode_arms)
+        n = attach_decode_arms(model, arms)
+        logger.info("decode-gate arms %s: %d trainable parameters beside the gates", list(arms), n)
     Path(targs.output_dir).mkdir(parents=True, exist_ok=True)
     trainer = GateDistillTrainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator)
     trainer.add_callback(GateLossLogger(trainer, targs.layer_log_steps))
@@ -420,6 +435,11 @@ def main(argv: list[str] | None = None) -> str:
         calibrate_layer_budgets(model, tokenizer, source, dargs.train_length, dargs.layer_budget_docs,
                                 split=dargs.dataset_split)
     trainer.save_model(targs.output_dir)
+    if arms and trainer.args.should_save:
+        from seer_attn.training.decode_arms import export_decode_arms
+
+        for out in export_decode_arms(trainer.accelerator.unwrap_model(trainer.model), targs.output_dir, arms):
+            logger.info("decode-gate arm written to %s", out)
     with open(Path(targs.output_dir) / "distill_args.json", "w") as f:
         json.dump({"model": vars(margs), "data": vars(dargs), "train": targs.to_dict()}, f, indent=2, default=str)
     logger.info("gate-only checkpoint written to %s", targs.output_dir)
