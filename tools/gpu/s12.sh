@@ -7,12 +7,14 @@
 #   call2: .gpu/m2 .gpu/scripts                          stage2 (model assembled); the decode-gate kernel's GPU tests
 #          again (its top-k became a multi-way search after call 1 was packed), the gate step alone per variant
 #          (bench_decode.py --gate-step), graphed decoding at 32k (issue 13's point)
-#   call3: .gpu/cl0h .gpu/scripts                        issue 13's k2 arm: distil prefill + decode gates (2 key
-#          summaries per decode block), 500 steps at 8k on calib-large's first ~30 MB; test_smollm2_triton_decoding_gpu
-#   call4: .gpu/scripts                                  the k2 arm's decode-mode PPL (8 + 8 documents, the oracle's
-#          layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
+#   call3: .gpu/cl0h .gpu/scripts                        issue 13's key-summary study: distil prefill + decode gates (the
+#          default decode gate, one key summary per block) with two decode-gate arms beside it (2 and 4 key summaries,
+#          `--decode_arms`: same batches and target), 500 steps x 8 x 8k (micro-batches of 4: the arms' logits) on
+#          calib-large's first ~30 MB; if that fails (memory), the 2-summary arm alone; test_smollm2_triton_decoding_gpu
+#   call4: .gpu/scripts                                  decode-mode PPL of the main gate and each arm (8 + 8 documents,
+#          the oracle's layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
 #          the gate's products in tf32x3 / bf16 (16 + 16 documents); then, if at least 300 s of the call are left,
-#          issue 11's cheaper ground truth: YaRN x4 fine-tuning at 32k (30 steps) from the k2 gates with the full
+#          issue 11's cheaper ground truth: YaRN x4 fine-tuning at 32k (30 steps) from these gates with the full
 #          ground truth and with 8 of 30 layers per step, PPL at 32k after each (4 + 4 documents)
 set -u
 part=$1
@@ -35,19 +37,26 @@ case $part in
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     mkdir -p /tmp/data/calib-large
     [ -f /tmp/data/calib-large/train-00000.jsonl ] || gunzip -c .gpu/cl0h/*.gz > /tmp/data/calib-large/train-00000.jsonl
-    PHASE=train TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2" bash .gpu/scripts/s6_13.sh 8
-    CAP_decodetest=${CAP_decodetest:-110} bash .gpu/scripts/s8.sh decodetest ;;
+    t0=$(date +%s)
+    GA="--per_device_train_batch_size 4 --gradient_accumulation_steps 2"
+    PHASE=train TAG=_arms EXTRA="--decode_arms k2:k_summaries=2;k4:k_summaries=4 $GA" bash .gpu/scripts/s6_13.sh 8
+    if [ ! -f /tmp/runs/gates_dec_arms/model.safetensors ]; then
+      grep -m3 -i "error\|out of memory" /tmp/runs/log_train_dec_arms.txt; rm -rf /tmp/runs/gates_dec_arms
+      PHASE=train TAG=_arms EXTRA="--decode_arms k2:k_summaries=2 $GA" bash .gpu/scripts/s6_13.sh 8
+    fi
+    ls /tmp/runs/gates_dec_arms/arms 2>/dev/null
+    [ $(( $(date +%s) - t0 )) -lt 430 ] && CAP_decodetest=${CAP_decodetest:-110} bash .gpu/scripts/s8.sh decodetest ;;
   call4)
     export PYTHONPATH=/tmp/site:$PWD SEER_ATTN_SMOLLM2_GGUF=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf PYTHONUNBUFFERED=1 \
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     t0=$(date +%s)
-    PHASE=eval TAG=_k2 CURVES=docs/results/s7_decode13/decode_layer_budgets.json bash .gpu/scripts/s6_13.sh 8
-    PRECS="tf32x3 bf16" GATES=/tmp/runs/gates_dec_k2 CAP_tf32ppl=${CAP_tf32ppl:-130} bash .gpu/scripts/s8.sh tf32ppl
+    PHASE=eval TAG=_arms CURVES=docs/results/s7_decode13/decode_layer_budgets.json bash .gpu/scripts/s6_13.sh 8
+    PRECS="tf32x3 bf16" GATES=/tmp/runs/gates_dec_arms CAP_tf32ppl=${CAP_tf32ppl:-130} bash .gpu/scripts/s8.sh tf32ppl
     left=$(( 590 - ($(date +%s) - t0) ))
     if [ $left -ge 300 ]; then
       for arm in "_gtfull:" "_gtl8:--gt_layers_per_step 8"; do
         left=$(( 590 - ($(date +%s) - t0) )); [ $left -lt 60 ] && break
-        PART=sparse TAG=${arm%%:*} FLAGS="${arm#*:}" GATES=/tmp/runs/gates_dec_k2 BM=nz_ratio,adaptive \
+        PART=sparse TAG=${arm%%:*} FLAGS="${arm#*:}" GATES=/tmp/runs/gates_dec_arms BM=nz_ratio,adaptive \
           timeout $left bash .gpu/scripts/s5_yarn.sh 4
       done
     else echo "cheaper ground truth skipped: $left s left"; fi ;;

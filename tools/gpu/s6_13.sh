@@ -5,6 +5,8 @@
 # decode-mode PPL on pg19-mini + proofpile-mini at 8k with and without the per-layer budgets, for the
 # gate and the references. Source stage2.sh first; calib-large (or its first ~30 MB) in /tmp/data/calib-large.
 # usage: [STEPS=500] [TAG=_k2 EXTRA="--seerattn_decode_k_summaries 2"] [PHASE=train|eval|all] [CURVES=json] bash .gpu/scripts/s6_13.sh [DOCS]
+# (EXTRA="--decode_arms k2:k_summaries=2;k4:k_summaries=4" trains decode-gate arms beside the main gates in the same
+# run; each arm in gates_dec$TAG/arms/<name> is then evaluated too: its seer and seer+layers rows, in eval_dec$TAG_<name>)
 # (TAG names another arm's gate and evaluation folders; the layer curves, measured with the oracle, are shared)
 DOCS=${1:-12}; STEPS=${STEPS:-500}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; PHASE=${PHASE:-all}
 R=/tmp/runs; D=/tmp/data; mkdir -p $R $OUT
@@ -24,17 +26,28 @@ if [ ! -f $R/decode_layer_budgets.json ]; then
   echo "decode curves rc=$? $(( $(date +%s) - t0 ))s"; grep "token budget" $R/log_lb_dec.txt | tail -3
 fi
 # an arm whose config lacks the curves (they were measured through another arm's gates) gets them copied in
+for cfg in $R/gates_dec$TAG/config.json $R/gates_dec$TAG/arms/*/config.json; do
+[ -f "$cfg" ] || continue
 python - <<EOF
 import json
-p = "$R/gates_dec$TAG/config.json"; c = json.load(open(p))
+p = "$cfg"; c = json.load(open(p))
 if "seerattn_decode_layer_budget_curves" not in c:
     c["seerattn_decode_layer_budget_curves"] = json.load(open("$R/decode_layer_budgets.json"))["curves"]
     json.dump(c, open(p, "w"), indent=2); print("curves copied into", p)
 EOF
+done
 python -m seer_attn.evaluation.decode_ppl --model $R/gates_dec$TAG --methods dense,seer,oracle,static,seer+layers,oracle+layers,static+layers \
   --datasets $D/pg19-mini.jsonl,$D/proofpile-mini.jsonl --lengths 8192 --max_docs $DOCS --budgets 256,512,1024,2048 \
   --no_plot --output_dir $R/eval_dec$TAG > $R/log_eval_dec$TAG.txt 2>&1
 echo "eval rc=$? $(( $(date +%s) - t0 ))s"; cat $R/eval_dec$TAG/decode_ppl_results.md
-cd $R && tar czf $OUT/s6_13$TAG.tar.gz eval_dec$TAG/decode_ppl_results.* decode_layer_budgets.json gates_dec$TAG/config.json \
-  gates_dec$TAG/gate_loss.jsonl log_*dec*.txt 2>/dev/null
+for arm in $R/gates_dec$TAG/arms/*/; do
+  [ -d "$arm" ] || continue
+  a=$(basename $arm)
+  python -m seer_attn.evaluation.decode_ppl --model $arm --methods seer,seer+layers \
+    --datasets $D/pg19-mini.jsonl,$D/proofpile-mini.jsonl --lengths 8192 --max_docs $DOCS --budgets 256,512,1024,2048 \
+    --no_plot --output_dir $R/eval_dec${TAG}_$a > $R/log_eval_dec${TAG}_$a.txt 2>&1
+  echo "eval arm $a rc=$? $(( $(date +%s) - t0 ))s"; cat $R/eval_dec${TAG}_$a/decode_ppl_results.md
+done
+cd $R && tar czf $OUT/s6_13$TAG.tar.gz eval_dec$TAG*/decode_ppl_results.* decode_layer_budgets.json gates_dec$TAG/config.json \
+  gates_dec$TAG/arms/*/config.json gates_dec$TAG/gate_loss.jsonl log_*dec*.txt 2>/dev/null
 ls -la $OUT
