@@ -70,6 +70,10 @@ logger = logging.getLogger(__name__)
 DECODE_SELECTORS = ("gate", "oracle", "quest", "static")
 # the decode gate loss covers rows from this fraction of the sequence onward (upstream's loss_slice_ratio)
 LOSS_ROW_FRACTION = 0.5
+# recompute each decode gate's logits in the backward pass instead of keeping them: they are
+# [B, Hq, rows, slots] per layer (k_summaries slots per block) and every layer's stay alive until the backward
+# (~12 GB for SmolLM2 at 8 x 8k with one summary); the gate is a few small matmuls, so recomputing costs little
+DECODE_LOSS_CHECKPOINT = True
 _STATE_ATTR = "_seer_decode_states"
 # set on a cache object by a caller that knows its filled length on the host (a CUDA-graph decoding
 # loop): the min-context rule of a preallocated cache then needs no device -> host copy
@@ -634,17 +638,26 @@ def decode_gate_loss(
         target = target / (target.sum(-1, keepdim=True) + 1e-9)
     rope = _rope_fn(module)
     positions = positions.expand(B, S)
+    q_rows, k_all = q_pre[:, :, r0:].detach(), k_pre.detach()
+    q_cs = rope(positions[:, r0:])
+
+    def gate_loss(g: DecodeGate, q_rows, k_all, q_cos, q_sin, k_cos, k_sin) -> torch.Tensor:
+        logits = g(q_rows, k_all, q_cos, q_sin, k_cos, k_sin, rows)
+        logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
+        if s.loss in ("kl", "kl_top"):
+            return row_kl(logp, target, cand.expand_as(logp), s.loss == "kl_top").mean()
+        if s.loss == "mse":
+            return F.mse_loss(logp.exp() * cand, target)
+        raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {s.loss!r}")
+
     total = None
     for g in gate if isinstance(gate, (list, tuple)) else (gate,):
         key_starts = positions[:, : (S // bs) * bs : g.key_stride]  # every compressed key's first token
-        logits = g(q_pre[:, :, r0:].detach(), k_pre.detach(), *rope(positions[:, r0:]), *rope(key_starts), rows)
-        logp = torch.log_softmax(logits.masked_fill(~cand, -1e9), dim=-1)
-        if s.loss in ("kl", "kl_top"):
-            loss = row_kl(logp, target, cand.expand_as(logp), s.loss == "kl_top").mean()
-        elif s.loss == "mse":
-            loss = F.mse_loss(logp.exp() * cand, target)
+        args = (g, q_rows, k_all, *q_cs, *rope(key_starts))
+        if DECODE_LOSS_CHECKPOINT and torch.is_grad_enabled() and any(p.requires_grad for p in g.parameters()):
+            loss = torch.utils.checkpoint.checkpoint(gate_loss, *args, use_reentrant=False)
         else:
-            raise ValueError(f"gate loss must be one of {GATE_LOSSES}, got {s.loss!r}")
+            loss = gate_loss(*args)
         total = loss if total is None else total + loss
     return total
 

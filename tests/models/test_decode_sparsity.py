@@ -333,13 +333,16 @@ def test_decode_gate_misuse(tiny_dir):
 @pytest.mark.parametrize("design", [dict(seerattn_decode_q_pooling="proj"),
                                     dict(seerattn_decode_q_pooling="heads", seerattn_decode_gate_init="pooled",
                                          seerattn_decode_k_summaries=4)])
-def test_distill_trains_decode_gate_and_checkpoint_carries_it(tiny_dir, tmp_path, design):
+def test_distill_trains_decode_gate_and_checkpoint_carries_it(tiny_dir, tmp_path, design, monkeypatch):
     model = load(tiny_dir, seerattn_mode="distill", **design)
     model.freeze_base()
     decode_params = {n: p for n, p in model.named_parameters() if ".decode_gate." in n}
     assert decode_params and all(p.requires_grad for p in decode_params.values())
     x = prompt(B=2, S=100)
+    calls, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = model(x, logits_to_keep=1)
+    assert len(calls) == 2  # each layer's decode loss is checkpointed
     no_decode = load(tiny_dir, seerattn_mode="distill", seerattn_decode_gate_type=None, **design)
     no_decode.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
@@ -347,6 +350,13 @@ def test_distill_trains_decode_gate_and_checkpoint_carries_it(tiny_dir, tmp_path
     assert (out.gate_losses.detach() > prefill_only + 1e-4).all()  # the decode loss is added per layer
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decode_params.values())
+    # the decode loss recomputes the gate's logits in the backward (decode.DECODE_LOSS_CHECKPOINT): same gradients
+    grads = {n: p.grad.clone() for n, p in decode_params.items()}
+    model.zero_grad()
+    monkeypatch.setattr(decode_module, "DECODE_LOSS_CHECKPOINT", False)
+    model(x, logits_to_keep=1).loss.backward()
+    for n, p in decode_params.items():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=1e-7)
     # padded batches: per-sequence decode loss, finite
     mask = torch.ones_like(x)
     mask[0, :30] = 0
