@@ -8,9 +8,10 @@
 #          again (its top-k became a multi-way search after call 1 was packed), the gate step alone per variant
 #          (bench_decode.py --gate-step), graphed decoding at 32k (issue 13's point)
 #   call3: .gpu/cl0h .gpu/scripts                        issue 13's key-summary study: distil prefill + decode gates (the
-#          default decode gate, one key summary per block) with two decode-gate arms beside it (2 and 4 key summaries,
-#          `--decode_arms`: same batches and target), 500 steps x 8 x 8k on calib-large's first ~30 MB; if that fails
-#          (memory), the 2-summary arm alone in micro-batches of 4; test_smollm2_triton_decoding_gpu
+#          default decode gate, one key summary per block) with a decode-gate arm beside it (2 key summaries per block,
+#          `--decode_arms`: same batches and target), 500 steps x 8 x 8k on calib-large's first ~30 MB (331 s in session 7
+#          without the arm; a 4-summary arm would add ~2x the 2-summary one's cost, over this call's cap); if that fails
+#          (memory), again in micro-batches of 4; test_smollm2_triton_decoding_gpu
 #   call4: .gpu/scripts                                  decode-mode PPL of the main gate and each arm (8 + 8 documents,
 #          the oracle's layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
 #          the gate's products in tf32x3 / bf16 (16 + 16 documents); then, if at least 300 s of the call are left,
@@ -39,7 +40,7 @@ case $part in
     [ -f /tmp/data/calib-large/train-00000.jsonl ] || gunzip -c .gpu/cl0h/*.gz > /tmp/data/calib-large/train-00000.jsonl
     t0=$(date +%s)
     GA="--per_device_train_batch_size 4 --gradient_accumulation_steps 2"
-    PHASE=train TAG=_arms EXTRA="--decode_arms k2:k_summaries=2;k4:k_summaries=4" bash .gpu/scripts/s6_13.sh 8
+    PHASE=train TAG=_arms EXTRA="--decode_arms k2:k_summaries=2" bash .gpu/scripts/s6_13.sh 8
     if [ ! -f /tmp/runs/gates_dec_arms/model.safetensors ]; then
       grep -m3 -i "error\|out of memory" /tmp/runs/log_train_dec_arms.txt; rm -rf /tmp/runs/gates_dec_arms
       PHASE=train TAG=_arms EXTRA="--decode_arms k2:k_summaries=2 $GA" bash .gpu/scripts/s6_13.sh 8
