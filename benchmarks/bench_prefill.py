@@ -89,12 +89,18 @@ def _reps(length: int) -> tuple[int, int]:
     return (1, 3) if length > 65536 else (2, 5)
 
 
-def _bench(fn) -> float:
+def _bench(fn, graph: bool = False) -> float | None:
     if DEVICE != "cuda":
         return _timed(fn)
     import triton
 
-    return triton.testing.do_bench(fn, warmup=10, rep=40)
+    if not graph:
+        return triton.testing.do_bench(fn, warmup=10, rep=40)
+    try:  # one CUDA graph replay per call: the time without launch overhead
+        return triton.testing.do_bench_cudagraph(fn, rep=40)
+    except Exception as e:  # a path that cannot be captured: say so in the table, do not stop the sweep
+        log(f"  (graph timing failed: {type(e).__name__}: {str(e)[:160]})")
+        return None
 
 
 def _gpu_name() -> str:
@@ -361,22 +367,29 @@ def crossover_rows(config, args) -> tuple[list[dict], dict]:
         r = {"S": S}
         with torch.no_grad():
             r["dense"] = _bench(lambda: dense_attention(q, k, v, scale))
+            if args.crossover_graphs:
+                r["dense_graph"] = _bench(lambda: dense_attention(q, k, v, scale), graph=True)
             for nz in nzs:
                 st = SeerAttentionSettings(mode="sparse", nz_ratio=nz, kernel="TopK",
                                            sparsity_method=config.seerattn_sparsity_method,
                                            adaptive_row_floor=config.seerattn_adaptive_row_floor)  # fmt: skip
-                r[f"sparse_d{nz}"] = _bench(lambda: seer_attention(q, k, v, q, k, gate, cos, sin, scale, st))
+                fn = lambda: seer_attention(q, k, v, q, k, gate, cos, sin, scale, st)  # noqa: E731
+                r[f"sparse_d{nz}"] = _bench(fn)
+                if args.crossover_graphs:
+                    r[f"sparse_d{nz}_graph"] = _bench(fn, graph=True)
         rows.append(r)
         log("crossover " + json.dumps({key: round(val, 4) if isinstance(val, float) else val for key, val in r.items()}))
     cross = {}
-    for nz in nzs:
-        best = None
-        for r in reversed(rows):
-            if r[f"sparse_d{nz}"] < r["dense"]:
-                best = r["S"]
-            else:
-                break
-        cross[nz] = best
+    for suffix in ("", "_graph") if args.crossover_graphs else ("",):
+        for nz in nzs:
+            best = None  # the shortest length from which sparse stays faster at every longer length measured
+            for r in reversed(rows):
+                sp, de = r.get(f"sparse_d{nz}{suffix}"), r.get(f"dense{suffix}")
+                if sp is not None and de is not None and sp < de:
+                    best = r["S"]
+                else:
+                    break
+            cross[nz if not suffix else f"{nz}_graph"] = best
     return rows, cross
 
 
@@ -405,11 +418,14 @@ def run_model(args, config_json, lengths) -> dict:
         D = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
         key = (cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.hidden_size)
         report(f"\ncrossover per layer (fused gate + TopK vs dense SDPA), {name}: {cross}")
-        report("| S | dense ms | " + " | ".join(f"sparse d{nz} ms" for nz in cross) + " |")
-        report("|---|---|" + "---|" * len(cross))
+        cols = [c for c in rows[0] if c != "S"]
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        report("| S | " + " | ".join(f"{c} ms" for c in cols) + " |")
+        report("|---|" + "---|" * len(cols))
         for r in rows:
-            report(f"| {r['S']} | {r['dense']:.3f} | " + " | ".join(f"{r[f'sparse_d{nz}']:.3f}" for nz in cross) + " |")
-        report(f"MEASURED_CROSSOVERS entry: {key}: {{{', '.join(f'{nz}: {s}' for nz, s in cross.items() if s)}}},")
+            report(f"| {r['S']} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+        eager = {nz: s for nz, s in cross.items() if not str(nz).endswith("_graph")}
+        report(f"MEASURED_CROSSOVERS entry: {key}: {{{', '.join(f'{nz}: {s}' for nz, s in eager.items() if s)}}},")
     if args.train:
         train_len = min(lengths) if args.train_length is None else args.train_length
         rows = train_rows(model, train_len, args)
@@ -439,6 +455,8 @@ def main() -> None:
                    help="with --train: time the CSR backward's settings (CSR_BWD_VARIANTS) A/B/A/B")
     p.add_argument("--crossover", action="store_true", help="also search the per-layer crossover length")
     p.add_argument("--crossover-lengths", default="1024,2048,4096,8192,12288,16384,24576,32768")
+    p.add_argument("--crossover-graphs", action="store_true",
+                   help="with --crossover: also time both sides as CUDA graph replays (the crossover without launch overhead)")
     p.add_argument("--profile", action="store_true", help="profile summary of the sparse forward at the last nz_ratio")
     p.add_argument("--suite", action="store_true", help="issue 11: both configs at 32k and 128k, every extra")
     p.add_argument("--out", default="benchmarks/results/prefill.json")
@@ -455,6 +473,7 @@ def main() -> None:
     if args.suite:
         configs, lengths = list(SUITE_CONFIGS), [32768, 131072]
         args.graphs = args.twin = args.generate = args.train = args.gt_variants = args.crossover = args.profile = True
+        args.crossover_graphs = True
         args.train_models = args.train_models or "smollm2_135m_llama_config"
     results = []
     for cfg in configs:
