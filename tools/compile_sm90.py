@@ -168,8 +168,9 @@ def decode_gate_variants():
     real, dg.decode_gate_step_kernel = dg.decode_gate_step_kernel, Capture()
     os.environ["TRITON_INTERPRET"] = "1"  # (the wrapper's device check; nothing is launched)
     try:
-        for hq, hkv, D, dg_w, ks, pools, norm, select, thr in (
+        for hq, hkv, D, dg_w, ks, pools, norm, select, thr, *keep in (
             (9, 3, 64, 64, 1, ("max", "min", "avg"), True, True, None),  # SmolLM2, the default decode gate
+            (9, 3, 64, 64, 1, ("max", "min", "avg"), True, True, None, True, 2),  # + sink and recent blocks kept
             (9, 3, 64, 64, 1, ("max", "min", "avg"), True, False, None),  # a state-only step (below min_context)
             (32, 8, 128, 128, 1, ("max", "min", "avg"), True, True, None),  # Llama-3-8B
             (32, 8, 128, 128, 1, ("max", "min", "avg"), True, True, 0.01),  # threshold
@@ -184,11 +185,12 @@ def decode_gate_variants():
                 e(B, hq, 1, D), e(B, hkv, 1, D), torch.zeros(B, dtype=torch.long), e(B, hkv, bs, D),
                 e(B, hkv, 2100 * ks, dg_w, dt=torch.float32), e(hkv, len(pools) * D, dg_w), e(hq, D, dg_w),
                 w if norm else None, w if norm else None, torch.empty(dg_w // 2), 1.0, pools, ks,
-                token_budget=2048, threshold=thr, select=select,
+                token_budget=2048, threshold=thr, select=select, keep_sink=bool(keep and keep[0]),
+                keep_recent=keep[1] if keep else 0,
             )  # fmt: skip
             args, kw = captured.pop()
             name = (f"decode_gate_step_kernel Hq={hq} Hkv={hkv} D={D} Dg={dg_w} ks={ks} pools={'+'.join(pools)} "
-                    f"select={select:d} {'threshold' if thr else 'topk'}")
+                    f"select={select:d} {'threshold' if thr else 'topk'}{' keep' if keep else ''}")
             yield name, real, args, kw
     finally:
         dg.decode_gate_step_kernel = real

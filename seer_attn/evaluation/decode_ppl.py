@@ -19,6 +19,9 @@ Rows (one loaded model, switched with `set_seerattn`):
   or the checkpoint's own `seerattn_decode_layer_budget_curves`), the mean budget unchanged.
 
 Layers below `seerattn_decode_start_layer` stay dense in every row (`--start_layer` overrides it).
+`--keep_sink` / `--keep_recent N` make every `seer`, `oracle` and `quest` row keep the sink block and the N
+most recent complete blocks whatever their scores, inside the budget (`seerattn_decode_keep_sink` /
+`seerattn_decode_keep_recent`; default: the checkpoint's).
 Every row reports its realised density: attended blocks over causal blocks, over the sparse layers.
 The markdown table adds, per budget, the PPL change of `seer` against dense and the share of the
 oracle's gain over `static` that the gate recovers, `(static - seer) / (static - oracle)`.
@@ -94,6 +97,8 @@ class DecodePPLArguments:
     budgets: str = field(default="256,512,1024,2048", metadata={"help": "comma-separated token budgets (own block included)"})
     methods: str = field(default=",".join(METHODS), metadata={"help": f"comma-separated subset of {', '.join(METHODS)}"})
     start_layer: int | None = field(default=None, metadata={"help": "layers below it stay dense (default: the checkpoint's seerattn_decode_start_layer)"})
+    keep_sink: bool | None = field(default=None, metadata={"help": "every selector keeps the sink block (default: the checkpoint's seerattn_decode_keep_sink)"})
+    keep_recent: int | None = field(default=None, metadata={"help": "every selector keeps the N most recent complete blocks (default: the checkpoint's)"})
     max_docs: int | None = field(default=None, metadata={"help": "score the first n long-enough documents of each dataset"})
     min_doc_tokens: int | None = field(default=None, metadata={"help": "skip shorter documents (default: max(lengths) - 1)"})
     output_dir: str = field(default="outputs/decode_ppl", metadata={"help": "where results, table and figure go"})
@@ -275,6 +280,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     tokenizer = load_tokenizer(args.model)
     model = _load_model(args)
+    if args.keep_sink is not None:
+        model.set_seerattn(seerattn_decode_keep_sink=args.keep_sink)
+    if args.keep_recent is not None:
+        model.set_seerattn(seerattn_decode_keep_recent=args.keep_recent)
     curves = model.config.seerattn_decode_layer_budget_curves
     if args.layer_budgets:
         curves = json.loads(Path(args.layer_budgets).read_text())["curves"]

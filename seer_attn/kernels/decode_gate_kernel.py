@@ -104,7 +104,7 @@ def decode_gate_step_kernel(
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QP: tl.constexpr, D: tl.constexpr, DG: tl.constexpr, HALF: tl.constexpr,
     BS: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr,
     P_MAX: tl.constexpr, P_MIN: tl.constexpr, P_AVG: tl.constexpr, QNORM: tl.constexpr, KNORM: tl.constexpr,
-    SELECT: tl.constexpr, TOPK: tl.constexpr, NT: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
+    SELECT: tl.constexpr, TOPK: tl.constexpr, NT: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_RECENT: tl.constexpr, NCP: tl.constexpr, WP: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     i_b, i_h = pid // HKV, pid % HKV
@@ -190,7 +190,10 @@ def decode_gate_step_kernel(
         o_n = tl.arange(0, NCP)
         cand = o_n < blk
         pr = tl.load(p_row + o_n, mask=cand, other=0.0)
+        # blocks kept whatever their score (the sink, the most recent complete ones): above every probability
+        forced = cand & (((o_n == 0) & KEEP_SINK) | (o_n >= blk - KEEP_RECENT))
         if TOPK:
+            pr = tl.where(forced, 1.5, pr)
             # the W-th largest image by a multi-way search: each step counts the keys at or above NT
             # thresholds spread over [lo, hi] at once (one [NT, NCP] reduction, where a bisection does one
             # per threshold: a reduction is a barrier, and 31 of them were most of the step's latency), and
@@ -198,7 +201,7 @@ def decode_gate_step_kernel(
             img = tl.where(cand, pr.to(tl.int32, bitcast=True), -1)  # non-negative floats order as their images
             o_t = tl.arange(0, NT).to(tl.int64)
             lo = tl.zeros([], tl.int64)
-            hi = tl.full([], 1 << 30, tl.int64)  # above 1.0's image
+            hi = tl.full([], 1 << 30, tl.int64)  # above the images of 1.0 and of the forced blocks' 1.5
             while hi > lo:
                 # thresholds lo < m_1 < ... <= hi (distinct once hi - lo >= NT; repeats are harmless)
                 mid = lo + ((hi - lo) * (o_t + 1) + NT - 1) // NT
@@ -215,7 +218,7 @@ def decode_gate_step_kernel(
             need = W - tl.sum(gt.to(tl.int32), 0)
             sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
         else:
-            sel = cand & (pr > threshold)
+            sel = cand & ((pr > threshold) | forced)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1
         p_idx = idx + i_b * stride_ib + i_h * stride_ih
         tl.store(p_idx + pos, o_n.to(tl.int32), mask=sel)
@@ -243,6 +246,8 @@ def decode_gate_step(
     token_budget: int = 2048,
     threshold: float | None = None,
     select: bool = True,
+    keep_sink: bool = False,
+    keep_recent: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The decode gate's one-token step on a preallocated state, in place, then its block selection.
 
@@ -262,6 +267,8 @@ def decode_gate_step(
         token_budget (int): each token keeps `token_budget // block_size - 1` earlier blocks.
         threshold (float, Optional): keep the blocks whose mixture probability exceeds it instead.
         select (bool): False updates the state only (a step that decodes densely) and returns None.
+        keep_sink, keep_recent: always keep block 0 / the `keep_recent` complete blocks before the token's
+            own (inside the budget; with a threshold, on top of it), as `select_decode_blocks`.
 
     Returns:
         `(index int32 [B, Hkv, 1, W], count int32 [B, Hkv])`: each row's selected blocks ascending
@@ -310,6 +317,7 @@ def decode_gate_step(
         HKV=Hkv, G=G, GP=triton.next_power_of_2(G), QP=max(16, triton.next_power_of_2(G)), D=D, DG=Dg, HALF=Dg // 2, BS=bs, KS=ks, STRIDE=bs // ks,
         NP=len(k_pools), DC=max(16, min(D, 2048 // (ks * (Dg // 2)))), P_MAX=pools["max"], P_MIN=pools["min"], P_AVG=pools["avg"],
         QNORM=q_norm is not None, KNORM=k_norm is not None, SELECT=select, TOPK=threshold is None, NT=TOPK_WAYS,
+        KEEP_SINK=bool(keep_sink), KEEP_RECENT=int(keep_recent),
         NCP=ncp, WP=triton.next_power_of_2(max(width, 1)), CH=max(16, min(128, 8192 // (ks * (Dg // 2)))), CHP=min(ncp, 1024), num_warps=4,
     )  # fmt: skip
     return (idx, cnt) if select else None

@@ -50,6 +50,7 @@ Every field can be overridden as a keyword of `from_pretrained`.
 | `seerattn_decode_layer_budget_curves` | None or per layer a list of `[token_budget, benefit]` | None | per-layer decode benefit curves (minus the decode-mode loss rise with only that layer sparse, measured with the oracle on calibration text: `python -m seer_attn.evaluation.layer_budgets --stage decode --write_config`): every requested token budget is spread over the layers by water-filling them, keeping the mean (`seer_attn.modules.layer_budget.layer_token_budgets`). |
 | `seerattn_decode_threshold` | float or None | None | instead of the budget, keep blocks whose probability exceeds it (`gate`, `oracle`). |
 | `seerattn_decode_start_layer` | int >= 0 | 0 | layers below it decode densely. |
+| `seerattn_decode_keep_sink`, `seerattn_decode_keep_recent` | bool, int >= 0 | False, 0 | blocks every decoded token keeps whatever the selector scores: the first block (the attention sink) and the `keep_recent` most recent complete blocks, inside the token budget (a budget smaller than them keeps an unspecified subset); the selector picks the rest. For the `gate`, `oracle` and `quest` selectors (`static` keeps them anyway). Not yet measured on the GPU. |
 | `seerattn_compile_decode_gate` | bool | False | decoding: run the decode gate's query, scores and block selection as one `torch.compile`d graph (dynamic context length) instead of ~60 eager ops per layer and step (H100, SmolLM2 32k batch 8, graphed: 1140 vs 705 tokens/s eagerly). On a preallocated cache with CUDA kernels the one-kernel gate step (`seer_attn.kernels.decode_gate_kernel`) replaces both where it applies (`q_pooling="heads"`). |
 | `seerattn_decode_min_context` | int >= 0 or `auto` | `auto` | decoding steps with a shorter context run dense; 0 forces sparse decoding. `auto`: `max(16384, 131072 / batch)` (`seer_attn.modules.decode.decode_min_context`): sparse decoding pays a gate cost per step that hardly grows with the batch (its programs run side by side) and saves KV reads in proportion to batch x context, so its crossover context falls as the batch grows. Measured (`benchmarks/bench_decode.py --graphed`, H100, SmolLM2, graphed, the one-kernel gate step against split-K dense): batch 8 between 8k and 16k (1.08x at 16k, 1.28x at 32k); batch 1 still slower at 32k (0.76x; 131072 is extrapolated from the per-step times, not measured). |
 | `seerattn_cross_document` | bool | True | `False`: in cache-free forwards (training, prefill) every document of a packed row (a token whose position id is 0 starts one) attends within itself only and has its own gate block grid from its first token (no gate block straddles two documents); the row runs as packed sequences. `True`: documents of a row see each other (earlier results). |
@@ -93,10 +94,11 @@ GATE_SHAPE_FIELDS = (
     "seerattn_decode_q_pooling", "seerattn_decode_k_summaries", "seerattn_decode_gate_norm",
 )
 _BOOLS = ("seerattn_keep_sink", "seerattn_keep_diagonal", "seerattn_share_gqa_blocks", "seerattn_cuda_graphs",
+          "seerattn_decode_keep_sink",
           "seerattn_cross_document", "seerattn_padding_free",
           "seerattn_decode_gate_norm", "seerattn_compile_gate", "seerattn_compile_decode_gate")
 _INTS_GE0 = ("seerattn_dense_last_rows", "seerattn_gt_layers_per_step", "seerattn_decode_token_budget",
-             "seerattn_decode_start_layer")
+             "seerattn_decode_start_layer", "seerattn_decode_keep_recent")
 # name -> (low, high, low inclusive, high inclusive)
 _RANGES = {
     "seerattn_nz_ratio": (0.0, 1.0, False, True),
@@ -219,6 +221,8 @@ class SeerAttnConfigMixin:
     seerattn_decode_layer_budget_curves: list[list[list[float]]] | None = None
     seerattn_decode_threshold: float | None = None
     seerattn_decode_start_layer: int = 0
+    seerattn_decode_keep_sink: bool = False
+    seerattn_decode_keep_recent: int = 0
     seerattn_decode_min_context: int | str = "auto"
     seerattn_compile_decode_gate: bool = False
     seerattn_cross_document: bool = True

@@ -98,6 +98,8 @@ class DecodeSettings:
     threshold: float | None = None
     start_layer: int = 0
     min_context: int | str = 0
+    keep_sink: bool = False
+    keep_recent: int = 0
     kernel: str = "auto"
     loss: str = "kl"
     distill_target: str = "max"
@@ -123,6 +125,8 @@ class DecodeSettings:
             threshold=None if config.seerattn_decode_threshold is None else float(config.seerattn_decode_threshold),
             start_layer=int(config.seerattn_decode_start_layer),
             min_context=config.seerattn_decode_min_context,
+            keep_sink=bool(getattr(config, "seerattn_decode_keep_sink", False)),
+            keep_recent=int(getattr(config, "seerattn_decode_keep_recent", 0)),
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
@@ -228,7 +232,14 @@ def _candidates(rows: torch.Tensor, width: int, block_size: int) -> torch.Tensor
 
 
 def select_decode_blocks(
-    scores: torch.Tensor, block_size: int, token_budget: int = 2048, threshold: float | None = None, probs: bool = False
+    scores: torch.Tensor,
+    block_size: int,
+    token_budget: int = 2048,
+    threshold: float | None = None,
+    probs: bool = False,
+    keep_sink: bool = False,
+    keep_recent: int = 0,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Blocks each token attends to besides its own, `-1` where nothing is selected.
 
@@ -240,11 +251,21 @@ def select_decode_blocks(
         threshold (float, Optional): instead of the budget, keep candidates whose probability exceeds it
             (softmax of `scores` over the candidates, or `scores` renormalised when `probs`).
         probs (bool): `scores` are non-negative masses rather than logits. Default: `False`.
+        keep_sink, keep_recent: always keep block 0 / the `keep_recent` candidates just before each token's
+            own block (inside the budget; with a threshold, on top of it). They need `rows`.
+        rows (torch.Tensor, Optional): int `[n]`, the tokens' positions (their own block is `rows // block_size`).
 
     Returns:
         int64 `[B, Hkv, n, K]` block indices (unique per row; `-1` = none).
     """
     nc = scores.shape[-1]
+    forced = None
+    if keep_sink or keep_recent:
+        if rows is None:
+            raise ValueError("select_decode_blocks: keep_sink / keep_recent need the tokens' positions (rows)")
+        j = torch.arange(nc, device=scores.device)
+        own = (rows // block_size)[:, None]
+        forced = (j < own) & (((j == 0) & keep_sink) | (j >= own - keep_recent))  # [n, nc]
     if threshold is not None:
         if probs:
             p = scores.clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
@@ -252,12 +273,15 @@ def select_decode_blocks(
         else:
             p = torch.softmax(scores, dim=-1)
         # a row without candidates is NaN here and compares False
-        keep = p > threshold
+        keep = p > threshold if forced is None else (p > threshold) | forced
         return torch.where(keep, torch.arange(nc, device=scores.device), -1)
     k = min(max(token_budget // block_size - 1, 0), nc)
     if k == 0:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
-    vals, idx = scores.float().topk(k, dim=-1)
+    scores = scores.float()
+    if forced is not None:
+        scores = scores.masked_fill(forced, float("inf"))
+    vals, idx = scores.topk(k, dim=-1)
     return torch.where(torch.isneginf(vals), -1, idx)
 
 
@@ -329,11 +353,13 @@ def token_block_scores(
     return scores.masked_fill(~_candidates(rows, nc, block_size), float("-inf"))
 
 
-def _gate_select(gate, q_pre, q_cos, q_sin, kc, rows, block_size: int, token_budget: int, threshold: float | None):
+def _gate_select(gate, q_pre, q_cos, q_sin, kc, rows, block_size: int, token_budget: int, threshold: float | None,
+                 keep_sink: bool = False, keep_recent: int = 0):
     """The decode gate's part of a step: its queries, their scores against the compressed keys `kc`
     (`[B, Hkv, nc * k_summaries, Dg]`), and the selection; see :func:`select_decode_blocks`."""
     qg = gate.queries(q_pre, q_cos, q_sin)
-    return select_decode_blocks(gate.score(qg, kc, rows), block_size, token_budget, threshold)
+    return select_decode_blocks(gate.score(qg, kc, rows), block_size, token_budget, threshold, keep_sink=keep_sink,
+                                keep_recent=keep_recent, rows=rows)
 
 
 # rope types whose tables depend only on the position (not on the call's length): the fused step computes them
@@ -367,12 +393,14 @@ def _fused_gate_args(module, gate, kernel: str) -> dict | None:
     )
 
 
-def _static_gate_step(gate, keys, block, k_pre, q_pre, t, cos, sin, block_size: int, token_budget: int, threshold):
+def _static_gate_step(gate, keys, block, k_pre, q_pre, t, cos, sin, block_size: int, token_budget: int, threshold,
+                      keep_sink: bool = False, keep_recent: int = 0):
     # a preallocated cache's one-token step: the state update (cos/sin rows 0..ks-1, the block's summary
     # starts) then the selection over every slot (row ks, the token's own position); fixed shapes
     ks = gate.k_summaries
     static_state_update(gate, keys, block, k_pre, t, cos[:, :ks], sin[:, :ks])
-    return _gate_select(gate, q_pre, cos[:, ks:], sin[:, ks:], keys, t[:1], block_size, token_budget, threshold)
+    return _gate_select(gate, q_pre, cos[:, ks:], sin[:, ks:], keys, t[:1], block_size, token_budget, threshold,
+                        keep_sink, keep_recent)
 
 
 _compiled: dict[Callable, Callable] = {}
@@ -457,11 +485,13 @@ def sparse_decode_step(
                 # the gate's queries, scores and selection in one function (compiled on request)
                 index = _maybe_compiled(_gate_select, s.compile_gate, dynamic=True)(
                     gate, q_pre, *rope(positions[:, -n:].expand(B, n)), kc[:, :, : nc * gate.k_summaries], rows, bs,
-                    s.token_budget, s.threshold,
+                    s.token_budget, s.threshold, s.keep_sink, s.keep_recent,
                 )  # fmt: skip
     else:
         scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel)
-        index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle")
+        index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle",
+                                     keep_sink=s.keep_sink and s.selector != "static",
+                                     keep_recent=s.keep_recent if s.selector != "static" else 0, rows=rows)
     o = _attend(q, k, v, index, sm_scale, bs, kernel)
     own = rows // bs
     kept = ((index >= 0) & (index < own[:, None])).sum() + B * Hkv * n
@@ -576,7 +606,8 @@ def static_decode_attention(
                 from seer_attn.kernels.decode_gate_kernel import decode_gate_step
 
                 out = decode_gate_step(q_pre, k_pre.to(state.block.dtype), t, state.block, state.keys, **fused,
-                                       token_budget=s.token_budget, threshold=s.threshold, select=sparse)  # fmt: skip
+                                       token_budget=s.token_budget, threshold=s.threshold, select=sparse,
+                                       keep_sink=s.keep_sink, keep_recent=s.keep_recent)  # fmt: skip
                 if sparse:
                     index, count = out
             else:
@@ -585,7 +616,8 @@ def static_decode_attention(
                 if sparse:
                     # slots of blocks not yet complete are no candidates (score masks j >= t // bs): fixed shapes
                     index = _maybe_compiled(_static_gate_step, s.compile_gate, dynamic=False)(
-                        gate, state.keys, state.block, k_pre, q_pre, t, cos, sin, s.block_size, s.token_budget, s.threshold
+                        gate, state.keys, state.block, k_pre, q_pre, t, cos, sin, s.block_size, s.token_budget, s.threshold,
+                        s.keep_sink, s.keep_recent,
                     )
                 else:  # below min_context: the state must still see every token
                     ks = gate.k_summaries

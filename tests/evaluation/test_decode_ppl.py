@@ -39,3 +39,9 @@ def test_cli_on_decode_gate_checkpoint(tiny_llama_dir, tiny_text_jsonl, tmp_path
     assert "seer share of oracle gain" in (out / "decode_ppl_results.md").read_text()
     check = json.loads((out / "decode_generation_check.json").read_text())
     assert check["identical"] and check["selector"] == "gate" and check["new_tokens"] == 4
+    # --keep_recent 1 at a budget of one block besides the own: every selector keeps the most recent block, alike
+    kept = main(["--model", gates, "--datasets", tiny_text_jsonl, "--lengths", "192", "--budgets", "128", "--max_docs", "1",
+                 "--methods", "seer,oracle", "--keep_recent", "1", "--output_dir", str(tmp_path / "keep")])
+    by_keep = {r["method"]: r["ppl"] for r in kept}
+    assert by_keep["seer"] == pytest.approx(by_keep["oracle"], rel=1e-6)
+    assert by_keep["seer"] != pytest.approx(by[("seer", 128)]["ppl"], rel=1e-6)

@@ -43,17 +43,17 @@ def case(B, Hq, Hkv, D, dg, ks, pools, norm, positions, slots_blocks=40, dtype=t
     return gate, t, keys, block, q_pre, k_pre
 
 
-def run_both(gate, rope, t, keys, block, q_pre, k_pre, budget, threshold=None):
+def run_both(gate, rope, t, keys, block, q_pre, k_pre, budget, threshold=None, keep=(False, 0)):
     bs, ks = gate.block_size, gate.k_summaries
     keys_ref, block_ref = keys.clone(), block.clone()
     starts = (t // bs * bs)[:, None] + torch.arange(ks, device=DEVICE) * gate.key_stride
     cos, sin = rope(torch.zeros((), device=DEVICE), torch.cat([starts, t[:, None]], 1))
-    ref = _static_gate_step(gate, keys_ref, block_ref, k_pre, q_pre, t, cos, sin, bs, budget, threshold)
+    ref = _static_gate_step(gate, keys_ref, block_ref, k_pre, q_pre, t, cos, sin, bs, budget, threshold, *keep)
     norm = lambda n: None if n is None else n.weight  # noqa: E731
     idx, cnt = decode_gate_step(
         q_pre, k_pre, t, block, keys, gate.k_linear.weight.detach(), gate.q_linear.weight.detach(),
         norm(gate.q_norm), norm(gate.k_norm), rope.inv_freq, rope.attention_scaling, gate.k_pools, ks,
-        token_budget=budget, threshold=threshold,
+        token_budget=budget, threshold=threshold, keep_sink=keep[0], keep_recent=keep[1],
     )  # fmt: skip
     torch.testing.assert_close(block, block_ref, atol=0, rtol=0)
     # complete blocks' slots (the only ones a selection reads) as the twin leaves them: the kernel compresses a
@@ -104,6 +104,18 @@ def test_decode_gate_step_ties_go_to_the_lowest_blocks():
     )  # fmt: skip
     assert cnt.flatten().tolist() == [9] * 4
     assert (idx[..., 0, :] == torch.arange(9, device=idx.device, dtype=torch.int32)).all()
+
+
+@pytest.mark.parametrize("threshold", [None, 0.02])
+def test_decode_gate_step_keeps_sink_and_recent(threshold):
+    # the forced blocks (sink, the 2 most recent complete ones) as the twin keeps them, inside the budget
+    pos = 64 * 30 + 9
+    gate, t, keys, block, q_pre, k_pre = case(2, 6, 2, 64, 64, 1, ("max", "min", "avg"), True, [pos, pos])
+    idx, cnt, ref = run_both(gate, gate_rope(64, True), t, keys, block, q_pre, k_pre, budget=640, threshold=threshold,
+                             keep=(True, 2))
+    same_sets(idx, cnt, ref, t, 64)
+    for row, n in zip(idx.reshape(-1, idx.shape[-1]).tolist(), cnt.flatten().tolist()):
+        assert {0, 28, 29} <= set(row[:n])
 
 
 def test_decode_gate_step_positions_per_sequence():

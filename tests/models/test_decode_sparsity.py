@@ -104,6 +104,8 @@ def test_sparse_decoding_on_a_static_cache_equals_the_dynamic_cache(tiny_dir, sp
 @pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=2 * BS), dict(seerattn_decode_threshold=0.3),
                                     dict(seerattn_decode_token_budget=2 * BS, seerattn_decode_start_layer=1),
                                     dict(seerattn_decode_token_budget=2 * BS, seerattn_decode_min_context=40),
+                                    dict(seerattn_decode_token_budget=4 * BS, seerattn_decode_keep_sink=True,
+                                         seerattn_decode_keep_recent=1),
                                     dict(seerattn_mode="dense")])  # fmt: skip
 def test_graph_form_decoding_equals_generate(tiny_dir, fields):
     # GraphedDecoder's step (the one it captures on a GPU; run eagerly here): every length on the device,
@@ -240,7 +242,8 @@ def test_unlimited_budget_generation_equals_dense(tiny_dir, sparse_steps):
 
 @pytest.mark.parametrize("fields", [dict(seerattn_decode_token_budget=48), dict(seerattn_decode_threshold=0.3),
                                     dict(seerattn_decode_token_budget=48, seerattn_decode_q_pooling="proj"),
-                                    dict(seerattn_decode_token_budget=48, seerattn_decode_k_summaries=2)])
+                                    dict(seerattn_decode_token_budget=48, seerattn_decode_k_summaries=2),
+                                    dict(seerattn_decode_token_budget=48, seerattn_decode_keep_recent=1)])
 def test_sparse_generation_equals_teacher_forced_decode_mode(tiny_dir, fields):
     """Budget 48 = own block + 2 blocks: the 20-token prompt is dense either way, every later token is
     truly sparse. Teacher-forced decode mode compresses the whole prefix at once; generation grows the

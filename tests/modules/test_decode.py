@@ -31,6 +31,23 @@ def test_select_decode_blocks_threshold():
     assert select_decode_blocks(masses, 16, threshold=0.2, probs=True)[0, 0, 0].tolist() == [0, 1, -1]
 
 
+def test_select_decode_blocks_keeps_sink_and_recent():
+    # tokens at positions 70 and 40 (blocks of 16: own blocks 4 and 2); candidates are the blocks before
+    rows = torch.tensor([70, 40])
+    scores = torch.tensor([[[[0.0, 5.0, 4.0, 0.5, NEG, NEG], [0.0, 5.0, NEG, NEG, NEG, NEG]]]])
+    plain = select_decode_blocks(scores, 16, token_budget=48)  # 2 blocks besides the own
+    assert [sorted(r) for r in plain[0, 0].tolist()] == [[1, 2], [0, 1]]
+    kept = select_decode_blocks(scores, 16, token_budget=48, keep_sink=True, keep_recent=1, rows=rows)
+    assert [sorted(r) for r in kept[0, 0].tolist()] == [[0, 3], [0, 1]]  # inside the budget; row 2 had only these
+    kept = select_decode_blocks(scores, 16, token_budget=64, keep_recent=1, rows=rows)
+    assert [sorted(r) for r in kept[0, 0].tolist()] == [[1, 2, 3], [-1, 0, 1]]
+    # with a threshold, on top of it (row 1's probabilities: 0.005, 0.72, 0.27, 0.008: only block 1 passes 0.3)
+    kept = select_decode_blocks(scores, 16, threshold=0.3, keep_sink=True, rows=rows)
+    assert kept[0, 0, 0].tolist() == [0, 1, -1, -1, -1, -1]
+    with pytest.raises(ValueError, match="rows"):
+        select_decode_blocks(scores, 16, keep_sink=True)
+
+
 def test_decode_min_context_auto_follows_the_batch():
     # auto: max(16384, 131072 / batch), rounded up; an int is the same for every batch
     assert [decode_min_context("auto", b) for b in (1, 2, 3, 8, 32)] == [131072, 65536, 43691, 16384, 16384]

@@ -13,7 +13,8 @@
 #          without the arm; a 4-summary arm would add ~2x the 2-summary one's cost, over this call's cap); if that fails
 #          (memory), again in micro-batches of 4; test_smollm2_triton_decoding_gpu
 #   call4: .gpu/scripts                                  decode-mode PPL of the main gate and each arm (8 + 8 documents,
-#          the oracle's layer curves measured in session 7), then issue 11's precision question on the same gates: prefill PPL with
+#          the oracle's layer curves measured in session 7), the main gate and the oracle again keeping the sink and the
+#          most recent block (`--keep_sink --keep_recent 1`), then issue 11's precision question on the same gates: prefill PPL with
 #          the gate's products in tf32x3 / bf16 (16 + 16 documents); then, if at least 300 s of the call are left,
 #          issue 11's cheaper ground truth: YaRN x4 fine-tuning at 32k (30 steps) from these gates with the full
 #          ground truth and with 8 of 30 layers per step, PPL at 32k after each (4 + 4 documents)
@@ -52,6 +53,13 @@ case $part in
       TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     t0=$(date +%s)
     PHASE=eval TAG=_arms CURVES=docs/results/s7_decode13/decode_layer_budgets.json bash .gpu/scripts/s6_13.sh 8
+    # the same gates keeping the sink and the most recent complete block whatever the selector scores (inside the budget)
+    D=/tmp/data; R=/tmp/runs
+    timeout 120 python -m seer_attn.evaluation.decode_ppl --model $R/gates_dec_arms --methods seer,oracle,seer+layers \
+      --keep_sink true --keep_recent 1 --datasets $D/pg19-mini.jsonl,$D/proofpile-mini.jsonl --lengths 8192 --max_docs 8 \
+      --budgets 256,512,1024,2048 --no_plot --output_dir $R/eval_dec_arms_keep > $R/log_eval_dec_arms_keep.txt 2>&1
+    echo "eval keep rc=$?"; cat $R/eval_dec_arms_keep/decode_ppl_results.md
+    (cd $R && tar czf $OUT/s12_keep.tar.gz eval_dec_arms_keep/decode_ppl_results.* log_eval_dec_arms_keep.txt)
     PRECS="tf32x3 bf16" GATES=/tmp/runs/gates_dec_arms CAP_tf32ppl=${CAP_tf32ppl:-130} bash .gpu/scripts/s8.sh tf32ppl
     left=$(( 590 - ($(date +%s) - t0) ))
     if [ $left -ge 300 ]; then
