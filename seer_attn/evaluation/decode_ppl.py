@@ -19,7 +19,7 @@ Rows (one loaded model, switched with `set_seerattn`):
   or the checkpoint's own `seerattn_decode_layer_budget_curves`), the mean budget unchanged.
 
 Layers below `seerattn_decode_start_layer` stay dense in every row (`--start_layer` overrides it).
-`--keep_sink` / `--keep_recent N` make every `seer`, `oracle` and `quest` row keep the sink block and the N
+`--keep_sink true` / `--keep_recent N` make every `seer`, `oracle` and `quest` row keep the sink block and the N
 most recent complete blocks whatever their scores, inside the budget (`seerattn_decode_keep_sink` /
 `seerattn_decode_keep_recent`; default: the checkpoint's).
 Every row reports its realised density: attended blocks over causal blocks, over the sparse layers.
