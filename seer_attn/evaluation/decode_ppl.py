@@ -280,10 +280,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     tokenizer = load_tokenizer(args.model)
     model = _load_model(args)
-    if args.keep_sink is not None:
-        model.set_seerattn(seerattn_decode_keep_sink=args.keep_sink)
-    if args.keep_recent is not None:
-        model.set_seerattn(seerattn_decode_keep_recent=args.keep_recent)
+    keep = {"seerattn_decode_keep_sink": args.keep_sink, "seerattn_decode_keep_recent": args.keep_recent}
+    model.set_seerattn(**{k: v for k, v in keep.items() if v is not None})
     curves = model.config.seerattn_decode_layer_budget_curves
     if args.layer_budgets:
         curves = json.loads(Path(args.layer_budgets).read_text())["curves"]

@@ -125,8 +125,8 @@ class DecodeSettings:
             threshold=None if config.seerattn_decode_threshold is None else float(config.seerattn_decode_threshold),
             start_layer=int(config.seerattn_decode_start_layer),
             min_context=config.seerattn_decode_min_context,
-            keep_sink=bool(getattr(config, "seerattn_decode_keep_sink", False)),
-            keep_recent=int(getattr(config, "seerattn_decode_keep_recent", 0)),
+            keep_sink=bool(config.seerattn_decode_keep_sink),
+            keep_recent=int(config.seerattn_decode_keep_recent),
             kernel=config.seerattn_kernel_implementation,
             loss=config.seerattn_loss,
             distill_target=config.seerattn_distill_target,
@@ -162,10 +162,9 @@ def validate_decode_config(config) -> None:
         )
     for name in ("seerattn_decode_token_budget", "seerattn_decode_start_layer", "seerattn_decode_min_context"):
         value = getattr(config, name)
-        if name == "seerattn_decode_min_context" and value == "auto":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0{' or auto' if name.endswith('min_context') else ''}, got {value!r}")
+        auto = name == "seerattn_decode_min_context"  # (also "auto")
+        if not (auto and value == "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0{' or auto' if auto else ''}, got {value!r}")
     threshold = config.seerattn_decode_threshold
     if threshold is not None:
         if float(threshold) < 0:
@@ -489,9 +488,9 @@ def sparse_decode_step(
                 )  # fmt: skip
     else:
         scores = token_block_scores(s.selector, q, k, v, sm_scale, bs, kernel)
+        # (static keeps the sink and the most recent blocks anyway: forcing them changes nothing there)
         index = select_decode_blocks(scores, bs, s.token_budget, s.threshold, probs=s.selector == "oracle",
-                                     keep_sink=s.keep_sink and s.selector != "static",
-                                     keep_recent=s.keep_recent if s.selector != "static" else 0, rows=rows)
+                                     keep_sink=s.keep_sink, keep_recent=s.keep_recent, rows=rows)
     o = _attend(q, k, v, index, sm_scale, bs, kernel)
     own = rows // bs
     kept = ((index >= 0) & (index < own[:, None])).sum() + B * Hkv * n
